@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` and `make test`. Everything they need is set up here.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/lbproxy demo -c config/demo.yaml
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check lbproxy tests benchmarks
+	$(BIN)/ruff format --check lbproxy tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict lbproxy
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+check: $(STAMP)
+	$(BIN)/lbproxy check -c config/lbproxy.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

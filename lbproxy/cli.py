@@ -1,0 +1,101 @@
+"""The `lbproxy` command: `check` a config, `run` the load balancer, start the `demo`.
+
+Parses arguments, sets up logging and the uvloop event loop, and turns a Runtime's start errors and a
+config's problems into messages and exit codes. Nothing here is used by the proxy at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import uvloop
+
+from lbproxy import __version__, config
+from lbproxy.runtime import Runtime, StartError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+log = logging.getLogger("lbproxy")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lbproxy", description="A load balancer for a farm of servers.")
+    parser.add_argument("--version", action="version", version=f"lbproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="check a config file and exit")
+    check.add_argument("-c", "--config", required=True, help="the config file")
+    run = commands.add_parser("run", help="run the load balancer")
+    run.add_argument("-c", "--config", required=True, help="the config file")
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    demo = commands.add_parser("demo", help="run demo back-ends and lbproxy in front of them")
+    demo.add_argument("-c", "--config", default="config/demo.yaml", help="the demo config file")
+    demo.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    args = parser.parse_args(argv)
+
+    if args.command == "check":
+        return _check(args.config)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        loaded = config.load(args.config)
+    except config.ConfigError as error:
+        print(error, file=sys.stderr)
+        return 1
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(loaded, demo=args.command == "demo"))
+
+
+def _check(path: str) -> int:
+    try:
+        loaded = config.load(path)
+    except config.ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        print(f"{path}: {len(error.problems)} error{'s' if len(error.problems) != 1 else ''}", file=sys.stderr)
+        return 1
+    print(loaded.summary())
+    return 0
+
+
+async def _serve(loaded: config.Config, demo: bool) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    backends: list[web.AppRunner] = []
+    if demo:
+        from lbproxy.demo import start_backend  # aiohttp's server is only loaded for the demo
+
+        addresses = [(server.name, server.address) for pool in loaded.pools.values() for server in pool.servers]
+        backends = [await start_backend(name, address) for name, address in addresses]
+        print(
+            f"demo: {len(backends)} back-ends on "
+            + ", ".join(str(s.address) for p in loaded.pools.values() for s in p.servers)
+        )
+    runtime = Runtime(loaded)
+    try:
+        await runtime.start()
+    except StartError as error:
+        log.error("%s", error)
+        for backend in backends:
+            await backend.cleanup()
+        return 1
+    for bound in runtime.bound.values():
+        print(f"listener {bound.name}: send traffic to {bound.scheme}://{bound.host}:{bound.port}/", flush=True)
+    print("Ctrl-C stops lbproxy.", flush=True)
+    await stopping.wait()
+    log.info("stopping")
+    await runtime.stop()
+    for backend in backends:
+        await backend.cleanup()
+    return 0

@@ -1,0 +1,740 @@
+"""The configuration file: YAML in, frozen dataclasses out.
+
+This module owns the schema, `${ENV}` interpolation, defaults and validation, and the error messages
+that name the file, the line and the key path (`lbproxy.yaml:14: pools.farm.servers[2].address: ...`).
+It reads the YAML node tree rather than plain Python values so that every value keeps its line.
+It must not touch sockets, the event loop or runtime state: the runtime builds its objects from a
+`Config`, never the other way round.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, TypeVar
+
+import yaml
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
+
+Mode = Literal["http", "tcp"]
+PolicyName = Literal["round_robin", "least_connections", "ratio", "dynamic_ratio"]
+HealthType = Literal["http", "tcp", "none"]
+
+MODES: Final = ("http", "tcp")
+POLICIES: Final = ("round_robin", "least_connections", "ratio", "dynamic_ratio")
+HEALTH_TYPES: Final = ("http", "tcp", "none")
+MAX_RATIO: Final = 256  # as HAProxy's weight: enough range, and keeps weighted schedules small
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A HOST:PORT pair as written; names are resolved by the runtime, not here."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+DEFAULT_ADMIN_BIND: Final = Address("127.0.0.1", 9090)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    bind: Address = DEFAULT_ADMIN_BIND
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTimeouts:
+    request_header: float = 10.0  # first byte to end of headers: stops slowloris
+    keepalive: float = 60.0  # idle client connection between requests
+    request_body: float = 300.0  # deadline for a whole request body, however slowly it trickles
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    header_size: int = 64 * 1024
+    header_count: int = 100
+    target_size: int = 16 * 1024
+    max_body_size: int | None = None  # None: unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    bind: Address
+    pool: str
+    mode: Mode = "http"
+    maintenance_page: Path | None = None
+    retry_after: float = 30.0
+    forwarded_headers: bool = True
+    max_connections: int = 10_000
+    tls: TlsConfig | None = None
+    access_log: str | None = None  # "-" for standard output, else a file path
+    timeouts: ListenerTimeouts = ListenerTimeouts()
+    limits: ListenerLimits = ListenerLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    type: HealthType = "none"
+    path: str = "/"
+    expect_status: tuple[int, int] = (200, 399)
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    name: str
+    address: Address
+    ratio: int = 1
+    backup: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTimeouts:
+    connect: float = 5.0
+    response: float = 60.0  # waiting for the server: request sent to first byte, and between bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveConfig:
+    max_idle: int = 32  # idle connections kept per server
+    idle_timeout: float = 30.0  # below the usual server keep-alive timeouts, so we close first
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    servers: tuple[ServerConfig, ...]
+    policy: PolicyName = "round_robin"
+    retries: int = 2
+    backup_pool: str | None = None
+    health: HealthConfig = HealthConfig()
+    timeouts: PoolTimeouts = PoolTimeouts()
+    keepalive: KeepaliveConfig = KeepaliveConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    listeners: tuple[ListenerConfig, ...]
+    pools: Mapping[str, PoolConfig]
+    admin: AdminConfig = AdminConfig()
+
+    def summary(self) -> str:
+        servers = sum(len(pool.servers) for pool in self.pools.values())
+        return (
+            f"{self.path}: OK: {_plural(len(self.listeners), 'listener')}, "
+            f"{_plural(len(self.pools), 'pool')}, {_plural(servers, 'server')}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a config file, located by line and key path."""
+
+    file: str
+    line: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.key}: " if self.key else ""
+        return f"{self.file}:{self.line}: {where}{self.message}"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `problems` lists every error found, in file order."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = sorted(problems, key=lambda p: p.line)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate the config file at `path`; raise ConfigError listing all errors."""
+    shown = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(shown, 0, "", f"cannot read the file: {exc}")]) from None
+    return parse(text, shown, os.environ if environ is None else environ)
+
+
+def parse(text: str, filename: str, environ: Mapping[str, str]) -> Config:
+    """Validate YAML `text`; `filename` is used in messages and to resolve relative paths."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        raise ConfigError([Problem(filename, line, "", f"invalid YAML: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(filename, 0, "", f"invalid YAML: {exc}")]) from None
+    reader = _Reader(filename, environ)
+    if root is None:
+        reader.problem(None, "", "the file is empty: it needs 'listeners' and 'pools'")
+        raise ConfigError(reader.problems)
+    config = reader.config(root)
+    if reader.problems or config is None:
+        raise ConfigError(reader.problems)
+    return config
+
+
+# -- validation -------------------------------------------------------------------------------------
+
+_LISTENER_KEYS: Final = (
+    "name",
+    "mode",
+    "bind",
+    "pool",
+    "maintenance_page",
+    "retry_after",
+    "forwarded_headers",
+    "max_connections",
+    "tls",
+    "access_log",
+    "timeouts",
+    "limits",
+)
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|m|g)?")
+_SIZE_UNITS: Final = {
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "k": 1024,
+    "MiB": 1024**2,
+    "m": 1024**2,
+    "GiB": 1024**3,
+    "g": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+T = TypeVar("T")
+
+
+class _Invalid(Exception):
+    """A value that failed its check; the message is recorded at the value's line."""
+
+
+class _Reader:
+    """Walks the YAML node tree, recording every problem instead of stopping at the first."""
+
+    def __init__(self, filename: str, environ: Mapping[str, str]) -> None:
+        self.filename = filename
+        self.base = Path(filename).resolve().parent
+        self.environ = environ
+        self.problems: list[Problem] = []
+        self._constructor = SafeConstructor()
+        self._resolver = Resolver()
+
+    def problem(self, node: Node | None, key: str, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 1
+        self.problems.append(Problem(self.filename, line, key, message))
+
+    # -- structure --
+
+    def mapping(
+        self, node: Node, key: str, allowed: tuple[str, ...] | None, required: tuple[str, ...] = ()
+    ) -> dict[str, Node] | None:
+        """The entries of a mapping node, with unknown, duplicate and missing keys reported.
+
+        `allowed=None` admits any string key: the pools mapping is keyed by the user's names.
+        """
+        if not isinstance(node, MappingNode):
+            self.problem(node, key, f"expected a mapping, got {self._shown(node)}")
+            return None
+        self._constructor.flatten_mapping(node)  # honours YAML merge keys (<<: *anchor)
+        entries: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            name = key_node.value if isinstance(key_node, ScalarNode) else None
+            where = _join(key, str(name))
+            if name is None or (allowed is not None and name not in allowed):
+                expected = f" (expected one of: {', '.join(allowed)})" if allowed else ""
+                self.problem(key_node, where, f"unknown key{expected}")
+            elif name in entries:
+                self.problem(key_node, where, "duplicate key")
+            else:
+                entries[name] = value_node
+        for name in required:
+            if name not in entries:
+                self.problem(node, key, f"missing required key '{name}'")
+        return entries
+
+    def sequence(self, node: Node, key: str) -> list[Node] | None:
+        if not isinstance(node, SequenceNode):
+            self.problem(node, key, f"expected a list, got {self._shown(node)}")
+            return None
+        return list(node.value)
+
+    def scalar(self, node: Node, key: str) -> object:
+        """The Python value of a scalar node after `${VAR}` interpolation; raises _Invalid."""
+        if not isinstance(node, ScalarNode):
+            raise _Invalid(f"expected a single value, got a {'list' if isinstance(node, SequenceNode) else 'mapping'}")
+        if "${" in node.value:
+            node = self._interpolate(node)
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except ConstructorError as exc:
+            raise _Invalid(str(exc.problem)) from None
+
+    def _interpolate(self, node: ScalarNode) -> ScalarNode:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in self.environ:
+                return self.environ[name]
+            if default is not None:
+                return default
+            raise _Invalid(f"environment variable {name} is not set")
+
+        value = _ENV.sub(substitute, node.value)
+        # A plain scalar is typed after substitution, so `port: ${PORT}` gives an int.
+        tag = node.tag
+        if node.style is None:
+            tag = self._resolver.resolve(ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
+        return ScalarNode(tag, value, node.start_mark, node.end_mark, node.style)
+
+    def value(self, entries: dict[str, Node], name: str, key: str, check: Callable[[object], T], default: T) -> T:
+        """`check(entries[name])` with problems recorded at the value's line, or `default` if absent or bad."""
+        node = entries.get(name)
+        if node is None:
+            return default
+        where = _join(key, name)
+        try:
+            return check(self.scalar(node, where))
+        except _Invalid as exc:
+            self.problem(node, where, str(exc))
+            return default
+
+    def _shown(self, node: Node) -> str:
+        if isinstance(node, ScalarNode):
+            return repr(node.value)
+        return "a list" if isinstance(node, SequenceNode) else "a mapping"
+
+    # -- the schema --
+
+    def config(self, root: Node) -> Config | None:
+        entries = self.mapping(root, "", ("admin", "listeners", "pools"), ("listeners", "pools"))
+        if entries is None:
+            return None
+        admin = self.admin(entries["admin"]) if "admin" in entries else AdminConfig()
+        pools: dict[str, PoolConfig] = {}
+        pool_nodes: dict[str, Node] = {}
+        if "pools" in entries:
+            pool_entries = self.mapping(entries["pools"], "pools", None)
+            for name, node in (pool_entries or {}).items():
+                if not _NAME.fullmatch(name):
+                    self.problem(node, _join("pools", name), _bad_name(name))
+                pool = self.pool(node, name)
+                if pool is not None:
+                    pools[name] = pool
+                    pool_nodes[name] = node
+        listeners = self.listeners(entries["listeners"], pools) if "listeners" in entries else ()
+        self.check_backup_pools(pools, pool_nodes)
+        return Config(Path(self.filename), listeners, pools, admin)
+
+    def admin(self, node: Node) -> AdminConfig:
+        entries = self.mapping(node, "admin", ("bind", "token"))
+        if entries is None:
+            return AdminConfig()
+        token = self.value(entries, "token", "admin", _optional_string, None)
+        return AdminConfig(
+            bind=self.value(entries, "bind", "admin", _bind_address, DEFAULT_ADMIN_BIND),
+            token=token or None,  # `${LBPROXY_ADMIN_TOKEN:-}` left empty means no token
+        )
+
+    def listeners(self, node: Node, pools: Mapping[str, PoolConfig]) -> tuple[ListenerConfig, ...]:
+        items = self.sequence(node, "listeners")
+        if items is None:
+            return ()
+        if not items:
+            self.problem(node, "listeners", "at least one listener is needed")
+        listeners: list[ListenerConfig] = []
+        names: set[str] = set()
+        binds: dict[Address, str] = {}
+        for index, item in enumerate(items):
+            key = f"listeners[{index}]"
+            entries = self.mapping(
+                item, key, ("name", "mode", "bind", "pool", "maintenance_page"), ("name", "bind", "pool")
+            )
+            if entries is None or not {"name", "bind", "pool"} <= entries.keys():
+                continue
+            name = self.value(entries, "name", key, _name, "")
+            if name in names:
+                self.problem(entries["name"], _join(key, "name"), f"duplicate listener name '{name}'")
+            names.add(name)
+            bind = self.value(entries, "bind", key, _bind_address, Address("", 0))
+            if bind.port and bind in binds:
+                self.problem(
+                    entries["bind"], _join(key, "bind"), f"{bind} is already bound by listener '{binds[bind]}'"
+                )
+            binds.setdefault(bind, name)
+            pool = self.value(entries, "pool", key, _string, "")
+            if pool and pool not in pools:
+                self.problem(entries["pool"], _join(key, "pool"), f"no pool named '{pool}'{_known(pools)}")
+            mode = self.value(entries, "mode", key, _choice(MODES), "http")
+            page = self.value(entries, "maintenance_page", key, self._file, None)
+            if page is not None and mode != "http":
+                self.problem(
+                    entries["maintenance_page"],
+                    _join(key, "maintenance_page"),
+                    "only http listeners serve a maintenance page",
+                )
+            tls = self.tls(entries["tls"], _join(key, "tls")) if "tls" in entries else None
+            access_log = self.value(entries, "access_log", key, _access_log, None)
+            if mode != "http":
+                for http_only in ("tls", "access_log", "forwarded_headers", "limits", "timeouts", "retry_after"):
+                    if http_only in entries:
+                        self.problem(entries[http_only], _join(key, http_only), "only http listeners take this key")
+            listeners.append(
+                ListenerConfig(
+                    name=name,
+                    bind=bind,
+                    pool=pool,
+                    mode=mode,  # type: ignore[arg-type]
+                    maintenance_page=page,
+                    retry_after=self.value(entries, "retry_after", key, _duration, 30.0),
+                    forwarded_headers=self.value(entries, "forwarded_headers", key, _boolean, True),
+                    max_connections=self.value(entries, "max_connections", key, _integer(1, 1_000_000), 10_000),
+                    tls=tls,
+                    access_log=access_log if access_log in (None, "-") else str(self.base / str(access_log)),
+                    timeouts=self.listener_timeouts(entries, key),
+                    limits=self.listener_limits(entries, key),
+                )
+            )
+        return tuple(listeners)
+
+    def tls(self, node: Node, key: str) -> TlsConfig | None:
+        entries = self.mapping(node, key, ("cert", "key"), ("cert", "key"))
+        if entries is None or len(entries) < 2:
+            return None
+        cert = self.value(entries, "cert", key, self._file, None)
+        private_key = self.value(entries, "key", key, self._file, None)
+        return TlsConfig(cert, private_key) if cert and private_key else None
+
+    def listener_timeouts(self, entries: dict[str, Node], key: str) -> ListenerTimeouts:
+        if "timeouts" not in entries:
+            return ListenerTimeouts()
+        key = _join(key, "timeouts")
+        found = self.mapping(entries["timeouts"], key, ("request_header", "keepalive", "request_body"))
+        if found is None:
+            return ListenerTimeouts()
+        default = ListenerTimeouts()
+        return ListenerTimeouts(
+            request_header=self.value(found, "request_header", key, _duration, default.request_header),
+            keepalive=self.value(found, "keepalive", key, _duration, default.keepalive),
+            request_body=self.value(found, "request_body", key, _duration, default.request_body),
+        )
+
+    def listener_limits(self, entries: dict[str, Node], key: str) -> ListenerLimits:
+        if "limits" not in entries:
+            return ListenerLimits()
+        key = _join(key, "limits")
+        found = self.mapping(entries["limits"], key, ("header_size", "header_count", "target_size", "max_body_size"))
+        if found is None:
+            return ListenerLimits()
+        default = ListenerLimits()
+        return ListenerLimits(
+            header_size=self.value(found, "header_size", key, _size, default.header_size),
+            header_count=self.value(found, "header_count", key, _integer(1, 10_000), default.header_count),
+            target_size=self.value(found, "target_size", key, _size, default.target_size),
+            max_body_size=self.value(found, "max_body_size", key, _optional_size, None),
+        )
+
+    def pool(self, node: Node, name: str) -> PoolConfig | None:
+        key = _join("pools", name)
+        allowed = ("policy", "retries", "backup_pool", "servers", "health", "timeouts", "keepalive")
+        entries = self.mapping(node, key, allowed, ("servers",))
+        if entries is None:
+            return None
+        timeouts, keepalive = PoolTimeouts(), KeepaliveConfig()
+        if "timeouts" in entries:
+            where = _join(key, "timeouts")
+            found = self.mapping(entries["timeouts"], where, ("connect", "response")) or {}
+            timeouts = PoolTimeouts(
+                connect=self.value(found, "connect", where, _duration, timeouts.connect),
+                response=self.value(found, "response", where, _duration, timeouts.response),
+            )
+        if "keepalive" in entries:
+            where = _join(key, "keepalive")
+            found = self.mapping(entries["keepalive"], where, ("max_idle", "idle_timeout")) or {}
+            keepalive = KeepaliveConfig(
+                max_idle=self.value(found, "max_idle", where, _integer(0, 100_000), keepalive.max_idle),
+                idle_timeout=self.value(found, "idle_timeout", where, _duration, keepalive.idle_timeout),
+            )
+        servers = self.servers(entries["servers"], _join(key, "servers")) if "servers" in entries else ()
+        return PoolConfig(
+            name=name,
+            servers=servers,
+            policy=self.value(entries, "policy", key, _choice(POLICIES), "round_robin"),  # type: ignore[arg-type]
+            retries=self.value(entries, "retries", key, _integer(0, 10), 2),
+            backup_pool=self.value(entries, "backup_pool", key, _string, None),
+            health=self.health(entries["health"], _join(key, "health")) if "health" in entries else HealthConfig(),
+            timeouts=timeouts,
+            keepalive=keepalive,
+        )
+
+    def servers(self, node: Node, key: str) -> tuple[ServerConfig, ...]:
+        items = self.sequence(node, key)
+        if items is None:
+            return ()
+        if not items:
+            self.problem(node, key, "at least one server is needed")
+        servers: list[ServerConfig] = []
+        names: set[str] = set()
+        for index, item in enumerate(items):
+            where = f"{key}[{index}]"
+            entries = self.mapping(item, where, ("name", "address", "ratio", "backup"), ("name", "address"))
+            if entries is None or not {"name", "address"} <= entries.keys():
+                continue
+            name = self.value(entries, "name", where, _name, "")
+            if name in names:
+                self.problem(entries["name"], _join(where, "name"), f"duplicate server name '{name}' in this pool")
+            names.add(name)
+            servers.append(
+                ServerConfig(
+                    name=name,
+                    address=self.value(entries, "address", where, _server_address, Address("", 0)),
+                    ratio=self.value(entries, "ratio", where, _integer(1, MAX_RATIO), 1),
+                    backup=self.value(entries, "backup", where, _boolean, False),
+                )
+            )
+        return tuple(servers)
+
+    def health(self, node: Node, key: str) -> HealthConfig:
+        allowed = ("type", "path", "expect_status", "interval", "timeout", "rise", "fall")
+        entries = self.mapping(node, key, allowed)
+        if entries is None:
+            return HealthConfig()
+        # A health block without a type is a TCP check, as HAProxy's bare `check` is.
+        return HealthConfig(
+            type=self.value(entries, "type", key, _choice(HEALTH_TYPES), "tcp"),  # type: ignore[arg-type]
+            path=self.value(entries, "path", key, _request_path, "/"),
+            expect_status=self.value(entries, "expect_status", key, _status_range, (200, 399)),
+            interval=self.value(entries, "interval", key, _duration, 2.0),
+            timeout=self.value(entries, "timeout", key, _duration, 1.0),
+            rise=self.value(entries, "rise", key, _integer(1, 100), 2),
+            fall=self.value(entries, "fall", key, _integer(1, 100), 3),
+        )
+
+    def check_backup_pools(self, pools: Mapping[str, PoolConfig], nodes: Mapping[str, Node]) -> None:
+        loops: set[frozenset[str]] = set()
+        for name, pool in pools.items():
+            if pool.backup_pool is None:
+                continue
+            where = _join(_join("pools", name), "backup_pool")
+            line_node = _entry(nodes[name], "backup_pool")
+            if pool.backup_pool not in pools:
+                self.problem(line_node, where, f"no pool named '{pool.backup_pool}'{_known(pools)}")
+                continue
+            chain = [name]
+            current: str | None = pool.backup_pool
+            while current is not None and current in pools and current not in chain:
+                chain.append(current)
+                current = pools[current].backup_pool
+            if current == name and frozenset(chain) not in loops:  # each loop once, where it is first met
+                loops.add(frozenset(chain))
+                self.problem(line_node, where, "backup pools form a loop: " + " -> ".join([*chain, name]))
+
+    def _file(self, value: object) -> Path:
+        text = _string(value)
+        path = Path(text)
+        if not path.is_absolute():
+            path = self.base / path
+        if not path.is_file():
+            raise _Invalid(f"no such file: {path}")
+        return path
+
+
+def _entry(node: Node, name: str) -> Node:
+    if isinstance(node, MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, ScalarNode) and key_node.value == name:
+                return value_node  # type: ignore[no-any-return]
+    return node
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _known(names: Mapping[str, object]) -> str:
+    return f" (pools: {', '.join(names)})" if names else ""
+
+
+def _bad_name(name: str) -> str:
+    return f"invalid name {name!r}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+
+
+# -- value checks: each takes the constructed YAML value and returns it typed, or raises _Invalid --
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {value!r} (quote it)")
+    return value
+
+
+def _optional_string(value: object) -> str | None:
+    return None if value is None else _string(value)
+
+
+def _name(value: object) -> str:
+    text = _string(value)
+    if not _NAME.fullmatch(text):
+        raise _Invalid(_bad_name(text))
+    return text
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {value!r}")
+    return value
+
+
+def _integer(low: int, high: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer from {low} to {high}, got {value!r}")
+        if not low <= value <= high:
+            raise _Invalid(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        if value not in options:
+            raise _Invalid(f"expected one of {', '.join(options)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _duration(value: object) -> float:
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise _Invalid(f"expected a duration such as 500ms, 2s or 1m, got {value!r}")
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise _Invalid(f"expected a duration above zero, got {value!r}")
+    return seconds
+
+
+def _size(value: object) -> int:
+    """A byte count: `65536`, `64KiB`, `64k`, `10MB`, `1GiB`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) == 0:
+        raise _Invalid(f"expected a size such as 65536, 64KiB or 10MB, got {value!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _optional_size(value: object) -> int | None:
+    return None if value in (None, "unlimited") else _size(value)
+
+
+def _access_log(value: object) -> str | None:
+    """false: off; true or "-": standard output; else a file path."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "-"
+    return _string(value)
+
+
+def _request_path(value: object) -> str:
+    text = _string(value)
+    if not text.startswith("/") or any(c <= " " or c == "\x7f" for c in text):
+        raise _Invalid(f"expected a request path starting with '/', without spaces, got {text!r}")
+    return text
+
+
+def _status_range(value: object) -> tuple[int, int]:
+    """`200`, or `200-399`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif isinstance(value, str) and re.fullmatch(r"\d{3}-\d{3}", value):
+        low, high = (int(part) for part in value.split("-"))
+    else:
+        raise _Invalid(f"expected a status or a range such as 200-399, got {value!r}")
+    if not 100 <= low <= high <= 599:
+        raise _Invalid(f"expected statuses from 100 to 599, low before high, got {value!r}")
+    return (low, high)
+
+
+def _address(value: object, min_port: int) -> Address:
+    expected = "expected HOST:PORT (IPv6 as [::1]:80)"
+    if not isinstance(value, str):
+        raise _Invalid(f"{expected}, got {value!r}")
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid(f"{expected}, got {value!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = value.rpartition(":")
+        if ":" in host:
+            raise _Invalid(f"{expected}, got {value!r}: put an IPv6 address in brackets")
+        if sep and not _HOSTNAME.fullmatch(host):
+            raise _Invalid(f"{expected}, got {value!r}: {host!r} is not an IPv4 address or host name")
+    if not sep or not port.isdigit() or not min_port <= int(port) <= 65535:
+        raise _Invalid(f"{expected}, got {value!r}")
+    return Address(host, int(port))
+
+
+def _server_address(value: object) -> Address:
+    return _address(value, 1)
+
+
+def _bind_address(value: object) -> Address:
+    return _address(value, 0)  # port 0 lets the kernel pick: tests use it
+
+
+__all__ = [
+    "Address",
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "HealthConfig",
+    "ListenerConfig",
+    "PoolConfig",
+    "Problem",
+    "ServerConfig",
+    "load",
+    "parse",
+]

@@ -1,0 +1,177 @@
+"""HTTP/1.1 message rules that need no I/O: which headers are hop-by-hop, how a message body is
+framed (RFC 9112 §6), what a request must look like to be forwarded, and the byte constants that the
+protocols write.
+
+httptools (llhttp in strict mode) already rejects most malformed input: Content-Length with
+Transfer-Encoding, duplicate or malformed Content-Length, bad chunk sizes, obs-fold, bare CR or LF,
+control characters and whitespace before a colon. `check_request` adds what llhttp leaves to the
+application: the Host rules, the only Transfer-Encoding we accept, the version, CONNECT and
+absolute-form targets. This module must stay free of sockets and of the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# RFC 9110 §7.6.1: removed by every proxy; Transfer-Encoding is re-framed, Upgrade kept only on an upgrade.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",  # belongs to the h2c upgrade, which is never tunnelled
+    }
+)
+CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})  # not header names
+FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+
+# Body framing of a response, decided at its head (RFC 9112 §6.3).
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
+
+
+class BadRequest(Exception):
+    """A request that must not be forwarded; `status` is what the client gets."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """The lower-cased tokens of every Connection header value."""
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def response_framing(request_method: bytes, status: int, content_length: bool, chunked: bool) -> int:
+    """How the body of a response is delimited (RFC 9112 §6.3, in its order of precedence)."""
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        return NO_BODY
+    if chunked:
+        return CHUNKED
+    if content_length:
+        return LENGTH
+    return UNTIL_CLOSE
+
+
+def check_request(
+    method: bytes,
+    version: str,
+    target: bytes,
+    host: bytes | None,
+    host_count: int,
+    transfer_encoding: bytes | None,
+    transfer_encoding_count: int,
+    max_target: int,
+) -> None:
+    """Raise BadRequest for a request that lbproxy refuses to forward; llhttp has checked the rest.
+
+    `host` and `transfer_encoding` are the last values seen, the counts how many header lines there were.
+    """
+    if version not in ("1.1", "1.0"):
+        raise BadRequest(505, "HTTP version not supported")
+    if len(target) > max_target:
+        raise BadRequest(414, "request-target too long")
+    if method == b"CONNECT":
+        raise BadRequest(405, "CONNECT is not served: this is a reverse proxy")
+    if version == "1.1" and host_count == 0:
+        raise BadRequest(400, "missing Host header")  # RFC 9112 §3.2
+    if host_count > 1:
+        raise BadRequest(400, "more than one Host header")
+    if host is not None and not _valid_host(host):
+        raise BadRequest(400, "invalid Host header")
+    if transfer_encoding is not None:
+        # RFC 9112 §6.1: chunked must be the final coding. We accept it only alone, since we
+        # re-frame the body and would otherwise have to pass on codings we cannot see into.
+        if version == "1.0":
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")  # RFC 9112 §6.1
+        if transfer_encoding_count != 1 or transfer_encoding.lower() != b"chunked":
+            raise BadRequest(400, "unsupported Transfer-Encoding")
+    if target[:1] != b"/":
+        if target == b"*":
+            if method != b"OPTIONS":
+                raise BadRequest(400, "asterisk-form target outside OPTIONS")
+            return
+        authority = absolute_form_authority(target)
+        if authority is None:
+            raise BadRequest(400, "malformed request-target")
+        if host is None or authority.lower() != host.lower():
+            raise BadRequest(400, "absolute-form target names another host")
+
+
+def _valid_host(host: bytes) -> bool:
+    """RFC 9110 §7.2: uri-host [":" port]; refuses what could confuse a server's virtual hosting."""
+    if not host:
+        return True  # an empty Host is allowed for targets with no authority
+    for byte in host:
+        if byte <= 32 or byte in (34, 35, 47, 60, 62, 63, 64, 92, 94, 96, 123, 124, 125, 127):
+            return False  # space, controls, '"', '#', '/', '<', '>', '?', '@', '\\', '^', '`', '{', '|', '}'
+    return True
+
+
+def absolute_form_authority(target: bytes) -> bytes | None:
+    """The authority of an absolute-form target (`http://host:port/path`), or None."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    end = len(rest)
+    for delimiter in (b"/", b"?", b"#"):
+        position = rest.find(delimiter)
+        if 0 <= position < end:
+            end = position
+    authority = rest[:end]
+    return authority if authority and b"@" not in authority else None
+
+
+def status_class(status: int) -> int:
+    """1 to 5 for 1xx to 5xx: the `code` label of the response counters, as HAProxy counts them."""
+    return min(max(status // 100, 1), 5)
+
+
+_REASONS: Final = {
+    400: b"Bad Request",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def error_response(status: int, body: bytes | None = None, extra: bytes = b"", close: bool = True) -> bytes:
+    """A complete response that lbproxy itself sends; `extra` is more header lines, each ending CRLF."""
+    reason = _REASONS.get(status, b"Error")
+    if body is None:
+        body = b"%d %s\n" % (status, reason)
+        content_type = b"text/plain; charset=utf-8"
+    else:
+        content_type = b"text/html; charset=utf-8"
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"Content-Type: ",
+            content_type,
+            b"\r\nContent-Length: %d\r\n" % len(body),
+            b"Cache-Control: no-store\r\n",
+            extra,
+            b"Connection: close\r\n\r\n" if close else b"\r\n",
+            body,
+        )
+    )

@@ -1,0 +1,1140 @@
+"""The L7 proxy: HTTP/1.1 requests from clients, each sent to a server its pool picks.
+
+Two `asyncio.Protocol`s relay one exchange at a time: `HttpProxy` faces the client and parses
+requests with httptools; `UpstreamConnection` faces a server and parses its responses. Requests are
+balanced one by one (a keep-alive client spreads over the farm), upstream connections are kept idle
+per server and reused, and bodies stream both ways under back-pressure (flow.ReadGate), never held
+whole. What reaches the server is re-framed by lbproxy: the request line and the Host header byte for
+byte, the other headers in their order and case, less the hop-by-hop ones, plus X-Forwarded-*.
+
+This module reads its settings from an `HttpListener` that the runtime builds; it knows nothing of the
+config file. Timeouts are deadlines stored on each connection and checked by the listener's `tick()`,
+so the hot path never creates or cancels a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from typing import Final, cast
+
+import httptools
+
+from lbproxy import flow, framing
+from lbproxy.framing import BadRequest
+from lbproxy.pool import Pool, Server
+from lbproxy.upstream import IdleConnections, connect
+
+log = logging.getLogger("lbproxy.http")
+
+# Deadline kinds of a client connection.
+IDLE: Final = 0  # keep-alive, between requests
+HEADER: Final = 1  # a request head is being received
+BODY: Final = 2  # a request body is being received
+RESPONSE: Final = 3  # waiting for the server
+NONE: Final = 4  # a tunnel: no deadline
+
+REPLAY_LIMIT: Final = 64 * 1024  # request bodies up to this size are kept until a response begins
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+# Header names looked at are recognised by length first: most headers are then skipped without
+# lower-casing them (Content-Type 12, Accept 6, User-Agent 10 but also Connection 10...).
+_REQUEST_NAMES: Final = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+        b"content-length",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
+_REQUEST_LENGTHS: Final = frozenset(len(name) for name in _REQUEST_NAMES)
+_RESPONSE_NAMES: Final = frozenset(framing.HOP_BY_HOP | {b"content-length", b"www-authenticate"})
+_RESPONSE_LENGTHS: Final = frozenset(len(name) for name in _RESPONSE_NAMES)
+_STATUS_LINES: Final = {status: b"HTTP/1.1 %d " % status for status in range(100, 600)}
+_CHUNK_END: Final = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
+
+
+class HttpListener:
+    """What the connections of one http listener share: settings, pool, idle upstreams, counters."""
+
+    __slots__ = (
+        "name",
+        "pool",
+        "loop",
+        "idle",
+        "scheme",
+        "forwarded",
+        "maintenance",
+        "retry_after",
+        "max_connections",
+        "header_timeout",
+        "keepalive_timeout",
+        "body_timeout",
+        "connect_timeout",
+        "response_timeout",
+        "max_header_size",
+        "max_header_count",
+        "max_target",
+        "max_body",
+        "access_log",
+        "connections",
+        "connections_total",
+        "rejected",
+        "requests",
+        "responses",
+        "errors",
+        "retries",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        pool: Pool,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        tls: bool = False,
+        forwarded: bool = True,
+        maintenance: bytes | None = None,
+        retry_after: float = 30.0,
+        max_connections: int = 10_000,
+        header_timeout: float = 10.0,
+        keepalive_timeout: float = 60.0,
+        body_timeout: float = 300.0,
+        connect_timeout: float = 5.0,
+        response_timeout: float = 60.0,
+        max_header_size: int = 64 * 1024,
+        max_header_count: int = 100,
+        max_target: int = 16 * 1024,
+        max_body: int | None = None,
+        max_idle: int = 32,
+        idle_timeout: float = 30.0,
+        access_log: logging.Logger | None = None,
+    ) -> None:
+        self.name = name
+        self.pool = pool
+        self.loop = loop
+        self.idle: dict[Server, IdleConnections[UpstreamConnection]] = {
+            server: IdleConnections(max_idle, idle_timeout) for server in pool.servers
+        }
+        self.scheme = b"https" if tls else b"http"
+        self.forwarded = forwarded
+        self.maintenance = maintenance
+        self.retry_after = b"Retry-After: %d\r\n" % round(retry_after)
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.body_timeout = body_timeout
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self.max_header_size = max_header_size
+        self.max_header_count = max_header_count
+        self.max_target = max_target
+        self.max_body = max_body
+        self.access_log = access_log
+        self.connections: set[HttpProxy] = set()
+        # counters, read at scrape time
+        self.connections_total = 0
+        self.rejected = 0  # connections refused over max_connections
+        self.requests = 0
+        self.responses = [0] * 6  # by status class, as Server.responses
+        self.errors: dict[int, int] = {}  # responses lbproxy generated itself, by status
+        self.retries = 0
+
+    def __call__(self) -> HttpProxy:
+        """The protocol factory handed to `loop.create_server`."""
+        return HttpProxy(self)
+
+    def tick(self, now: float) -> None:
+        """Enforce the deadlines of every connection and drop stale idle upstreams; called ~4 times a second."""
+        for connection in list(self.connections):
+            if connection.deadline and now >= connection.deadline:
+                connection.deadline_passed()
+        for idle in self.idle.values():
+            idle.sweep(now)
+
+    def close_idle(self) -> None:
+        for idle in self.idle.values():
+            idle.close_all()
+
+
+class Exchange:
+    """One request and its response, from the client's head to the server's last byte."""
+
+    __slots__ = (
+        "method",
+        "head",
+        "client_11",
+        "keep_alive",
+        "chunked",
+        "upgrade",
+        "body_size",
+        "held",
+        "replayable",
+        "request_done",
+        "sent",
+        "server",
+        "tried",
+        "upstream",
+        "status",
+        "answered",
+        "response_bytes",
+        "started",
+        "target",
+    )
+
+    def __init__(self, method: bytes, head: bytes, target: bytes, client_11: bool, keep_alive: bool) -> None:
+        self.method = method
+        self.head = head
+        self.target = target
+        self.client_11 = client_11
+        self.keep_alive = keep_alive
+        self.chunked = False
+        self.upgrade = False
+        self.body_size = 0
+        self.held: list[bytes] = []  # body parts not yet sent, or kept to replay the request
+        self.replayable = True  # every byte of the request so far is still held
+        self.request_done = False
+        self.sent = False  # some of the request was written to the current server connection
+        self.server: Server | None = None
+        self.tried: list[Server] = []
+        self.upstream: UpstreamConnection | None = None
+        self.status = 0
+        self.answered = False  # some of the response reached the client
+        self.response_bytes = 0
+        self.started = time.monotonic()
+
+
+class HttpProxy(asyncio.Protocol):
+    """The client side of the L7 proxy: one instance per client connection."""
+
+    __slots__ = (
+        "listener",
+        "pool",
+        "loop",
+        "transport",
+        "gate",
+        "parser",
+        "client_ip",
+        "url",
+        "headers",
+        "host",
+        "hosts",
+        "te",
+        "tes",
+        "connection",
+        "upgrade",
+        "xff",
+        "content_length",
+        "in_head",
+        "head_size",
+        "reading",
+        "active",
+        "queue",
+        "pinned",
+        "tunnel",
+        "early",
+        "closed",
+        "client_eof",
+        "deadline",
+        "deadline_kind",
+        "got_bytes",
+    )
+
+    def __init__(self, listener: HttpListener) -> None:
+        self.listener = listener
+        self.pool = listener.pool
+        self.loop = listener.loop
+        self.transport: asyncio.Transport | None = None
+        self.gate: flow.ReadGate | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = b"unknown"
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.hosts = 0
+        self.te: bytes | None = None
+        self.tes = 0
+        self.connection: list[bytes] | None = None
+        self.upgrade: bytes | None = None
+        self.xff: list[bytes] | None = None
+        self.content_length: bytes | None = None
+        self.in_head = False
+        self.head_size = 0
+        self.reading: Exchange | None = None  # the request whose head or body is being received
+        self.active: Exchange | None = None  # the request being served; later ones wait in `queue`
+        self.queue: deque[Exchange] = deque()
+        self.pinned: UpstreamConnection | None = None  # NTLM/Negotiate: this client keeps that connection
+        self.tunnel: UpstreamConnection | None = None
+        self.early: list[bytes] = []  # bytes after an upgrade request, for the new protocol
+        self.closed = False
+        self.client_eof = False
+        self.deadline = 0.0
+        self.deadline_kind = IDLE
+        self.got_bytes = False  # any byte of the current request has arrived
+
+    # -- connection events --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        listener = self.listener
+        self.transport = transport
+        listener.connections_total += 1
+        if len(listener.connections) >= listener.max_connections:
+            listener.rejected += 1
+            transport.abort()
+            self.closed = True
+            return
+        listener.connections.add(self)
+        flow.set_limits(transport)
+        self.gate = flow.ReadGate(transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        self._arm(HEADER, listener.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        self.deadline = 0.0
+        active = self.active
+        if active is not None:
+            upstream = active.upstream
+            if upstream is not None:
+                upstream.abandon()  # the server connection is mid-exchange: it cannot be reused
+            self._release(active)
+            self.active = None
+        self.queue.clear()
+        if self.pinned is not None:
+            self.pinned.close()
+            self.pinned = None
+        if self.tunnel is not None:
+            self.tunnel.close()
+
+    def eof_received(self) -> bool:
+        # A client may half-close after its last request: answer it, then close.
+        self.client_eof = True
+        if self.tunnel is not None:
+            self.tunnel.close()
+            return False
+        return self.active is not None or bool(self.queue)
+
+    def pause_writing(self) -> None:
+        active = self.active
+        upstream = self.tunnel if self.tunnel is not None else (active.upstream if active is not None else None)
+        if upstream is not None and upstream.gate is not None:
+            upstream.gate.pause(flow.PEER_BUSY)
+
+    def resume_writing(self) -> None:
+        active = self.active
+        upstream = self.tunnel if self.tunnel is not None else (active.upstream if active is not None else None)
+        if upstream is not None and upstream.gate is not None:
+            upstream.gate.resume(flow.PEER_BUSY)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.send(data)
+            return
+        if self.closed:
+            return
+        if self.in_head:
+            self.head_size += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, BadRequest):
+                self._refuse(cause.status, cause.reason)
+            else:
+                log.exception("internal error while parsing a request", exc_info=cause)
+                self._refuse(400, "bad request")
+            return
+        except httptools.HttpParserError as error:
+            self._refuse(400, str(error))
+            return
+        if self.in_head and self.head_size > self.listener.max_header_size:
+            self._refuse(431, "header block too large")
+
+    # -- httptools callbacks (the request parser) --
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.host = None
+        self.hosts = 0
+        self.te = None
+        self.tes = 0
+        self.connection = None
+        self.upgrade = None
+        self.xff = None
+        self.content_length = None
+        self.in_head = True
+        self.got_bytes = True
+        if self.active is None:
+            self._arm(HEADER, self.listener.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        # httptools may deliver the target in pieces
+        self.url = self.url + url if self.url else url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer section: not forwarded
+        if value and value[-1] in (32, 9):
+            value = value.rstrip(b" \t")  # trailing whitespace is not part of a field value
+        if len(name) in _REQUEST_LENGTHS:
+            lname = name.lower()
+            if lname in _REQUEST_NAMES and self._special_header(lname, value):
+                return
+        headers = self.headers
+        headers.append((name, value))
+        if len(headers) > self.listener.max_header_count:
+            raise BadRequest(431, "too many header fields")
+
+    def _special_header(self, lname: bytes, value: bytes) -> bool:
+        """Note a header the proxy acts on; True when it must not be forwarded as it is."""
+        if lname == b"host":
+            self.hosts += 1
+            self.host = value
+            return False
+        if lname == b"content-length":
+            self.content_length = value
+            return False
+        if lname == b"transfer-encoding":
+            self.tes += 1
+            self.te = value
+        elif lname == b"connection":
+            if self.connection is None:
+                self.connection = []
+            self.connection.append(value)
+        elif lname == b"upgrade":
+            self.upgrade = value
+        elif lname == b"x-forwarded-for":
+            if not self.listener.forwarded:
+                return False
+            if self.xff is None:
+                self.xff = []
+            self.xff.append(value)
+        elif lname in (b"x-forwarded-proto", b"x-forwarded-host"):
+            return self.listener.forwarded
+        return True  # hop-by-hop
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_size = 0
+        parser = self.parser
+        listener = self.listener
+        method = parser.get_method()
+        version = parser.get_http_version()
+        framing.check_request(method, version, self.url, self.host, self.hosts, self.te, self.tes, listener.max_target)
+        tokens = framing.connection_tokens(self.connection) if self.connection else None
+        client_11 = version == "1.1"
+        if client_11:
+            keep_alive = tokens is None or b"close" not in tokens
+        else:
+            keep_alive = tokens is not None and b"keep-alive" in tokens
+        max_body = listener.max_body
+        if max_body is not None and self.content_length is not None and int(self.content_length) > max_body:
+            raise BadRequest(413, "request body too large")
+
+        headers = self.headers
+        if tokens:
+            named = tokens - framing.CONNECTION_OPTIONS
+            if named:  # RFC 9110 §7.6.1: headers that Connection names are hop-by-hop too
+                headers = [(name, value) for name, value in headers if name.lower() not in named]
+        parts = [method, b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, _CRLF)
+        upgrade = self.upgrade is not None and tokens is not None and b"upgrade" in tokens
+        if upgrade and self.upgrade is not None and b"h2c" in self.upgrade.lower():
+            upgrade = False  # h2c would tunnel HTTP/2 past every check here: strip it, answer in HTTP/1.1
+        if upgrade and self.upgrade is not None:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, _CRLF)
+        if self.te is not None:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if self.host is None:
+            parts += (b"Host: ", str(self.pool.servers[0].address).encode(), _CRLF)
+        if listener.forwarded:
+            client_ip = self.client_ip
+            if self.xff is not None:
+                parts += (b"X-Forwarded-For: ", b", ".join(self.xff), b", ", client_ip, _CRLF)
+            else:
+                parts += (b"X-Forwarded-For: ", client_ip, _CRLF)
+            parts += (b"X-Forwarded-Proto: ", listener.scheme, _CRLF)
+            if self.host is not None:
+                parts += (b"X-Forwarded-Host: ", self.host, _CRLF)
+        parts.append(_CRLF)
+
+        exchange = Exchange(method, b"".join(parts), self.url, client_11, keep_alive)
+        exchange.chunked = self.te is not None
+        exchange.upgrade = upgrade
+        self.reading = exchange
+        listener.requests += 1
+        has_body = exchange.chunked or (self.content_length is not None and self.content_length != b"0")
+        if has_body:
+            self._arm(BODY, listener.body_timeout)
+        if self.active is None:
+            self.active = exchange
+            if not has_body:
+                self._arm(RESPONSE, listener.response_timeout)
+            self._dispatch(exchange)
+        else:
+            self.queue.append(exchange)  # pipelined: it waits its turn, and we read no further
+            assert self.gate is not None
+            self.gate.pause(flow.WAITING)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.reading
+        if exchange is None:
+            return
+        size = exchange.body_size + len(body)
+        exchange.body_size = size
+        max_body = self.listener.max_body
+        if max_body is not None and size > max_body:
+            raise BadRequest(413, "request body too large")
+        upstream = exchange.upstream
+        if upstream is not None and exchange.sent:
+            upstream.send_body(exchange, body)
+            if exchange.replayable:
+                if size <= REPLAY_LIMIT:
+                    exchange.held.append(body)
+                else:
+                    exchange.replayable = False
+                    exchange.held.clear()
+        else:
+            exchange.held.append(body)  # reading is paused until it can go: bounded by one read
+
+    def on_message_complete(self) -> None:
+        exchange = self.reading
+        if exchange is None:
+            return
+        self.reading = None
+        self.got_bytes = False
+        exchange.request_done = True
+        upstream = exchange.upstream
+        if upstream is not None and exchange.sent and exchange.chunked:
+            upstream.send(_CHUNK_END)
+        if exchange is self.active and (upstream is None or not upstream.response_started):
+            self._arm(RESPONSE, self.listener.response_timeout)
+
+    # -- serving a request --
+
+    def _dispatch(self, exchange: Exchange, fresh: bool = False) -> None:
+        """Send `exchange` to a server: the pinned connection, an idle one, or a new one."""
+        pinned = self.pinned
+        if pinned is not None:
+            if pinned.is_open():
+                exchange.server = pinned.server
+                self.pool.taken(pinned.server)
+                self._attach(exchange, pinned)
+                return
+            self.pinned = None
+        server = self._pick(exchange)
+        if server is None:
+            self._unavailable(exchange)
+            return
+        exchange.server = server
+        self.pool.taken(server)
+        if not fresh:
+            upstream = self.listener.idle[server].get(self.loop.time())
+            if upstream is not None:
+                self._attach(exchange, upstream)
+                return
+        assert self.gate is not None
+        self.gate.pause(flow.WAITING)
+        self.loop.create_task(self._open(exchange, server))
+
+    def _pick(self, exchange: Exchange) -> Server | None:
+        pool = self.pool
+        tried = exchange.tried
+        if not tried:
+            return pool.pick()
+        for _ in range(len(pool.servers)):
+            server = pool.pick()
+            if server is None or server not in tried:
+                return server
+        return None
+
+    async def _open(self, exchange: Exchange, server: Server) -> None:
+        listener = self.listener
+        try:
+            upstream = await connect(
+                self.loop,
+                lambda: UpstreamConnection(server, listener),
+                server.connect_host,
+                server.address.port,
+                listener.connect_timeout,
+            )
+        except (OSError, TimeoutError) as error:
+            server.connect_failures += 1
+            if exchange is self.active and not self.closed:
+                reason = "connect timeout" if isinstance(error, TimeoutError) else f"connect failed: {error}"
+                self._upstream_failed(exchange, None, reason, timeout=False)
+            else:
+                self._release(exchange)
+            return
+        if exchange is not self.active or self.closed:
+            if not listener.idle[server].put(upstream, self.loop.time()):
+                upstream.close()
+            return
+        if not self.queue:
+            assert self.gate is not None
+            self.gate.resume(flow.WAITING)
+        self._attach(exchange, upstream)
+
+    def _attach(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
+        exchange.upstream = upstream
+        exchange.sent = True
+        upstream.begin(self, exchange)
+        held = exchange.held
+        if not held:
+            upstream.send(exchange.head)
+        elif exchange.chunked:
+            parts = [exchange.head]
+            for body in held:
+                parts += (b"%x\r\n" % len(body), body, _CRLF)
+            upstream.send_parts(parts)
+        else:
+            upstream.send_parts([exchange.head, *held])
+        if not exchange.replayable:
+            held.clear()
+        if exchange.request_done and exchange.chunked:
+            upstream.send(_CHUNK_END)
+
+    def _upstream_failed(
+        self, exchange: Exchange, upstream: UpstreamConnection | None, reason: str, timeout: bool
+    ) -> None:
+        """The server connection of `exchange` failed before the response was complete."""
+        server = exchange.server
+        assert server is not None
+        exchange.upstream = None
+        self.pool.released(server)
+        exchange.server = None
+        listener = self.listener
+        if exchange.answered:
+            # The client already has part of this response: all we can do is cut it short.
+            log.warning("server %s/%s failed mid-response: %s", self.pool.name, server.name, reason)
+            self._close()
+            return
+        if exchange.replayable and (upstream is None or not upstream.response_started):
+            if upstream is not None and upstream.reused and not timeout:
+                # The server closed a kept-alive connection as we reused it: the race every proxy has.
+                # Nothing came back, so the request goes again on a new connection to the same server.
+                self._redispatch(exchange, server, fresh=True)
+                return
+            sent_nothing = upstream is None
+            if len(exchange.tried) < self.pool.retries and (sent_nothing or exchange.method in IDEMPOTENT):
+                exchange.tried.append(server)
+                listener.retries += 1
+                self._redispatch(exchange, None, fresh=False)
+                return
+        log.warning("server %s/%s failed: %s", self.pool.name, server.name, reason)
+        self._refuse(504 if timeout else 502, reason)
+
+    def _redispatch(self, exchange: Exchange, server: Server | None, fresh: bool) -> None:
+        exchange.sent = False
+        if server is not None:
+            exchange.server = server
+            self.pool.taken(server)
+            assert self.gate is not None
+            self.gate.pause(flow.WAITING)
+            self.loop.create_task(self._open(exchange, server))
+        else:
+            self._dispatch(exchange, fresh)
+
+    def _unavailable(self, exchange: Exchange) -> None:
+        listener = self.listener
+        extra = listener.retry_after
+        if listener.maintenance is not None:
+            self._refuse(503, "no server available", body=listener.maintenance, extra=extra)
+        else:
+            self._refuse(503, "no server available", extra=extra)
+
+    def response_head(self, exchange: Exchange, head: bytes, keep_client: bool) -> None:
+        """The server's response head, re-built; `keep_client` false when this response ends the connection."""
+        assert self.transport is not None
+        if not keep_client:
+            exchange.keep_alive = False
+        exchange.answered = True
+        self.transport.write(head)
+
+    def exchange_done(self, exchange: Exchange, upstream: UpstreamConnection, pin: bool) -> None:
+        """The response to `exchange` has been relayed whole."""
+        listener = self.listener
+        server = exchange.server
+        if server is not None:
+            self.pool.released(server)
+            server.responses[framing.status_class(exchange.status)] += 1
+        listener.responses[framing.status_class(exchange.status)] += 1
+        if listener.access_log is not None:
+            self._access_log(exchange)
+        if pin:
+            self.pinned = upstream
+        self.active = None
+        if not exchange.keep_alive or not exchange.request_done or (self.client_eof and not self.queue):
+            self._close()
+            return
+        queue = self.queue
+        if queue:
+            following = queue.popleft()
+            self.active = following
+            if not queue:
+                assert self.gate is not None
+                self.gate.resume(flow.WAITING)
+            if following.request_done:
+                self._arm(RESPONSE, listener.response_timeout)
+            self._dispatch(following)
+            return
+        assert self.gate is not None
+        self.gate.resume(flow.WAITING)
+        if self.reading is None:
+            if self.got_bytes:
+                self._arm(HEADER, listener.header_timeout)
+            else:
+                self._arm(IDLE, listener.keepalive_timeout)
+
+    def start_tunnel(self, upstream: UpstreamConnection) -> None:
+        """The server switched protocols (101): from now on, bytes flow both ways untouched."""
+        self.tunnel = upstream
+        self.deadline = 0.0
+        self.deadline_kind = NONE
+        if self.early:
+            upstream.send_parts(self.early)
+            self.early = []
+        assert self.gate is not None
+        self.gate.resume(flow.WAITING)
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        """httptools stops after a request that asks to switch protocols; `rest` is what followed it."""
+        exchange = self.queue[-1] if self.queue else self.active
+        if exchange is None or not exchange.upgrade:
+            if rest and not self.closed:
+                self.data_received(rest)  # an h2c upgrade we stripped: go on parsing as HTTP/1.1
+            return
+        # Bytes after the head belong to the new protocol: keep them until the server says 101.
+        if rest:
+            self.early.append(rest)
+        assert self.gate is not None
+        self.gate.pause(flow.WAITING)
+
+    # -- answering and closing --
+
+    def _refuse(self, status: int, reason: str, body: bytes | None = None, extra: bytes = b"") -> None:
+        """Answer with an error of lbproxy's own, then close: the connection state is not to be trusted."""
+        listener = self.listener
+        listener.errors[status] = listener.errors.get(status, 0) + 1
+        listener.responses[framing.status_class(status)] += 1
+        if status < 500 and log.isEnabledFor(logging.INFO):
+            log.info("listener %s: %d for %s: %s", listener.name, status, self.client_ip.decode(), reason)
+        exchange = self.active
+        if exchange is not None:
+            exchange.status = status
+            if exchange.server is not None:
+                self.pool.released(exchange.server)
+                exchange.server = None
+            if listener.access_log is not None:
+                self._access_log(exchange)
+            self.active = None
+        if self.transport is not None and not self.closed:
+            self.transport.write(framing.error_response(status, body, extra))
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.deadline = 0.0
+            self.transport.close()  # after the write buffer is flushed
+        self.listener.connections.discard(self)
+        active = self.active
+        if active is not None:
+            if active.upstream is not None:
+                active.upstream.abandon()
+            self._release(active)
+            self.active = None
+
+    def _release(self, exchange: Exchange) -> None:
+        if exchange.server is not None:
+            self.pool.released(exchange.server)
+            exchange.server = None
+
+    def _arm(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.loop.time() + seconds
+
+    def extend_response_deadline(self) -> None:
+        if self.deadline_kind == RESPONSE:
+            self.deadline = self.loop.time() + self.listener.response_timeout
+
+    def deadline_passed(self) -> None:
+        """Called by the listener's tick when this connection's deadline has gone by."""
+        kind = self.deadline_kind
+        self.deadline = 0.0
+        if kind == IDLE:
+            self._close()
+        elif kind == HEADER:
+            if self.got_bytes or self.in_head:
+                self._refuse(408, "request header timeout")
+            else:
+                self._close()
+        elif kind == BODY:
+            active = self.active
+            if active is not None and active.upstream is not None and active.upstream.response_started:
+                self._close()
+            else:
+                self._refuse(408, "request body deadline")
+        elif kind == RESPONSE:
+            active = self.active
+            if active is None or active.upstream is None:
+                self._close()
+                return
+            upstream = active.upstream
+            assert active.server is not None
+            active.server.failures += 1
+            upstream.abandon()
+            self._upstream_failed(active, upstream, "response timeout", timeout=True)
+
+    def _access_log(self, exchange: Exchange) -> None:
+        assert self.listener.access_log is not None
+        server = exchange.server
+        self.listener.access_log.info(
+            json.dumps(
+                {
+                    "time": time.time(),
+                    "listener": self.listener.name,
+                    "client": self.client_ip.decode(),
+                    "method": exchange.method.decode("latin-1"),
+                    "target": exchange.target.decode("latin-1"),
+                    "status": exchange.status,
+                    "server": server.name if server is not None else None,
+                    "bytes": exchange.response_bytes,
+                    "duration": round(time.monotonic() - exchange.started, 6),
+                }
+            )
+        )
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """The server side of the L7 proxy: one connection to one server, serving one exchange at a time."""
+
+    __slots__ = (
+        "server",
+        "listener",
+        "transport",
+        "gate",
+        "parser",
+        "proxy",
+        "exchange",
+        "headers",
+        "reason",
+        "response_started",
+        "reused",
+        "reusable",
+        "chunked_out",
+        "framing",
+        "complete",
+        "tunnel",
+        "closed",
+        "pin",
+        "served",
+    )
+
+    def __init__(self, server: Server, listener: HttpListener) -> None:
+        self.server = server
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.gate: flow.ReadGate | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.proxy: HttpProxy | None = None
+        self.exchange: Exchange | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.response_started = False
+        self.reused = False  # served an exchange before this one
+        self.reusable = True
+        self.chunked_out = False
+        self.framing = framing.NO_BODY
+        self.complete = False
+        self.tunnel = False
+        self.closed = False
+        self.pin = False
+        self.served = 0
+
+    def is_open(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abandon(self) -> None:
+        """Drop the connection mid-exchange: detach it first so its loss is not reported."""
+        self.proxy = None
+        self.exchange = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def begin(self, proxy: HttpProxy, exchange: Exchange) -> None:
+        self.reused = self.served > 0
+        self.proxy = proxy
+        self.exchange = exchange
+        self.response_started = False
+        self.complete = False
+        self.headers = []
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.server.sent_bytes += len(data)
+        self.transport.write(data)
+
+    def send_parts(self, parts: list[bytes]) -> None:
+        assert self.transport is not None
+        server = self.server
+        for part in parts:
+            server.sent_bytes += len(part)
+        self.transport.writelines(parts)
+
+    def send_body(self, exchange: Exchange, body: bytes) -> None:
+        if exchange.chunked:
+            self.send_parts([b"%x\r\n" % len(body), body, _CRLF])
+        else:
+            self.send(body)
+
+    # -- connection events --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        flow.set_limits(transport)
+        self.gate = flow.ReadGate(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        proxy = self.proxy
+        exchange = self.exchange
+        if self.tunnel:
+            if proxy is not None:
+                proxy._close()
+            return
+        if proxy is None or exchange is None:
+            return  # idle, or abandoned
+        if self.framing == framing.UNTIL_CLOSE and exchange.answered and not self.complete:
+            self._finish()  # RFC 9112 §6.3: the close delimits the body
+            return
+        self.proxy = None
+        self.exchange = None
+        self.server.failures += 1
+        reason = "connection reset" if exc is not None else "connection closed"
+        proxy._upstream_failed(exchange, self, reason, timeout=False)
+
+    def pause_writing(self) -> None:
+        proxy = self.proxy
+        if proxy is not None and proxy.gate is not None:
+            proxy.gate.pause(flow.PEER_BUSY)
+
+    def resume_writing(self) -> None:
+        proxy = self.proxy
+        if proxy is not None and proxy.gate is not None:
+            proxy.gate.resume(flow.PEER_BUSY)
+
+    def data_received(self, data: bytes) -> None:
+        self.server.received_bytes += len(data)
+        proxy = self.proxy
+        if self.tunnel:
+            if proxy is not None and proxy.transport is not None:
+                proxy.transport.write(data)
+            return
+        if proxy is None:
+            self.close()  # nothing was asked: a server talking out of turn is not reused
+            return
+        self.response_started = True
+        proxy.extend_response_deadline()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._switch(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserError as error:
+            cause = error.__context__
+            self._garbage(str(cause) if cause is not None else str(error))
+            return
+        if self.complete:
+            self._finish()
+
+    # -- httptools callbacks (the response parser) --
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.exchange is not None and not self.complete:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        proxy = self.proxy
+        exchange = self.exchange
+        if proxy is None or exchange is None or self.complete:
+            return
+        status = self.parser.get_status_code()
+        if status == 101 and not exchange.upgrade:
+            raise ValueError("101 Switching Protocols to a request that asked for no upgrade")
+        headers = self.headers
+        self.headers = []
+        content_length = False
+        chunked = False
+        tokens: set[bytes] | None = None
+        pin = False
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in headers:
+            if len(name) in _RESPONSE_LENGTHS:
+                lname = name.lower()
+                if lname in _RESPONSE_NAMES:
+                    if lname == b"content-length":
+                        content_length = True
+                    elif lname == b"www-authenticate":
+                        scheme = value.split(b" ", 1)[0].lower()
+                        pin = pin or scheme in (b"ntlm", b"negotiate")
+                    elif lname == b"transfer-encoding":
+                        chunked = value.rstrip().lower().endswith(b"chunked")
+                        continue
+                    elif lname == b"connection":
+                        tokens = framing.connection_tokens([value]) | (tokens or set())
+                        continue
+                    elif not (status == 101 and lname == b"upgrade"):
+                        continue
+            kept.append((name, value))
+        if tokens:
+            named = tokens - framing.CONNECTION_OPTIONS
+            if named:
+                kept = [(name, value) for name, value in kept if name.lower() not in named]
+        server_11 = self.parser.get_http_version() == "1.1"
+        if (tokens is not None and b"close" in tokens) or (
+            not server_11 and (tokens is None or b"keep-alive" not in tokens)
+        ):
+            self.reusable = False
+
+        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status, self.reason, _CRLF]
+        for name, value in kept:
+            parts += (name, b": ", value, _CRLF)
+        if status < 200:
+            if status == 101 and exchange.upgrade:
+                parts.append(b"Connection: upgrade\r\n\r\n")
+                proxy.response_head(exchange, b"".join(parts), True)
+                exchange.status = 101
+                return
+            parts.append(_CRLF)  # an interim response (100 Continue): relayed, the final one follows
+            proxy.response_head(exchange, b"".join(parts), True)
+            return
+        exchange.status = status
+        body = framing.response_framing(exchange.method, status, content_length, chunked)
+        self.framing = body
+        keep_client = exchange.keep_alive and not proxy.client_eof
+        self.chunked_out = False
+        if body == framing.CHUNKED:
+            if exchange.client_11:
+                self.chunked_out = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                keep_client = False  # an HTTP/1.0 client: the close delimits the body
+        elif body == framing.UNTIL_CLOSE:
+            keep_client = False
+            self.reusable = False
+        if exchange.upgrade:
+            keep_client = False  # the server declined to switch: the client's next bytes are not HTTP
+        if not keep_client:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif not exchange.client_11:
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(_CRLF)
+        self.pin = pin
+        proxy.response_head(exchange, b"".join(parts), keep_client)
+        if body == framing.NO_BODY:
+            self.complete = True
+            if exchange.method == b"HEAD":
+                # llhttp cannot be told the request was HEAD and would wait for Content-Length bytes.
+                self.parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, body: bytes) -> None:
+        proxy = self.proxy
+        exchange = self.exchange
+        if proxy is None or exchange is None or self.complete or proxy.transport is None:
+            return
+        exchange.response_bytes += len(body)
+        if self.chunked_out:
+            proxy.transport.writelines((b"%x\r\n" % len(body), body, _CRLF))
+        else:
+            proxy.transport.write(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.exchange
+        if exchange is None or self.complete:
+            return
+        if exchange.status < 200:
+            return  # the end of an interim response
+        if self.chunked_out and self.proxy is not None and self.proxy.transport is not None:
+            self.proxy.transport.write(_CHUNK_END)
+        self.complete = True
+
+    # -- outcomes --
+
+    def _finish(self) -> None:
+        proxy = self.proxy
+        exchange = self.exchange
+        assert proxy is not None
+        assert exchange is not None
+        self.proxy = None
+        self.exchange = None
+        self.complete = False
+        self.served += 1
+        gate = self.gate
+        if gate is not None and gate.reasons:
+            gate.resume(gate.reasons)  # an idle connection must read, to see the server close it
+        pin = self.pin and self.reusable and exchange.keep_alive
+        if pin:
+            pass  # stays with its client, outside the idle stack
+        elif self.reusable and exchange.request_done and not self.closed:
+            if not self.listener.idle[self.server].put(self, proxy.loop.time()):
+                self.close()
+        else:
+            self.close()
+        proxy.exchange_done(exchange, self, pin)
+
+    def _switch(self, rest: bytes) -> None:
+        proxy = self.proxy
+        exchange = self.exchange
+        if proxy is None or exchange is None or not exchange.upgrade or exchange.status != 101:
+            self._garbage("unexpected protocol switch")
+            return
+        self.tunnel = True
+        proxy.start_tunnel(self)
+        if rest and proxy.transport is not None:
+            proxy.transport.write(rest)
+
+    def _garbage(self, reason: str) -> None:
+        proxy = self.proxy
+        exchange = self.exchange
+        self.proxy = None
+        self.exchange = None
+        self.server.failures += 1
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+        if proxy is not None and exchange is not None:
+            proxy._upstream_failed(exchange, self, f"invalid response: {reason}", timeout=False)

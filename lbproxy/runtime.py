@@ -1,0 +1,164 @@
+"""The running load balancer: pools, servers and listeners built from a `Config`, and their lifetime.
+
+Data flows one way: the config (frozen, no sockets) becomes runtime objects here (pools of servers
+with their policies, listeners with their settings and counters), and the protocols are handed those
+objects. The runtime resolves server host names, binds the listening sockets, drives the listeners'
+deadline ticks and closes everything on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+import sys
+from dataclasses import dataclass
+
+from lbproxy.config import Config, ListenerConfig
+from lbproxy.http_proxy import HttpListener
+from lbproxy.pool import Pool
+
+log = logging.getLogger("lbproxy")
+
+TICK = 0.25  # seconds between deadline checks: the precision of every client and server timeout
+
+
+class StartError(Exception):
+    """The runtime could not be built or bound; the message says what and where."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Where a listener actually listens (the kernel's port when the config said port 0)."""
+
+    name: str
+    host: str
+    port: int
+    scheme: str
+
+
+class Runtime:
+    """Everything one running lbproxy owns; `start()` binds, `stop()` closes."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pools = {name: Pool(pool) for name, pool in config.pools.items()}
+        self.listeners: dict[str, HttpListener] = {}
+        self.bound: dict[str, Bound] = {}
+        self._servers: list[asyncio.Server] = []
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self._resolve(loop)
+        try:
+            for listener in self.config.listeners:
+                await self._listen(loop, listener)
+        except BaseException:
+            await self.stop()
+            raise
+        self._ticker = loop.create_task(self._tick(loop))
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for server in self._servers:
+            server.close()
+        for listener in self.listeners.values():
+            listener.close_idle()
+            for connection in list(listener.connections):
+                if connection.transport is not None:
+                    connection.transport.abort()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Replace server host names by an address, once, at start (as HAProxy's init-addr does)."""
+        for pool in self.pools.values():
+            for server in pool.servers:
+                host = server.address.host
+                try:
+                    ipaddress.ip_address(host)
+                    continue
+                except ValueError:
+                    pass
+                try:
+                    infos = await loop.getaddrinfo(host, server.address.port, type=socket.SOCK_STREAM)
+                except OSError as error:
+                    raise StartError(
+                        f"pools.{pool.name}: server {server.name}: cannot resolve {host!r}: {error}"
+                    ) from None
+                server.connect_host = str(infos[0][4][0])
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> None:
+        if config.mode != "http":
+            raise StartError(f"listener {config.name}: mode {config.mode} is not available in this version")
+        pool_config = self.config.pools[config.pool]
+        maintenance = config.maintenance_page.read_bytes() if config.maintenance_page is not None else None
+        listener = HttpListener(
+            config.name,
+            self.pools[config.pool],
+            loop=loop,
+            tls=config.tls is not None,
+            forwarded=config.forwarded_headers,
+            maintenance=maintenance,
+            retry_after=config.retry_after,
+            max_connections=config.max_connections,
+            header_timeout=config.timeouts.request_header,
+            keepalive_timeout=config.timeouts.keepalive,
+            body_timeout=config.timeouts.request_body,
+            connect_timeout=pool_config.timeouts.connect,
+            response_timeout=pool_config.timeouts.response,
+            max_header_size=config.limits.header_size,
+            max_header_count=config.limits.header_count,
+            max_target=config.limits.target_size,
+            max_body=config.limits.max_body_size,
+            max_idle=pool_config.keepalive.max_idle,
+            idle_timeout=pool_config.keepalive.idle_timeout,
+            access_log=_access_logger(config),
+        )
+        context = None
+        if config.tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(config.tls.cert, config.tls.key)
+        host = config.bind.host or None
+        try:
+            server = await loop.create_server(
+                listener, host, config.bind.port, ssl=context, reuse_address=True, backlog=1024
+            )
+        except OSError as error:
+            raise StartError(f"listener {config.name}: cannot bind {config.bind}: {error.strerror}") from None
+        self._servers.append(server)
+        self.listeners[config.name] = listener
+        sockname = server.sockets[0].getsockname()
+        scheme = "https" if context is not None else "http"
+        self.bound[config.name] = Bound(config.name, str(sockname[0]), int(sockname[1]), scheme)
+        log.info("listener %s: %s on %s:%d, pool %s", config.name, scheme, sockname[0], sockname[1], config.pool)
+
+    async def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = loop.time()
+            for listener in self.listeners.values():
+                listener.tick(now)
+
+
+def _access_logger(config: ListenerConfig) -> logging.Logger | None:
+    if config.access_log is None:
+        return None
+    logger = logging.getLogger(f"lbproxy.access.{config.name}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    handler: logging.Handler
+    if config.access_log == "-":
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        handler = logging.FileHandler(config.access_log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    return logger

@@ -1,0 +1,74 @@
+"""Connections from lbproxy to the servers: opening them with a timeout and keeping idle ones.
+
+Each server has a bounded stack of idle keep-alive connections (aiohttp's connector is the model):
+the most recently used one is taken first, and one that is closing or has been idle longer than the
+idle timeout is closed instead of reused. The module is generic over the protocol class, so the HTTP
+proxy owns what is spoken on a connection and this module only owns their lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+
+class Reusable(Protocol):
+    """What the idle stack needs of a connection's protocol."""
+
+    def is_open(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Reusable)
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+class IdleConnections(Generic[C]):
+    """The idle keep-alive connections to one server, most recently used last."""
+
+    __slots__ = ("_idle", "max_idle", "idle_timeout")
+
+    def __init__(self, max_idle: int, idle_timeout: float) -> None:
+        self._idle: deque[tuple[C, float]] = deque()
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+
+    def get(self, now: float) -> C | None:
+        """A connection ready for a request, or None when a new one must be opened."""
+        idle = self._idle
+        while idle:
+            connection, since = idle.pop()
+            if connection.is_open() and now - since < self.idle_timeout:
+                return connection
+            connection.close()
+        return None
+
+    def put(self, connection: C, now: float) -> bool:
+        """Keep `connection` for reuse; False when the stack is full (the caller closes it)."""
+        if len(self._idle) >= self.max_idle:
+            return False
+        self._idle.append((connection, now))
+        return True
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than the timeout (oldest are at the left)."""
+        idle = self._idle
+        while idle and (now - idle[0][1] >= self.idle_timeout or not idle[0][0].is_open()):
+            idle.popleft()[0].close()
+
+    def close_all(self) -> None:
+        while self._idle:
+            self._idle.pop()[0].close()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+
+async def connect(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], host: str, port: int, limit: float) -> P:
+    """Open a connection to host:port; raises OSError, or TimeoutError after `limit` seconds."""
+    async with asyncio.timeout(limit):
+        _, protocol = await loop.create_connection(factory, host, port)
+    return protocol
