@@ -67,8 +67,8 @@ class IdleConnections(Generic[C]):
         return len(self._idle)
 
 
-async def connect(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], host: str, port: int, limit: float) -> P:
-    """Open a connection to host:port; raises OSError, or TimeoutError after `limit` seconds."""
-    async with asyncio.timeout(limit):
+async def connect(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], host: str, port: int, timeout: float) -> P:
+    """Open a connection to host:port; raises OSError, or TimeoutError after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
         _, protocol = await loop.create_connection(factory, host, port)
     return protocol

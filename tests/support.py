@@ -1,0 +1,295 @@
+"""Real parts for the tests: lbproxy on 127.0.0.1 from a YAML text, recording back-ends, raw clients.
+
+Everything listens on port 0 of 127.0.0.1 and is torn down by the test that started it. Waiting is
+done on conditions with deadlines (`eventually`), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httptools
+
+from lbproxy import config
+from lbproxy.runtime import Runtime
+
+LOCALHOST = "127.0.0.1"
+
+
+@contextlib.asynccontextmanager
+async def running(yaml_text: str, directory: Path, **substitutions: object) -> AsyncIterator[Runtime]:
+    """lbproxy started on the config `yaml_text` (dedented, `{name}` filled from `substitutions`)."""
+    path = directory / "lbproxy.yaml"
+    path.write_text(textwrap.dedent(yaml_text).format(**substitutions))
+    runtime = Runtime(config.load(path, environ={}))
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+def port_of(runtime: Runtime, listener: str = "web") -> int:
+    return runtime.bound[listener].port
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Wait until `check()` is true, polling, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# -- back-ends ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One request as a recording back-end received it."""
+
+    raw: bytes  # the exact bytes of the head and body
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    connection: int  # which accepted connection (0-based) it came on
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def header_lines(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+
+Responder = Callable[["Request", asyncio.Transport], Awaitable[None] | None]
+
+
+def ok(body: bytes = b"ok") -> Responder:
+    def respond(request: Request, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    return respond
+
+
+@dataclass
+class Backend:
+    """A raw asyncio HTTP/1.1 server that records every byte and request it receives.
+
+    `respond(request, transport)` writes the answer (default: 200 with the back-end's name); it may
+    be a coroutine function. `raw` keeps every connection's bytes, `requests` the parsed requests.
+    """
+
+    name: str = "backend"
+    respond: Responder | None = None
+    port: int = 0
+    raw: list[bytearray] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    accepted: int = 0
+    transports: list[asyncio.Transport] = field(default_factory=list)
+    tasks: set[asyncio.Future[None]] = field(default_factory=set)
+    _server: asyncio.Server | None = None
+
+    async def start(self, port: int = 0) -> Backend:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _BackendProtocol(self), LOCALHOST, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self.tasks):
+                task.cancel()
+            for transport in self.transports:
+                transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    @property
+    def address(self) -> str:
+        return f"{LOCALHOST}:{self.port}"
+
+    async def __aenter__(self) -> Backend:
+        return await self.start(self.port)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class _BackendProtocol(asyncio.Protocol):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.parser = httptools.HttpRequestParser(self)
+        self.index = 0
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.index = self.backend.accepted
+        self.backend.accepted += 1
+        self.backend.raw.append(bytearray())
+        self.backend.transports.append(self.transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.backend.raw[self.index] += data
+        self.buffer += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        request = Request(
+            raw=bytes(self.buffer),  # lbproxy sends one request at a time, so this is exactly one
+            method=self.parser.get_method(),
+            target=self.url,
+            headers=self.headers,
+            body=bytes(self.body),
+            connection=self.index,
+        )
+        self.buffer.clear()
+        self.backend.requests.append(request)
+        respond = self.backend.respond or ok(self.backend.name.encode())
+        assert self.transport is not None
+        result = respond(request, self.transport)
+        if result is not None:
+            task = asyncio.ensure_future(result)
+            self.backend.tasks.add(task)
+            task.add_done_callback(self.backend.tasks.discard)
+
+
+# -- clients --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+class _ResponseReader:
+    def __init__(self, head_only: bool = False) -> None:
+        self.head_only = head_only
+        self.parser = httptools.HttpResponseParser(self)
+        self.responses: list[Response] = []
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.responses.append(Response(self.parser.get_status_code(), self.headers, bytes(self.body)))
+        self.headers = []
+        self.body = bytearray()
+
+
+class Client:
+    """A raw HTTP/1.1 client on one TCP connection: send exact bytes, read parsed responses."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._parsed = _ResponseReader()
+        self.received = bytearray()
+
+    @classmethod
+    async def connect(cls, port: int, host: str = LOCALHOST) -> Client:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def responses(self, count: int = 1, timeout: float = 5.0) -> list[Response]:
+        """Read until `count` complete responses have arrived (the oldest first) and return them."""
+        async with asyncio.timeout(timeout):
+            while len(self._parsed.responses) < count:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionError(f"closed after {len(self._parsed.responses)} responses")
+                self.received += data
+                self._parsed.parser.feed_data(data)
+        taken = self._parsed.responses[:count]
+        del self._parsed.responses[:count]
+        return taken
+
+    async def response(self, timeout: float = 5.0) -> Response:
+        return (await self.responses(1, timeout))[0]
+
+    async def closed(self, timeout: float = 5.0) -> bytes:
+        """Read until the server closes the connection; returns what came before the close."""
+        rest = bytearray()
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                rest += data
+        self.received += rest
+        return bytes(rest)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def get(port: int, target: bytes = b"/", host: bytes = b"test") -> Response:
+    """One GET on a new connection."""
+    async with await Client.connect(port) as client:
+        await client.send(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host))
+        return await client.response()
