@@ -381,9 +381,7 @@ class _Reader:
         binds: dict[Address, str] = {}
         for index, item in enumerate(items):
             key = f"listeners[{index}]"
-            entries = self.mapping(
-                item, key, ("name", "mode", "bind", "pool", "maintenance_page"), ("name", "bind", "pool")
-            )
+            entries = self.mapping(item, key, _LISTENER_KEYS, ("name", "bind", "pool"))
             if entries is None or not {"name", "bind", "pool"} <= entries.keys():
                 continue
             name = self.value(entries, "name", key, _name, "")
