@@ -116,7 +116,7 @@ class PoolTimeouts:
 
 @dataclass(frozen=True, slots=True)
 class KeepaliveConfig:
-    max_idle: int = 32  # idle connections kept per server
+    max_idle: int = 256  # idle connections kept per server: above the usual concurrency
     idle_timeout: float = 30.0  # below the usual server keep-alive timeouts, so we close first
 
 

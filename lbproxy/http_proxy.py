@@ -63,6 +63,7 @@ _REQUEST_LENGTHS: Final = frozenset(len(name) for name in _REQUEST_NAMES)
 _RESPONSE_NAMES: Final = frozenset(framing.HOP_BY_HOP | {b"content-length", b"www-authenticate"})
 _RESPONSE_LENGTHS: Final = frozenset(len(name) for name in _RESPONSE_NAMES)
 _STATUS_LINES: Final = {status: b"HTTP/1.1 %d " % status for status in range(100, 600)}
+_STATUS_CLASS: Final = [framing.status_class(status) for status in range(1000)]  # llhttp: 3 digits
 _CHUNK_END: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
 
@@ -119,7 +120,7 @@ class HttpListener:
         max_header_count: int = 100,
         max_target: int = 16 * 1024,
         max_body: int | None = None,
-        max_idle: int = 32,
+        max_idle: int = 256,
         idle_timeout: float = 30.0,
         access_log: logging.Logger | None = None,
     ) -> None:
@@ -665,13 +666,14 @@ class HttpProxy(asyncio.Protocol):
         else:
             self._refuse(503, "no server available", extra=extra)
 
-    def response_head(self, exchange: Exchange, head: bytes, keep_client: bool) -> None:
-        """The server's response head, re-built; `keep_client` false when this response ends the connection."""
-        assert self.transport is not None
-        if not keep_client:
-            exchange.keep_alive = False
-        exchange.answered = True
-        self.transport.write(head)
+    def flush(self, parts: list[bytes]) -> None:
+        """Write what one read from the server produced, in one system call."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            if len(parts) == 1:
+                transport.write(parts[0])
+            else:
+                transport.writelines(parts)
 
     def exchange_done(self, exchange: Exchange, upstream: UpstreamConnection, pin: bool) -> None:
         """The response to `exchange` has been relayed whole."""
@@ -679,8 +681,8 @@ class HttpProxy(asyncio.Protocol):
         server = exchange.server
         if server is not None:
             self.pool.released(server)
-            server.responses[framing.status_class(exchange.status)] += 1
-        listener.responses[framing.status_class(exchange.status)] += 1
+            server.responses[_STATUS_CLASS[exchange.status]] += 1
+        listener.responses[_STATUS_CLASS[exchange.status]] += 1
         if listener.access_log is not None:
             self._access_log(exchange)
         if pin:
@@ -851,6 +853,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "pin",
         "served",
+        "out",
     )
 
     def __init__(self, server: Server, listener: HttpListener) -> None:
@@ -873,6 +876,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.pin = False
         self.served = 0
+        self.out: list[bytes] = []  # bytes for the client, gathered during one read, written at once
 
     def is_open(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
@@ -965,15 +969,23 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.response_started = True
         proxy.extend_response_deadline()
+        out = self.out
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            if out:
+                proxy.flush(out)
+                out.clear()
             self._switch(data[upgrade.args[0] :])
             return
         except httptools.HttpParserError as error:
             cause = error.__context__
+            out.clear()
             self._garbage(str(cause) if cause is not None else str(error))
             return
+        if out:
+            proxy.flush(out)
+            out.clear()
         if self.complete:
             self._finish()
 
@@ -1035,11 +1047,11 @@ class UpstreamConnection(asyncio.Protocol):
         if status < 200:
             if status == 101 and exchange.upgrade:
                 parts.append(b"Connection: upgrade\r\n\r\n")
-                proxy.response_head(exchange, b"".join(parts), True)
                 exchange.status = 101
-                return
-            parts.append(_CRLF)  # an interim response (100 Continue): relayed, the final one follows
-            proxy.response_head(exchange, b"".join(parts), True)
+            else:
+                parts.append(_CRLF)  # an interim response (100 Continue): relayed, the final one follows
+            exchange.answered = True
+            self.out.append(b"".join(parts))
             return
         exchange.status = status
         body = framing.response_framing(exchange.method, status, content_length, chunked)
@@ -1064,7 +1076,10 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             parts.append(_CRLF)
         self.pin = pin
-        proxy.response_head(exchange, b"".join(parts), keep_client)
+        exchange.answered = True
+        if not keep_client:
+            exchange.keep_alive = False
+        self.out.append(b"".join(parts))
         if body == framing.NO_BODY:
             self.complete = True
             if exchange.method == b"HEAD":
@@ -1072,15 +1087,14 @@ class UpstreamConnection(asyncio.Protocol):
                 self.parser = httptools.HttpResponseParser(self)
 
     def on_body(self, body: bytes) -> None:
-        proxy = self.proxy
         exchange = self.exchange
-        if proxy is None or exchange is None or self.complete or proxy.transport is None:
+        if exchange is None or self.complete:
             return
         exchange.response_bytes += len(body)
         if self.chunked_out:
-            proxy.transport.writelines((b"%x\r\n" % len(body), body, _CRLF))
+            self.out += (b"%x\r\n" % len(body), body, _CRLF)
         else:
-            proxy.transport.write(body)
+            self.out.append(body)
 
     def on_message_complete(self) -> None:
         exchange = self.exchange
@@ -1088,8 +1102,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if exchange.status < 200:
             return  # the end of an interim response
-        if self.chunked_out and self.proxy is not None and self.proxy.transport is not None:
-            self.proxy.transport.write(_CHUNK_END)
+        if self.chunked_out:
+            self.out.append(_CHUNK_END)
         self.complete = True
 
     # -- outcomes --
