@@ -261,7 +261,7 @@ class LeastConnections(Generic[S]):
         rhs = second.inflight * first.weight
         if lhs != rhs:
             return lhs < rhs
-        return self._stamp[a] < self._stamp[b]
+        return self._stamp[a] <= self._stamp[b]  # never picked yet (both 0): configuration order
 
 
 def make_policy(name: str, servers: Sequence[S]) -> Policy[S]:

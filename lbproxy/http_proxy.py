@@ -545,9 +545,12 @@ class HttpProxy(asyncio.Protocol):
                 self._attach(exchange, pinned)
                 return
             self.pinned = None
-        server = self._pick(exchange)
+        server = self.pool.pick_other(exchange.tried) if exchange.tried else self.pool.pick()
         if server is None:
-            self._unavailable(exchange)
+            if exchange.tried:
+                self._refuse(502, "no other server to retry on")
+            else:
+                self._unavailable(exchange)
             return
         exchange.server = server
         self.pool.taken(server)
@@ -559,17 +562,6 @@ class HttpProxy(asyncio.Protocol):
         assert self.gate is not None
         self.gate.pause(flow.WAITING)
         self.loop.create_task(self._open(exchange, server))
-
-    def _pick(self, exchange: Exchange) -> Server | None:
-        pool = self.pool
-        tried = exchange.tried
-        if not tried:
-            return pool.pick()
-        for _ in range(len(pool.servers)):
-            server = pool.pick()
-            if server is None or server not in tried:
-                return server
-        return None
 
     async def _open(self, exchange: Exchange, server: Server) -> None:
         listener = self.listener
@@ -649,6 +641,8 @@ class HttpProxy(asyncio.Protocol):
 
     def _redispatch(self, exchange: Exchange, server: Server | None, fresh: bool) -> None:
         exchange.sent = False
+        if exchange.request_done:
+            self._arm(RESPONSE, self.listener.response_timeout)
         if server is not None:
             exchange.server = server
             self.pool.taken(server)

@@ -95,6 +95,17 @@ class Pool:
             server = self._backup.pick()
         return server
 
+    def pick_other(self, tried: list[Server]) -> Server | None:
+        """A server for a retry: available and not in `tried`, or None. Retries are rare: this may scan."""
+        server = self.pick()
+        if server is None or server not in tried:
+            return server
+        for group in (False, True):  # primaries, then backups, in configuration order
+            for candidate in self.servers:
+                if candidate.backup is group and candidate.available and candidate not in tried:
+                    return candidate
+        return None
+
     def taken(self, server: Server) -> None:
         """A request or connection was sent to `server`."""
         server.inflight += 1

@@ -49,6 +49,7 @@ class Runtime:
         self.bound: dict[str, Bound] = {}
         self._servers: list[asyncio.Server] = []
         self._ticker: asyncio.Task[None] | None = None
+        self._log_handlers: list[logging.Handler] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -75,6 +76,9 @@ class Runtime:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        for handler in self._log_handlers:
+            handler.close()  # an unclosed log file is a ResourceWarning
+        self._log_handlers.clear()
 
     async def _resolve(self, loop: asyncio.AbstractEventLoop) -> None:
         """Replace server host names by an address, once, at start (as HAProxy's init-addr does)."""
@@ -119,12 +123,15 @@ class Runtime:
             max_body=config.limits.max_body_size,
             max_idle=pool_config.keepalive.max_idle,
             idle_timeout=pool_config.keepalive.idle_timeout,
-            access_log=_access_logger(config),
+            access_log=self._access_logger(config),
         )
         context = None
         if config.tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(config.tls.cert, config.tls.key)
+            try:
+                context.load_cert_chain(config.tls.cert, config.tls.key)
+            except (OSError, ssl.SSLError) as error:
+                raise StartError(f"listener {config.name}: cannot load the TLS certificate or key: {error}") from None
         host = config.bind.host or None
         try:
             server = await loop.create_server(
@@ -139,26 +146,31 @@ class Runtime:
         self.bound[config.name] = Bound(config.name, str(sockname[0]), int(sockname[1]), scheme)
         log.info("listener %s: %s on %s:%d, pool %s", config.name, scheme, sockname[0], sockname[1], config.pool)
 
+    def _access_logger(self, config: ListenerConfig) -> logging.Logger | None:
+        if config.access_log is None:
+            return None
+        logger = logging.getLogger(f"lbproxy.access.{config.name}")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        for old in logger.handlers[:]:
+            logger.removeHandler(old)
+            old.close()
+        handler: logging.Handler
+        if config.access_log == "-":
+            handler = logging.StreamHandler(sys.stdout)
+        else:
+            try:
+                handler = logging.FileHandler(config.access_log, encoding="utf-8")
+            except OSError as error:
+                raise StartError(f"listener {config.name}: cannot open the access log: {error}") from None
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        self._log_handlers.append(handler)
+        return logger
+
     async def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             await asyncio.sleep(TICK)
             now = loop.time()
             for listener in self.listeners.values():
                 listener.tick(now)
-
-
-def _access_logger(config: ListenerConfig) -> logging.Logger | None:
-    if config.access_log is None:
-        return None
-    logger = logging.getLogger(f"lbproxy.access.{config.name}")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    logger.handlers.clear()
-    handler: logging.Handler
-    if config.access_log == "-":
-        handler = logging.StreamHandler(sys.stdout)
-    else:
-        handler = logging.FileHandler(config.access_log, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    return logger
