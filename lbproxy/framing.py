@@ -60,6 +60,76 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
+# A response head carries one of these when its fields need more than a pass-through.
+_RESPONSE_HOP: Final = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade|http2-settings):"
+)
+
+
+def cut_field(head: bytes, lower: bytes, name: bytes) -> tuple[bytes, bytes, list[bytes]]:
+    """Remove every `name:` line (`name` lower-case) from a head whose lines all end in CRLF.
+
+    `lower` is `head.lower()`, kept in step; returns the new head, its lower twin and the values cut.
+    """
+    key = b"\r\n" + name + b":"
+    values: list[bytes] = []
+    start = lower.find(key)
+    while start >= 0:
+        end = lower.find(b"\r\n", start + 2)
+        values.append(head[start + len(key) : end].strip(b" \t"))
+        head = head[:start] + head[end:]
+        lower = lower[:start] + lower[end:]
+        start = lower.find(key, start)
+    return head, lower, values
+
+
+class ResponseHead:
+    """A server's response head as lbproxy relays it: hop-by-hop fields cut, facts noted."""
+
+    __slots__ = ("head", "server_11", "content_length", "chunked", "close", "pin")
+
+    def __init__(self, head: bytes, upgrade: bool) -> None:
+        """`head` runs from the status line to the CRLF of the last field (no blank line)."""
+        lower = head.lower()
+        self.server_11 = head.startswith(b"HTTP/1.1 ")
+        if not self.server_11:
+            head = b"HTTP/1.1" + head[8:]  # we speak HTTP/1.1 to the client whatever the server spoke
+        self.content_length = b"\r\ncontent-length:" in lower
+        self.chunked = False
+        tokens: set[bytes] = set()
+        found = _RESPONSE_HOP.findall(lower)
+        if found:
+            for name in set(found):
+                if name == b"upgrade" and upgrade:
+                    continue  # a 101's Upgrade names the protocol switched to
+                head, lower, values = cut_field(head, lower, name)
+                if name == b"connection":
+                    tokens = connection_tokens(values)
+                elif name == b"transfer-encoding":
+                    self.chunked = values[-1].lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+            for name in tokens - CONNECTION_OPTIONS:  # RFC 9110 §7.6.1
+                head, lower, _ = cut_field(head, lower, name)
+        self.close = b"close" in tokens or (not self.server_11 and b"keep-alive" not in tokens)
+        self.pin = False
+        if b"\r\nwww-authenticate:" in lower:
+            # NTLM and Negotiate authenticate the connection, not the request (RFC 4559).
+            for offset in _offsets(lower, b"\r\nwww-authenticate:"):
+                value = lower[offset : lower.find(b"\r\n", offset)].lstrip(b" \t")
+                if value.startswith((b"ntlm", b"negotiate")):
+                    self.pin = True
+        self.head = head
+
+
+def _offsets(text: bytes, key: bytes) -> list[int]:
+    """Where each value of the field `key` (`\r\nname:`) starts in `text`."""
+    found = []
+    start = text.find(key)
+    while start >= 0:
+        found.append(start + len(key))
+        start = text.find(key, start + 1)
+    return found
+
+
 def response_framing(request_method: bytes, status: int, content_length: bool, chunked: bool) -> int:
     """How the body of a response is delimited (RFC 9112 §6.3, in its order of precedence)."""
     if request_method == b"HEAD" or status < 200 or status in (204, 304):

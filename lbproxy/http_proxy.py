@@ -60,8 +60,15 @@ _REQUEST_NAMES: Final = frozenset(
     }
 )
 _REQUEST_LENGTHS: Final = frozenset(len(name) for name in _REQUEST_NAMES)
-_RESPONSE_NAMES: Final = frozenset(framing.HOP_BY_HOP | {b"content-length", b"www-authenticate"})
-_RESPONSE_LENGTHS: Final = frozenset(len(name) for name in _RESPONSE_NAMES)
+# How a relayed response head ends, by (chunked to the client, client kept alive, client HTTP/1.1).
+_HEAD_ENDS: Final = {
+    (chunked, keep, client_11): (b"Transfer-Encoding: chunked\r\n" if chunked else b"")
+    + (b"Connection: close\r\n" if not keep else b"" if client_11 else b"Connection: keep-alive\r\n")
+    + b"\r\n"
+    for chunked in (False, True)
+    for keep in (False, True)
+    for client_11 in (False, True)
+}
 _STATUS_LINES: Final = {status: b"HTTP/1.1 %d " % status for status in range(100, 600)}
 _STATUS_CLASS: Final = [framing.status_class(status) for status in range(1000)]  # llhttp: 3 digits
 _CHUNK_END: Final = b"0\r\n\r\n"
@@ -835,8 +842,8 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "proxy",
         "exchange",
-        "headers",
-        "reason",
+        "head_buffer",
+        "head_start",
         "response_started",
         "reused",
         "reusable",
@@ -858,8 +865,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.proxy: HttpProxy | None = None
         self.exchange: Exchange | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
+        self.head_buffer = b""  # the bytes of a response head, until it is complete
+        self.head_start = 0  # where the current head starts in head_buffer; -1 in a body
         self.response_started = False
         self.reused = False  # served an exchange before this one
         self.reusable = True
@@ -894,7 +901,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = exchange
         self.response_started = False
         self.complete = False
-        self.headers = []
+        self.head_buffer = b""
+        self.head_start = 0
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -963,6 +971,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.response_started = True
         proxy.extend_response_deadline()
+        if self.head_start >= 0:  # a response head is (partly) in here: keep its bytes
+            self.head_buffer = self.head_buffer + data if self.head_buffer else data
         out = self.out
         try:
             self.parser.feed_data(data)
@@ -985,13 +995,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks (the response parser) --
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason = reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.exchange is not None and not self.complete:
-            self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         proxy = self.proxy
         exchange = self.exchange
@@ -1000,62 +1003,32 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status == 101 and not exchange.upgrade:
             raise ValueError("101 Switching Protocols to a request that asked for no upgrade")
-        headers = self.headers
-        self.headers = []
-        content_length = False
-        chunked = False
-        tokens: set[bytes] | None = None
-        pin = False
-        kept: list[tuple[bytes, bytes]] = []
-        for name, value in headers:
-            if len(name) in _RESPONSE_LENGTHS:
-                lname = name.lower()
-                if lname in _RESPONSE_NAMES:
-                    if lname == b"content-length":
-                        content_length = True
-                    elif lname == b"www-authenticate":
-                        scheme = value.split(b" ", 1)[0].lower()
-                        pin = pin or scheme in (b"ntlm", b"negotiate")
-                    elif lname == b"transfer-encoding":
-                        chunked = value.rstrip().lower().endswith(b"chunked")
-                        continue
-                    elif lname == b"connection":
-                        tokens = framing.connection_tokens([value]) | (tokens or set())
-                        continue
-                    elif not (status == 101 and lname == b"upgrade"):
-                        continue
-            kept.append((name, value))
-        if tokens:
-            named = tokens - framing.CONNECTION_OPTIONS
-            if named:
-                kept = [(name, value) for name, value in kept if name.lower() not in named]
-        server_11 = self.parser.get_http_version() == "1.1"
-        if (tokens is not None and b"close" in tokens) or (
-            not server_11 and (tokens is None or b"keep-alive" not in tokens)
-        ):
+        # llhttp has checked the head; we relay its bytes, cut where hop-by-hop fields stand.
+        buffer = self.head_buffer
+        start = self.head_start
+        end = buffer.find(b"\r\n\r\n", start) + 2
+        self.head_start = end + 2
+        head = framing.ResponseHead(buffer[start:end], upgrade=status == 101)
+        if head.close:
             self.reusable = False
-
-        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status, self.reason, _CRLF]
-        for name, value in kept:
-            parts += (name, b": ", value, _CRLF)
         if status < 200:
-            if status == 101 and exchange.upgrade:
-                parts.append(b"Connection: upgrade\r\n\r\n")
+            if status == 101:
                 exchange.status = 101
+                self.out += (head.head, b"Connection: upgrade\r\n\r\n")
             else:
-                parts.append(_CRLF)  # an interim response (100 Continue): relayed, the final one follows
+                self.out += (head.head, _CRLF)  # an interim response (100 Continue); the final one follows
             exchange.answered = True
-            self.out.append(b"".join(parts))
             return
+        self.head_buffer = b""
+        self.head_start = -1
         exchange.status = status
-        body = framing.response_framing(exchange.method, status, content_length, chunked)
+        body = framing.response_framing(exchange.method, status, head.content_length, head.chunked)
         self.framing = body
         keep_client = exchange.keep_alive and not proxy.client_eof
         self.chunked_out = False
         if body == framing.CHUNKED:
             if exchange.client_11:
                 self.chunked_out = True
-                parts.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 keep_client = False  # an HTTP/1.0 client: the close delimits the body
         elif body == framing.UNTIL_CLOSE:
@@ -1063,17 +1036,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.reusable = False
         if exchange.upgrade:
             keep_client = False  # the server declined to switch: the client's next bytes are not HTTP
-        if not keep_client:
-            parts.append(b"Connection: close\r\n\r\n")
-        elif not exchange.client_11:
-            parts.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(_CRLF)
-        self.pin = pin
+        self.pin = head.pin
         exchange.answered = True
         if not keep_client:
             exchange.keep_alive = False
-        self.out.append(b"".join(parts))
+        self.out += (head.head, _HEAD_ENDS[self.chunked_out, keep_client, exchange.client_11])
         if body == framing.NO_BODY:
             self.complete = True
             if exchange.method == b"HEAD":
@@ -1114,7 +1081,8 @@ class UpstreamConnection(asyncio.Protocol):
         gate = self.gate
         if gate is not None and gate.reasons:
             gate.resume(gate.reasons)  # an idle connection must read, to see the server close it
-        pin = self.pin and self.reusable and exchange.keep_alive
+        # Once pinned (NTLM/Negotiate), a connection stays its client's: later responses need not repeat it.
+        pin = (self.pin or proxy.pinned is self) and self.reusable and exchange.keep_alive
         if pin:
             pass  # stays with its client, outside the idle stack
         elif self.reusable and exchange.request_done and not self.closed:
