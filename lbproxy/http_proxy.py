@@ -95,6 +95,7 @@ class HttpListener:
         "response_timeout",
         "max_header_size",
         "max_header_count",
+        "max_header_fields",
         "max_target",
         "max_body",
         "access_log",
@@ -149,6 +150,7 @@ class HttpListener:
         self.response_timeout = response_timeout
         self.max_header_size = max_header_size
         self.max_header_count = max_header_count
+        self.max_header_fields = 4 * max_header_count  # HttpProxy.fields holds four parts a header
         self.max_target = max_target
         self.max_body = max_body
         self.access_log = access_log
@@ -237,7 +239,8 @@ class HttpProxy(asyncio.Protocol):
         "parser",
         "client_ip",
         "url",
-        "headers",
+        "fields",
+        "field_bytes",
         "host",
         "hosts",
         "te",
@@ -270,7 +273,8 @@ class HttpProxy(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b"unknown"
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.fields: list[bytes] = []  # the head to forward, flat: name, b": ", value, CRLF, name, ...
+        self.field_bytes = 0
         self.host: bytes | None = None
         self.hosts = 0
         self.te: bytes | None = None
@@ -382,7 +386,8 @@ class HttpProxy(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.url = b""
-        self.headers = []
+        self.fields = []
+        self.field_bytes = 0
         self.host = None
         self.hosts = 0
         self.te = None
@@ -409,10 +414,14 @@ class HttpProxy(asyncio.Protocol):
             lname = name.lower()
             if lname in _REQUEST_NAMES and self._special_header(lname, value):
                 return
-        headers = self.headers
-        headers.append((name, value))
-        if len(headers) > self.listener.max_header_count:
+        fields = self.fields
+        fields += (name, b": ", value, _CRLF)
+        listener = self.listener
+        if len(fields) > listener.max_header_fields:
             raise BadRequest(431, "too many header fields")
+        self.field_bytes += len(name) + len(value)
+        if self.field_bytes > listener.max_header_size:
+            raise BadRequest(431, "header block too large")
 
     def _special_header(self, lname: bytes, value: bytes) -> bool:
         """Note a header the proxy acts on; True when it must not be forwarded as it is."""
@@ -460,14 +469,17 @@ class HttpProxy(asyncio.Protocol):
         if max_body is not None and self.content_length is not None and int(self.content_length) > max_body:
             raise BadRequest(413, "request body too large")
 
-        headers = self.headers
+        fields = self.fields
         if tokens:
             named = tokens - framing.CONNECTION_OPTIONS
             if named:  # RFC 9110 §7.6.1: headers that Connection names are hop-by-hop too
-                headers = [(name, value) for name, value in headers if name.lower() not in named]
-        parts = [method, b" ", self.url, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            parts += (name, b": ", value, _CRLF)
+                fields = [
+                    part
+                    for index in range(0, len(fields), 4)
+                    if fields[index].lower() not in named
+                    for part in fields[index : index + 4]
+                ]
+        parts = [method, b" ", self.url, b" HTTP/1.1\r\n", *fields]
         upgrade = self.upgrade is not None and tokens is not None and b"upgrade" in tokens
         if upgrade and self.upgrade is not None and b"h2c" in self.upgrade.lower():
             upgrade = False  # h2c would tunnel HTTP/2 past every check here: strip it, answer in HTTP/1.1
