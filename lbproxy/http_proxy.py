@@ -95,7 +95,6 @@ class HttpListener:
         "response_timeout",
         "max_header_size",
         "max_header_count",
-        "max_header_fields",
         "max_target",
         "max_body",
         "access_log",
@@ -150,7 +149,6 @@ class HttpListener:
         self.response_timeout = response_timeout
         self.max_header_size = max_header_size
         self.max_header_count = max_header_count
-        self.max_header_fields = 4 * max_header_count  # HttpProxy.fields holds four parts a header
         self.max_target = max_target
         self.max_body = max_body
         self.access_log = access_log
@@ -240,6 +238,7 @@ class HttpProxy(asyncio.Protocol):
         "client_ip",
         "url",
         "fields",
+        "field_count",
         "field_bytes",
         "host",
         "hosts",
@@ -257,6 +256,7 @@ class HttpProxy(asyncio.Protocol):
         "pinned",
         "tunnel",
         "early",
+        "refusal",
         "closed",
         "client_eof",
         "deadline",
@@ -274,6 +274,7 @@ class HttpProxy(asyncio.Protocol):
         self.client_ip = b"unknown"
         self.url = b""
         self.fields: list[bytes] = []  # the head to forward, flat: name, b": ", value, CRLF, name, ...
+        self.field_count = 0
         self.field_bytes = 0
         self.host: bytes | None = None
         self.hosts = 0
@@ -291,6 +292,7 @@ class HttpProxy(asyncio.Protocol):
         self.pinned: UpstreamConnection | None = None  # NTLM/Negotiate: this client keeps that connection
         self.tunnel: UpstreamConnection | None = None
         self.early: list[bytes] = []  # bytes after an upgrade request, for the new protocol
+        self.refusal: tuple[int, str] | None = None  # an error owed after the requests ahead of it
         self.closed = False
         self.client_eof = False
         self.deadline = 0.0
@@ -359,9 +361,9 @@ class HttpProxy(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.send(data)
             return
-        if self.closed:
+        if self.closed or self.refusal is not None:
             return
-        if self.in_head:
+        if self.reading is None:  # between bodies, every byte is head: bound it before llhttp buffers it
             self.head_size += len(data)
         try:
             self.parser.feed_data(data)
@@ -371,22 +373,23 @@ class HttpProxy(asyncio.Protocol):
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, BadRequest):
-                self._refuse(cause.status, cause.reason)
+                self._refuse_in_turn(cause.status, cause.reason)
             else:
                 log.exception("internal error while parsing a request", exc_info=cause)
-                self._refuse(400, "bad request")
+                self._refuse_in_turn(400, "bad request")
             return
         except httptools.HttpParserError as error:
-            self._refuse(400, str(error))
+            self._refuse_in_turn(400, str(error))
             return
         if self.in_head and self.head_size > self.listener.max_header_size:
-            self._refuse(431, "header block too large")
+            self._refuse_in_turn(431, "header block too large")
 
     # -- httptools callbacks (the request parser) --
 
     def on_message_begin(self) -> None:
         self.url = b""
         self.fields = []
+        self.field_count = 0
         self.field_bytes = 0
         self.host = None
         self.hosts = 0
@@ -410,18 +413,18 @@ class HttpProxy(asyncio.Protocol):
             return  # a chunked body's trailer section: not forwarded
         if value and value[-1] in (32, 9):
             value = value.rstrip(b" \t")  # trailing whitespace is not part of a field value
+        listener = self.listener
+        self.field_count += 1
+        self.field_bytes += len(name) + len(value)
+        if self.field_count > listener.max_header_count:
+            raise BadRequest(431, "too many header fields")
+        if self.field_bytes > listener.max_header_size:
+            raise BadRequest(431, "header block too large")
         if len(name) in _REQUEST_LENGTHS:
             lname = name.lower()
             if lname in _REQUEST_NAMES and self._special_header(lname, value):
                 return
-        fields = self.fields
-        fields += (name, b": ", value, _CRLF)
-        listener = self.listener
-        if len(fields) > listener.max_header_fields:
-            raise BadRequest(431, "too many header fields")
-        self.field_bytes += len(name) + len(value)
-        if self.field_bytes > listener.max_header_size:
-            raise BadRequest(431, "header block too large")
+        self.fields += (name, b": ", value, _CRLF)
 
     def _special_header(self, lname: bytes, value: bytes) -> bool:
         """Note a header the proxy acts on; True when it must not be forwarded as it is."""
@@ -633,8 +636,10 @@ class HttpProxy(asyncio.Protocol):
     ) -> None:
         """The server connection of `exchange` failed before the response was complete."""
         server = exchange.server
-        assert server is not None
         exchange.upstream = None
+        if server is None:  # already released: the exchange was given up
+            self._close()
+            return
         self.pool.released(server)
         exchange.server = None
         listener = self.listener
@@ -715,6 +720,9 @@ class HttpProxy(asyncio.Protocol):
                 self._arm(RESPONSE, listener.response_timeout)
             self._dispatch(following)
             return
+        if self.refusal is not None:
+            self._refuse(*self.refusal)
+            return
         assert self.gate is not None
         self.gate.resume(flow.WAITING)
         if self.reading is None:
@@ -749,6 +757,20 @@ class HttpProxy(asyncio.Protocol):
 
     # -- answering and closing --
 
+    def _refuse_in_turn(self, status: int, reason: str) -> None:
+        """Refuse the request being read; one pipelined behind others gets its error after their answers."""
+        active = self.active
+        reading = self.reading
+        if active is None or reading is active:
+            self._refuse(status, reason)  # the request in flight itself is bad (its body, say)
+            return
+        if reading is not None and self.queue and self.queue[-1] is reading:
+            self.queue.pop()
+        self.reading = None
+        self.refusal = (status, reason)  # nothing more is read from this client
+        assert self.gate is not None
+        self.gate.pause(flow.WAITING)
+
     def _refuse(self, status: int, reason: str, body: bytes | None = None, extra: bytes = b"") -> None:
         """Answer with an error of lbproxy's own, then close: the connection state is not to be trusted."""
         listener = self.listener
@@ -758,12 +780,16 @@ class HttpProxy(asyncio.Protocol):
             log.info("listener %s: %d for %s: %s", listener.name, status, self.client_ip.decode(), reason)
         exchange = self.active
         if exchange is not None:
+            if exchange.answered:
+                self._close()  # part of an earlier response is out: an error now would corrupt it
+                return
             exchange.status = status
-            if exchange.server is not None:
-                self.pool.released(exchange.server)
-                exchange.server = None
+            if exchange.upstream is not None:
+                exchange.upstream.abandon()  # e.g. a bad pipelined request behind one in flight
+                exchange.upstream = None
             if listener.access_log is not None:
                 self._access_log(exchange)
+            self._release(exchange)
             self.active = None
         if self.transport is not None and not self.closed:
             self.transport.write(framing.error_response(status, body, extra))
