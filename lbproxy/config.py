@@ -201,6 +201,8 @@ def parse(text: str, filename: str, environ: Mapping[str, str]) -> Config:
 
 # -- validation -------------------------------------------------------------------------------------
 
+_MERGE: Final = "tag:yaml.org,2002:merge"
+_WILDCARDS: Final = ("", "0.0.0.0", "::", "*")
 _LISTENER_KEYS: Final = (
     "name",
     "mode",
@@ -271,18 +273,25 @@ class _Reader:
         if not isinstance(node, MappingNode):
             self.problem(node, key, f"expected a mapping, got {self._shown(node)}")
             return None
+        own = {id(key_node) for key_node, _ in node.value if key_node.tag != _MERGE}
         self._constructor.flatten_mapping(node)  # honours YAML merge keys (<<: *anchor)
         entries: dict[str, Node] = {}
+        merged: set[str] = set()
         for key_node, value_node in node.value:
             name = key_node.value if isinstance(key_node, ScalarNode) else None
             where = _join(key, str(name))
             if name is None or (allowed is not None and name not in allowed):
                 expected = f" (expected one of: {', '.join(allowed)})" if allowed else ""
                 self.problem(key_node, where, f"unknown key{expected}")
-            elif name in entries:
+            elif name in entries and name not in merged and id(key_node) in own:
                 self.problem(key_node, where, "duplicate key")
             else:
+                # flatten_mapping puts merged pairs first: a mapping's own keys override them
                 entries[name] = value_node
+                if id(key_node) in own:
+                    merged.discard(name)
+                else:
+                    merged.add(name)
         for name in required:
             if name not in entries:
                 self.problem(node, key, f"missing required key '{name}'")
@@ -389,10 +398,11 @@ class _Reader:
                 self.problem(entries["name"], _join(key, "name"), f"duplicate listener name '{name}'")
             names.add(name)
             bind = self.value(entries, "bind", key, _bind_address, Address("", 0))
-            if bind.port and bind in binds:
-                self.problem(
-                    entries["bind"], _join(key, "bind"), f"{bind} is already bound by listener '{binds[bind]}'"
-                )
+            clash = next((other for other in binds if _same_socket(bind, other)), None) if bind.port else None
+            if clash is not None:
+                where = _join(key, "bind")
+                also = f" ({clash})" if clash != bind else ""
+                self.problem(entries["bind"], where, f"{bind} is already bound by listener '{binds[clash]}'{also}")
             binds.setdefault(bind, name)
             pool = self.value(entries, "pool", key, _string, "")
             if pool and pool not in pools:
@@ -569,6 +579,11 @@ class _Reader:
         if not path.is_file():
             raise _Invalid(f"no such file: {path}")
         return path
+
+
+def _same_socket(a: Address, b: Address) -> bool:
+    """Whether binding both would clash: the same port on the same host, or either on every address."""
+    return a.port == b.port and (a.host == b.host or a.host in _WILDCARDS or b.host in _WILDCARDS)
 
 
 def _entry(node: Node, name: str) -> Node:
