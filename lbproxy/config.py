@@ -93,11 +93,21 @@ class ListenerConfig:
 class HealthConfig:
     type: HealthType = "none"
     path: str = "/"
+    method: str = "GET"
+    host: str | None = None  # the Host header of http probes; None: the server's address
     expect_status: tuple[int, int] = (200, 399)
+    expect_body: str | None = None  # a substring the probe response body must contain
     interval: float = 2.0
     timeout: float = 1.0
     rise: int = 2
     fall: int = 3
+    start: Literal["up", "down"] = "up"  # the state before the first probes, as HAProxy
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveConfig:
+    consecutive_failures: int = 3  # connect failures, resets and timeouts seen by real traffic
+    on_5xx: bool = False  # count 5xx responses as failures too
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +140,11 @@ class PoolConfig:
     health: HealthConfig = HealthConfig()
     timeouts: PoolTimeouts = PoolTimeouts()
     keepalive: KeepaliveConfig = KeepaliveConfig()
+    passive: PassiveConfig | None = None  # None: no passive detection
+    min_up: int = 1  # fewer available primaries than this: the backups join in
+    max_down_fraction: float | None = None  # the depool guard; None: off
+    slow_start: float | None = None  # seconds over which a server coming up ramps to full share
+    disable_grace: float = 10.0  # after `disable`, what is still in flight is cut after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,7 +493,20 @@ class _Reader:
 
     def pool(self, node: Node, name: str) -> PoolConfig | None:
         key = _join("pools", name)
-        allowed = ("policy", "retries", "backup_pool", "servers", "health", "timeouts", "keepalive")
+        allowed = (
+            "policy",
+            "retries",
+            "backup_pool",
+            "servers",
+            "health",
+            "timeouts",
+            "keepalive",
+            "passive",
+            "min_up",
+            "max_down_fraction",
+            "slow_start",
+            "disable_grace",
+        )
         entries = self.mapping(node, key, allowed, ("servers",))
         if entries is None:
             return None
@@ -498,15 +526,25 @@ class _Reader:
                 idle_timeout=self.value(found, "idle_timeout", where, _duration, keepalive.idle_timeout),
             )
         servers = self.servers(entries["servers"], _join(key, "servers")) if "servers" in entries else ()
+        health = self.health(entries["health"], _join(key, "health")) if "health" in entries else HealthConfig()
+        passive = self.passive(entries["passive"], _join(key, "passive")) if "passive" in entries else None
+        if passive is not None and health.type == "none":
+            # Passive detection only takes servers out; without probes nothing would bring them back.
+            self.problem(entries["passive"], _join(key, "passive"), "passive detection needs a health check")
         return PoolConfig(
             name=name,
             servers=servers,
             policy=self.value(entries, "policy", key, _choice(POLICIES), "round_robin"),  # type: ignore[arg-type]
             retries=self.value(entries, "retries", key, _integer(0, 10), 2),
             backup_pool=self.value(entries, "backup_pool", key, _string, None),
-            health=self.health(entries["health"], _join(key, "health")) if "health" in entries else HealthConfig(),
+            health=health,
             timeouts=timeouts,
             keepalive=keepalive,
+            passive=passive,
+            min_up=self.value(entries, "min_up", key, _integer(1, 10_000), 1),
+            max_down_fraction=self.value(entries, "max_down_fraction", key, _fraction, None),
+            slow_start=self.value(entries, "slow_start", key, _duration, None),
+            disable_grace=self.value(entries, "disable_grace", key, _duration, 10.0),
         )
 
     def servers(self, node: Node, key: str) -> tuple[ServerConfig, ...]:
@@ -537,19 +575,52 @@ class _Reader:
         return tuple(servers)
 
     def health(self, node: Node, key: str) -> HealthConfig:
-        allowed = ("type", "path", "expect_status", "interval", "timeout", "rise", "fall")
+        allowed = (
+            "type",
+            "path",
+            "method",
+            "host",
+            "expect_status",
+            "expect_body",
+            "interval",
+            "timeout",
+            "rise",
+            "fall",
+            "start",
+        )
         entries = self.mapping(node, key, allowed)
         if entries is None:
             return HealthConfig()
         # A health block without a type is a TCP check, as HAProxy's bare `check` is.
-        return HealthConfig(
+        health = HealthConfig(
             type=self.value(entries, "type", key, _choice(HEALTH_TYPES), "tcp"),  # type: ignore[arg-type]
             path=self.value(entries, "path", key, _request_path, "/"),
+            method=self.value(entries, "method", key, _method, "GET"),
+            host=self.value(entries, "host", key, _host_header, None),
             expect_status=self.value(entries, "expect_status", key, _status_range, (200, 399)),
+            expect_body=self.value(entries, "expect_body", key, _string, None),
             interval=self.value(entries, "interval", key, _duration, 2.0),
             timeout=self.value(entries, "timeout", key, _duration, 1.0),
             rise=self.value(entries, "rise", key, _integer(1, 100), 2),
             fall=self.value(entries, "fall", key, _integer(1, 100), 3),
+            start=self.value(entries, "start", key, _choice(("up", "down")), "up"),  # type: ignore[arg-type]
+        )
+        if health.type != "http":
+            for http_only in ("path", "method", "host", "expect_status", "expect_body"):
+                if http_only in entries:
+                    self.problem(entries[http_only], _join(key, http_only), "only http health checks take this key")
+        return health
+
+    def passive(self, node: Node, key: str) -> PassiveConfig | None:
+        entries = self.mapping(node, key, ("consecutive_failures", "on_5xx"))
+        if entries is None:
+            return None
+        default = PassiveConfig()
+        return PassiveConfig(
+            consecutive_failures=self.value(
+                entries, "consecutive_failures", key, _integer(1, 1000), default.consecutive_failures
+            ),
+            on_5xx=self.value(entries, "on_5xx", key, _boolean, default.on_5xx),
         )
 
     def check_backup_pools(self, pools: Mapping[str, PoolConfig], nodes: Mapping[str, Node]) -> None:
@@ -687,6 +758,26 @@ def _access_log(value: object) -> str | None:
     if value is True:
         return "-"
     return _string(value)
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise _Invalid(f"expected a fraction between 0 and 1 such as 0.5, got {value!r}")
+    return float(value)
+
+
+def _method(value: object) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[A-Z]{1,20}", text):
+        raise _Invalid(f"expected an HTTP method such as GET or HEAD, got {text!r}")
+    return text
+
+
+def _host_header(value: object) -> str:
+    text = _string(value)
+    if not text or any(c <= " " or c in "/@?#\\" for c in text):
+        raise _Invalid(f"expected a Host header value such as www.example.com or app:8080, got {text!r}")
+    return text
 
 
 def _request_path(value: object) -> str:

@@ -83,6 +83,8 @@ class HttpListener:
         "pool",
         "loop",
         "idle",
+        "max_idle",
+        "idle_timeout",
         "scheme",
         "forwarded",
         "maintenance",
@@ -134,9 +136,9 @@ class HttpListener:
         self.name = name
         self.pool = pool
         self.loop = loop
-        self.idle: dict[Server, IdleConnections[UpstreamConnection]] = {
-            server: IdleConnections(max_idle, idle_timeout) for server in pool.servers
-        }
+        self.idle: dict[Server, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
         self.scheme = b"https" if tls else b"http"
         self.forwarded = forwarded
         self.maintenance = maintenance
@@ -173,9 +175,33 @@ class HttpListener:
         for idle in self.idle.values():
             idle.sweep(now)
 
+    def idle_for(self, server: Server) -> IdleConnections[UpstreamConnection]:
+        """The idle connections to `server`, which may belong to a backup pool."""
+        idle = self.idle.get(server)
+        if idle is None:
+            idle = self.idle[server] = IdleConnections(self.max_idle, self.idle_timeout)
+        return idle
+
     def close_idle(self) -> None:
         for idle in self.idle.values():
             idle.close_all()
+
+    def cut_server(self, server: Server) -> int:
+        """Close every connection to `server` (after a disable's grace time); returns how many clients lost one."""
+        idle = self.idle.get(server)
+        if idle is not None:
+            idle.close_all()
+        cut = 0
+        for connection in list(self.connections):
+            active = connection.active
+            if (
+                (active is not None
+                and active.server is server)
+                or (connection.pinned is not None and connection.pinned.server is server)
+            ):
+                connection.cut()
+                cut += 1
+        return cut
 
 
 class Exchange:
@@ -563,7 +589,7 @@ class HttpProxy(asyncio.Protocol):
         if pinned is not None:
             if pinned.is_open():
                 exchange.server = pinned.server
-                self.pool.taken(pinned.server)
+                pinned.server.pool.taken(pinned.server)
                 self._attach(exchange, pinned)
                 return
             self.pinned = None
@@ -575,9 +601,9 @@ class HttpProxy(asyncio.Protocol):
                 self._unavailable(exchange)
             return
         exchange.server = server
-        self.pool.taken(server)
+        server.pool.taken(server)
         if not fresh:
-            upstream = self.listener.idle[server].get(self.loop.time())
+            upstream = self.listener.idle_for(server).get(self.loop.time())
             if upstream is not None:
                 self._attach(exchange, upstream)
                 return
@@ -604,7 +630,7 @@ class HttpProxy(asyncio.Protocol):
                 self._release(exchange)
             return
         if exchange is not self.active or self.closed:
-            if not listener.idle[server].put(upstream, self.loop.time()):
+            if not listener.idle_for(server).put(upstream, self.loop.time()):
                 upstream.close()
             return
         if not self.queue:
@@ -640,16 +666,19 @@ class HttpProxy(asyncio.Protocol):
         if server is None:  # already released: the exchange was given up
             self._close()
             return
-        self.pool.released(server)
+        server.pool.released(server)
         exchange.server = None
         listener = self.listener
+        stale = upstream is not None and upstream.reused and not timeout and not upstream.response_started
+        if not stale:
+            server.pool.report_failure(server, reason)
         if exchange.answered:
             # The client already has part of this response: all we can do is cut it short.
-            log.warning("server %s/%s failed mid-response: %s", self.pool.name, server.name, reason)
+            log.warning("server %s/%s failed mid-response: %s", server.pool.name, server.name, reason)
             self._close()
             return
         if exchange.replayable and (upstream is None or not upstream.response_started):
-            if upstream is not None and upstream.reused and not timeout:
+            if stale:
                 # The server closed a kept-alive connection as we reused it: the race every proxy has.
                 # Nothing came back, so the request goes again on a new connection to the same server.
                 self._redispatch(exchange, server, fresh=True)
@@ -658,9 +687,10 @@ class HttpProxy(asyncio.Protocol):
             if len(exchange.tried) < self.pool.retries and (sent_nothing or exchange.method in IDEMPOTENT):
                 exchange.tried.append(server)
                 listener.retries += 1
+                self.pool.retried += 1
                 self._redispatch(exchange, None, fresh=False)
                 return
-        log.warning("server %s/%s failed: %s", self.pool.name, server.name, reason)
+        log.warning("server %s/%s failed: %s", server.pool.name, server.name, reason)
         self._refuse(504 if timeout else 502, reason)
 
     def _redispatch(self, exchange: Exchange, server: Server | None, fresh: bool) -> None:
@@ -669,7 +699,7 @@ class HttpProxy(asyncio.Protocol):
             self._arm(RESPONSE, self.listener.response_timeout)
         if server is not None:
             exchange.server = server
-            self.pool.taken(server)
+            server.pool.taken(server)
             assert self.gate is not None
             self.gate.pause(flow.WAITING)
             self.loop.create_task(self._open(exchange, server))
@@ -697,8 +727,13 @@ class HttpProxy(asyncio.Protocol):
         listener = self.listener
         server = exchange.server
         if server is not None:
-            self.pool.released(server)
+            pool = server.pool
+            pool.released(server)
             server.responses[_STATUS_CLASS[exchange.status]] += 1
+            if exchange.status >= 500 and pool.passive_5xx:
+                pool.report_failure(server, f"HTTP {exchange.status}")
+            elif server.consecutive_failures:
+                server.consecutive_failures = 0
         listener.responses[_STATUS_CLASS[exchange.status]] += 1
         if listener.access_log is not None:
             self._access_log(exchange)
@@ -807,9 +842,18 @@ class HttpProxy(asyncio.Protocol):
             self._release(active)
             self.active = None
 
+    def cut(self) -> None:
+        """Drop this client connection and its server connection at once (a disabled server's grace is over)."""
+        if self.pinned is not None:
+            self.pinned.abandon()
+            self.pinned = None
+        self._close()
+        if self.transport is not None:
+            self.transport.abort()
+
     def _release(self, exchange: Exchange) -> None:
         if exchange.server is not None:
-            self.pool.released(exchange.server)
+            exchange.server.pool.released(exchange.server)
             exchange.server = None
 
     def _arm(self, kind: int, seconds: float) -> None:
@@ -1123,7 +1167,7 @@ class UpstreamConnection(asyncio.Protocol):
         if pin:
             pass  # stays with its client, outside the idle stack
         elif self.reusable and exchange.request_done and not self.closed:
-            if not self.listener.idle[self.server].put(self, proxy.loop.time()):
+            if not self.listener.idle_for(self.server).put(self, proxy.loop.time()):
                 self.close()
         else:
             self.close()

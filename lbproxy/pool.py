@@ -1,25 +1,35 @@
 """Servers, their state, and pools that pick one of them per request or connection.
 
 A `Server` carries what a load balancer knows of one front-end: its address, configured ratio and
-live weight, health state (up/down), admin state (enabled/draining/disabled), in-flight count and
-plain-int counters that metrics read at scrape time. A `Pool` owns its servers and one policy per
-priority group (primaries, then `backup: true` servers); every state change goes through the pool's
-methods so that the policies hear of it. This module knows nothing of sockets or YAML beyond the
+live weight, health state (up/down, with the last check and transition), admin state
+(enabled/draining/disabled), in-flight count and plain-int counters that metrics read at scrape time.
+A `Pool` owns its servers and one policy per priority group (primaries, then `backup: true` servers)
+and knows its backup pool; every state change goes through the pool's methods so that the policies
+hear of it. The failover order lives here: primaries, backups (or both once fewer than `min_up`
+primaries are left), then the backup pool. This module knows nothing of sockets or YAML beyond the
 frozen config objects it is built from.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import time
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
+
+log = logging.getLogger("lbproxy.pool")
+
+# Live weights are kept in hundredths of a ratio unit, so that a percentage reported by a probe, or a
+# slow start's ramp, is exact even for ratio 1. Policies only compare weights, so the scale is free.
+WEIGHT_SCALE = 100
 
 
 class AdminState(enum.Enum):
     ENABLED = "enabled"
     DRAINING = "draining"  # no new requests; in-flight ones finish
-    DISABLED = "disabled"
+    DISABLED = "disabled"  # as draining, and what remains is cut after the pool's disable_grace
 
 
 class Server:
@@ -30,10 +40,23 @@ class Server:
         "address",
         "ratio",
         "backup",
+        "pool",
         "up",
         "admin",
         "weight",
+        "reported",
+        "ramp_until",
+        "ramp_credit",
         "inflight",
+        "consecutive_failures",
+        "check_ok",
+        "check_reason",
+        "check_time",
+        "check_duration",
+        "checks",
+        "transition_reason",
+        "transition_time",
+        "transitions",
         "requests",
         "responses",
         "connect_failures",
@@ -44,15 +67,29 @@ class Server:
         "__weakref__",
     )
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, pool: Pool) -> None:
         self.name = config.name
         self.address: Address = config.address
         self.ratio = config.ratio
         self.backup = config.backup
+        self.pool = pool
         self.up = True
         self.admin = AdminState.ENABLED
-        self.weight = config.ratio  # live weight: the ratio, or what dynamic_ratio's probe reports
+        self.weight = config.ratio * WEIGHT_SCALE  # live weight; see WEIGHT_SCALE
+        self.reported = 100  # the last percentage a dynamic_ratio probe reported
+        self.ramp_until = 0.0  # slow start: the monotonic time the ramp ends
+        self.ramp_credit = 0.0  # slow start in a rotation: turns accrue in fractions
         self.inflight = 0
+        self.consecutive_failures = 0  # as seen by real traffic, for passive detection
+        # The last health check, for the API: result, reason, wall time, seconds it took.
+        self.check_ok: bool | None = None
+        self.check_reason = ""
+        self.check_time = 0.0
+        self.check_duration = 0.0
+        self.checks = [0, 0]  # [failures, successes]
+        self.transition_reason = ""
+        self.transition_time = 0.0
+        self.transitions = {"up": 0, "down": 0}
         # Counters, read by metrics at scrape time: plain ints, bumped on the hot path at no cost.
         self.requests = 0  # requests (http) or connections (tcp) sent, ever
         self.responses = [0] * 6  # by status class: [1] is 1xx ... [5] is 5xx
@@ -61,6 +98,10 @@ class Server:
         self.sent_bytes = 0
         self.received_bytes = 0
         self.connect_host = config.address.host  # the runtime replaces a host name by its address
+
+    @property
+    def full_weight(self) -> int:
+        return self.ratio * WEIGHT_SCALE
 
     @property
     def available(self) -> bool:
@@ -72,28 +113,89 @@ class Server:
 
 
 class Pool:
-    """The servers of one pool and the policies that choose among them."""
+    """The servers of one pool, the policies that choose among them, and the failover order."""
 
-    __slots__ = ("name", "policy_name", "retries", "servers", "by_name", "_primary", "_backup")
+    __slots__ = (
+        "name",
+        "policy_name",
+        "retries",
+        "servers",
+        "by_name",
+        "backup_pool",
+        "min_up",
+        "passive_failures",
+        "passive_5xx",
+        "max_down_fraction",
+        "slow_start",
+        "disable_grace",
+        "failovers",
+        "retried",
+        "depool_refusals",
+        "_primary",
+        "_backup",
+        "_all",
+        "_primaries",
+        "_primaries_available",
+        "_rotation",
+    )
 
     def __init__(self, config: PoolConfig) -> None:
         self.name = config.name
         self.policy_name = config.policy
         self.retries = config.retries
-        self.servers = [Server(server) for server in config.servers]
+        self.servers = [Server(server, self) for server in config.servers]
         self.by_name = {server.name: server for server in self.servers}
-        self._primary: Policy[Server] = make_policy(config.policy, [s for s in self.servers if not s.backup])
+        self.backup_pool: Pool | None = None  # linked by the runtime once every pool exists
+        self.min_up = config.min_up
+        self.passive_failures = config.passive.consecutive_failures if config.passive is not None else 0
+        self.passive_5xx = config.passive is not None and config.passive.on_5xx
+        self.max_down_fraction = config.max_down_fraction
+        self.slow_start = config.slow_start
+        self.disable_grace = config.disable_grace
+        # counters
+        self.failovers = 0  # times the pool went from serving on its primaries to anything else
+        self.retried = 0  # requests sent again to another server
+        self.depool_refusals = 0  # downs the depool guard refused
+        primaries = [s for s in self.servers if not s.backup]
+        self._primaries = primaries
+        self._primary: Policy[Server] = make_policy(config.policy, primaries)
         self._backup: Policy[Server] = make_policy(config.policy, [s for s in self.servers if s.backup])
+        # Priority-group activation: with min_up > 1 the backups may serve beside the primaries.
+        self._all: Policy[Server] | None = make_policy(config.policy, self.servers) if self.min_up > 1 else None
+        self._rotation = config.policy == "round_robin"
+        start_up = config.health.type == "none" or config.health.start == "up"
         for server in self.servers:
+            server.up = start_up
             if server.available:
                 self._group(server).add(server)
+                if self._all is not None:
+                    self._all.add(server)
+        self._primaries_available = sum(1 for s in primaries if s.available)
+
+    # -- picking --
 
     def pick(self) -> Server | None:
-        """The server for the next request: a primary, else a backup server, else None."""
-        server = self._primary.pick()
-        if server is None:
+        """The server for the next request: primaries, backups, then the backup pool; None if none."""
+        if self._primaries_available >= self.min_up:
+            server = self._primary.pick()
+        elif self._primaries_available and self._all is not None:
+            server = self._all.pick()
+        else:
             server = self._backup.pick()
+        if server is None:
+            return self.backup_pool.pick() if self.backup_pool is not None else None
+        if self._rotation and server.weight < server.full_weight:
+            server = self._ramped_turn(server)
         return server
+
+    def _ramped_turn(self, server: Server) -> Server:
+        """A rotation has no weights: a slow-starting server takes its turn as often as its ramp says."""
+        server.ramp_credit += server.weight / server.full_weight
+        if server.ramp_credit >= 1.0:
+            server.ramp_credit -= 1.0
+            return server
+        other = self._group(server).pick()
+        return other if other is not None else server
 
     def pick_other(self, tried: list[Server]) -> Server | None:
         """A server for a retry: available and not in `tried`, or None. Retries are rare: this may scan."""
@@ -104,56 +206,140 @@ class Pool:
             for candidate in self.servers:
                 if candidate.backup is group and candidate.available and candidate not in tried:
                     return candidate
-        return None
+        return self.backup_pool.pick_other(tried) if self.backup_pool is not None else None
 
     def taken(self, server: Server) -> None:
-        """A request or connection was sent to `server`."""
+        """A request or connection was sent to `server` (a server of this pool)."""
         server.inflight += 1
         server.requests += 1
         self._group(server).taken(server)
+        if self._all is not None:
+            self._all.taken(server)
 
     def released(self, server: Server) -> None:
         """A request or connection to `server` ended, whatever its outcome."""
         server.inflight -= 1
         self._group(server).released(server)
+        if self._all is not None:
+            self._all.released(server)
 
-    def set_health(self, server: Server, up: bool) -> None:
+    # -- what real traffic tells (passive detection) --
+
+    def report_failure(self, server: Server, reason: str) -> None:
+        """A connect failure, reset or timeout on real traffic to `server`."""
+        server.consecutive_failures += 1
+        threshold = self.passive_failures
+        if threshold and server.up and server.consecutive_failures >= threshold:
+            self.set_health(server, False, f"passive: {server.consecutive_failures} consecutive failures ({reason})")
+
+    # -- state changes --
+
+    def set_health(self, server: Server, up: bool, reason: str = "") -> bool:
+        """Mark `server` up or down; False when the depool guard refused to take it down."""
         if server.up == up:
-            return
+            return True
+        if not up and not server.backup and self._guard_refuses(server):
+            self.depool_refusals += 1
+            log.error(
+                "pool %s: server %s would go down (%s) but the depool guard keeps it: "
+                "more than %.0f%% of the primaries would be out",
+                self.name,
+                server.name,
+                reason,
+                (self.max_down_fraction or 0) * 100,
+            )
+            return False
         server.up = up
-        if up and server.weight != server.ratio:
-            server.weight = server.ratio  # a server coming back starts at its configured ratio
+        server.consecutive_failures = 0
+        server.transition_reason = reason
+        server.transition_time = time.time()
+        server.transitions["up" if up else "down"] += 1
+        if up:
+            server.reported = 100
+            if self.slow_start:
+                server.ramp_until = time.monotonic() + self.slow_start
+                server.ramp_credit = 0.0
+                server.weight = max(1, server.full_weight // 100)  # 1% to begin with
+            else:
+                server.weight = server.full_weight  # a server coming back starts at its ratio
+        log.warning("pool %s: server %s is %s: %s", self.name, server.name, "UP" if up else "DOWN", reason or "-")
         self._availability_changed(server)
+        return True
+
+    def _guard_refuses(self, server: Server) -> bool:
+        if self.max_down_fraction is None:
+            return False
+        primaries = self._primaries
+        down = sum(1 for s in primaries if not s.up) + 1
+        return down / len(primaries) > self.max_down_fraction
 
     def set_admin(self, server: Server, state: AdminState) -> None:
         if server.admin is state:
             return
         server.admin = state
+        log.warning("pool %s: server %s is now %s", self.name, server.name, state.value)
         self._availability_changed(server)
 
     def set_weight(self, server: Server, percent: int) -> None:
         """Set the live weight to `percent` (0-100) of the configured ratio, as dynamic_ratio reports.
 
-        A non-zero percentage never rounds to weight 0; 0 means "send nothing new".
+        0 means "send nothing new"; any other percentage gives the server some traffic.
         """
         if not 0 <= percent <= 100:
             raise ValueError(f"weight percentage must be from 0 to 100, got {percent}")
-        weight = max(1, round(server.ratio * percent / 100)) if percent else 0
+        server.reported = percent
+        self._set_weight(server, server.ratio * percent * WEIGHT_SCALE // 100)
+
+    def _set_weight(self, server: Server, weight: int) -> None:
         if weight == server.weight:
             return
         was_available = server.available
         server.weight = weight
         if was_available and server.available:
             self._group(server).weight_changed(server)
+            if self._all is not None:
+                self._all.weight_changed(server)
         else:
             self._availability_changed(server)
 
+    def tick(self, now: float) -> None:
+        """Advance slow starts; the runtime calls this a few times a second."""
+        if not self.slow_start:
+            return
+        for server in self.servers:
+            if server.ramp_until:
+                full = server.ratio * server.reported * WEIGHT_SCALE // 100
+                if now >= server.ramp_until:
+                    server.ramp_until = 0.0
+                    self._set_weight(server, full)
+                elif server.up:
+                    share = 1.0 - (server.ramp_until - now) / self.slow_start
+                    self._set_weight(server, max(1, int(full * share)))
+
     def _availability_changed(self, server: Server) -> None:
         group = self._group(server)
-        if server.available:
+        available = server.available
+        if available:
             group.add(server)
         else:
             group.remove(server)
+        if self._all is not None:
+            if available:
+                self._all.add(server)
+            else:
+                self._all.remove(server)
+        if not server.backup:
+            before = self._primaries_available
+            self._primaries_available = sum(1 for s in self._primaries if s.available)
+            if before >= self.min_up > self._primaries_available:
+                self.failovers += 1
+                log.warning(
+                    "pool %s: %d of %d primaries available, below min_up %d: failing over",
+                    self.name,
+                    self._primaries_available,
+                    len(self._primaries),
+                    self.min_up,
+                )
 
     def _group(self, server: Server) -> Policy[Server]:
         return self._backup if server.backup else self._primary

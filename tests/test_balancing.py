@@ -8,6 +8,7 @@ picked, rejoin fairness, least in-flight per unit of weight, backup servers only
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from lbproxy.balancing import LeastConnections, Ratio, RoundRobin, make_policy, smooth_weighted_schedule
 from lbproxy.config import Address, PolicyName, PoolConfig, ServerConfig
-from lbproxy.pool import AdminState, Pool, Server
+from lbproxy.pool import WEIGHT_SCALE, AdminState, Pool, Server
 
 POLICIES: tuple[PolicyName, ...] = ("round_robin", "least_connections", "ratio", "dynamic_ratio")
 NAMES = "abcdefgh"
@@ -338,15 +339,15 @@ def test_dynamic_ratio_weight_is_a_percentage_of_the_ratio() -> None:
     pool = make_pool([4, 4, 1], "dynamic_ratio")
     a, b, c = pool.servers
     pool.set_weight(a, 50)
-    assert a.weight == 2
+    assert a.weight == 2 * WEIGHT_SCALE
     assert Counter(serve(pool, 7 * 3)) == {"a": 2 * 3, "b": 4 * 3, "c": 1 * 3}
     pool.set_weight(c, 1)
-    assert c.weight == 1  # 1% of 1 is not 0: a non-zero percentage always gets some traffic
+    assert c.weight == WEIGHT_SCALE // 100  # 1% of 1 is not 0: a non-zero percentage always gets some traffic
     pool.set_weight(b, 0)
     assert b.weight == 0
-    picks = serve(pool, 9)
+    picks = serve(pool, 201)  # a at 50% of 4 against c at 1% of 1: 200 to 1, exactly, per period
     assert "b" not in picks
-    assert Counter(picks) == {"a": 6, "c": 3}
+    assert Counter(picks) == {"a": 200, "c": 1}
     pool.set_weight(a, 0)
     pool.set_weight(c, 0)
     assert pool.pick() is None
@@ -364,17 +365,14 @@ def test_dynamic_ratio_shares_follow_reported_weights(ratios: list[int], percent
     serve(pool, 3)
     for server, percent in zip(pool.servers, percents, strict=False):
         pool.set_weight(server, percent)
-        exact = server.ratio * percent / 100
-        if percent == 0:
-            assert server.weight == 0
-        else:
-            assert server.weight >= 1
-            assert abs(server.weight - exact) <= 0.5 or server.weight == 1
-            assert server.weight <= server.ratio
+        assert server.weight == server.ratio * percent * WEIGHT_SCALE // 100  # exact, in hundredths
+        assert (server.weight > 0) == (percent > 0)
     weights = {server.name: server.weight for server in pool.servers if server.weight}
     if not weights:
         assert pool.pick() is None
         return
+    divisor = math.gcd(*weights.values())
+    weights = {name: weight // divisor for name, weight in weights.items()}
     picks = serve(pool, 2 * sum(weights.values()))
     assert_window_shares(picks, weights)
 
@@ -384,11 +382,11 @@ def test_dynamic_ratio_server_back_up_starts_at_its_ratio(percent: int) -> None:
     pool = make_pool([4, 2], "dynamic_ratio")
     a = pool.by_name["a"]
     pool.set_weight(a, percent)
-    assert a.weight == {0: 0, 25: 1, 60: 2}[percent]
+    assert a.weight == {0: 0, 25: 100, 60: 240}[percent]
     pool.set_health(a, False)
     assert "a" not in serve(pool, 4)
     pool.set_health(a, True)
-    assert a.weight == 4
+    assert a.weight == 4 * WEIGHT_SCALE
     assert "".join(serve(pool, 12)) == "aba" * 4  # 4:2 divided by their gcd
 
 
@@ -399,7 +397,7 @@ def test_dynamic_ratio_weight_set_while_down_is_reset_when_up() -> None:
     pool.set_weight(a, 10)
     assert "a" not in serve(pool, 3)
     pool.set_health(a, True)
-    assert a.weight == 3
+    assert a.weight == 3 * WEIGHT_SCALE
 
 
 @pytest.mark.parametrize("percent", [-1, 101])
@@ -407,7 +405,7 @@ def test_weight_percentage_out_of_range_is_refused(percent: int) -> None:
     pool = make_pool([1], "dynamic_ratio")
     with pytest.raises(ValueError, match="from 0 to 100"):
         pool.set_weight(pool.servers[0], percent)
-    assert pool.servers[0].weight == 1
+    assert pool.servers[0].weight == WEIGHT_SCALE
 
 
 # -- least_connections --------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_unknown_key_in_health_block() -> None:
     text = MINIMAL + "    health:\n      intreval: 2s\n"
     assert errors(text) == [
         "lbproxy.yaml:11: pools.farm.health.intreval: unknown key "
-        "(expected one of: type, path, expect_status, interval, timeout, rise, fall)",
+        "(expected one of: type, path, method, host, expect_status, expect_body, interval, timeout, rise, fall, start)",
     ]
 
 
@@ -526,11 +526,24 @@ def test_health_defaults_values() -> None:
 
 def test_full_health_block() -> None:
     text = MINIMAL + textwrap.indent(
-        "health:\n  type: http\n  path: /ServiceCenter/\n  expect_status: 200-299\n"
-        "  interval: 500ms\n  timeout: 250ms\n  rise: 3\n  fall: 5\n",
+        "health:\n  type: http\n  path: /ServiceCenter/\n  method: HEAD\n  host: app.example\n"
+        "  expect_status: 200-299\n  expect_body: OK\n  interval: 500ms\n  timeout: 250ms\n"
+        "  rise: 3\n  fall: 5\n  start: down\n",
         "    ",
     )
-    assert ok(text).pools["farm"].health == HealthConfig("http", "/ServiceCenter/", (200, 299), 0.5, 0.25, 3, 5)
+    assert ok(text).pools["farm"].health == HealthConfig(
+        type="http",
+        path="/ServiceCenter/",
+        method="HEAD",
+        host="app.example",
+        expect_status=(200, 299),
+        expect_body="OK",
+        interval=0.5,
+        timeout=0.25,
+        rise=3,
+        fall=5,
+        start="down",
+    )
 
 
 def test_yaml_merge_keys() -> None:
