@@ -194,10 +194,8 @@ class HttpListener:
         cut = 0
         for connection in list(self.connections):
             active = connection.active
-            if (
-                (active is not None
-                and active.server is server)
-                or (connection.pinned is not None and connection.pinned.server is server)
+            if (active is not None and active.server is server) or (
+                connection.pinned is not None and connection.pinned.server is server
             ):
                 connection.cut()
                 cut += 1

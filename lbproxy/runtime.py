@@ -14,11 +14,13 @@ import logging
 import socket
 import ssl
 import sys
+import time
 from dataclasses import dataclass
 
 from lbproxy.config import Config, ListenerConfig
+from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener
-from lbproxy.pool import Pool
+from lbproxy.pool import AdminState, Pool, Server
 
 log = logging.getLogger("lbproxy")
 
@@ -45,7 +47,12 @@ class Runtime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pools = {name: Pool(pool) for name, pool in config.pools.items()}
+        for name, pool in config.pools.items():
+            if pool.backup_pool is not None:
+                self.pools[name].backup_pool = self.pools[pool.backup_pool]
+        self.health = HealthChecks()
         self.listeners: dict[str, HttpListener] = {}
+        self._grace: dict[Server, asyncio.TimerHandle] = {}
         self.bound: dict[str, Bound] = {}
         self._servers: list[asyncio.Server] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -54,6 +61,9 @@ class Runtime:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self._resolve(loop)
+        for name, pool in self.pools.items():
+            self.health.add(pool, self.config.pools[name].health)
+        self.health.start()
         try:
             for listener in self.config.listeners:
                 await self._listen(loop, listener)
@@ -66,6 +76,10 @@ class Runtime:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        for handle in self._grace.values():
+            handle.cancel()
+        self._grace.clear()
+        await self.health.stop()
         for server in self._servers:
             server.close()
         for listener in self.listeners.values():
@@ -174,3 +188,49 @@ class Runtime:
             now = loop.time()
             for listener in self.listeners.values():
                 listener.tick(now)
+            monotonic = time.monotonic()
+            for pool in self.pools.values():
+                pool.tick(monotonic)
+
+    # -- admin operations (the API and `lbproxy ctl` call these) --
+
+    def server(self, pool: str, server: str) -> Server:
+        """The server `server` of pool `pool`; KeyError names what is unknown."""
+        if pool not in self.pools:
+            raise KeyError(f"no pool named {pool!r}")
+        found = self.pools[pool].by_name.get(server)
+        if found is None:
+            raise KeyError(f"pool {pool!r} has no server named {server!r}")
+        return found
+
+    def drain(self, server: Server) -> None:
+        """No new requests or connections; what is in flight finishes."""
+        self._cancel_grace(server)
+        server.pool.set_admin(server, AdminState.DRAINING)
+
+    def disable(self, server: Server) -> None:
+        """As drain, then whatever is still in flight after the pool's disable_grace is cut."""
+        self._cancel_grace(server)
+        server.pool.set_admin(server, AdminState.DISABLED)
+        loop = asyncio.get_running_loop()
+        self._grace[server] = loop.call_later(server.pool.disable_grace, self._cut, server)
+
+    def enable(self, server: Server) -> None:
+        self._cancel_grace(server)
+        server.pool.set_admin(server, AdminState.ENABLED)
+
+    def _cancel_grace(self, server: Server) -> None:
+        handle = self._grace.pop(server, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _cut(self, server: Server) -> None:
+        self._grace.pop(server, None)
+        cut = sum(listener.cut_server(server) for listener in self.listeners.values())
+        if cut:
+            log.warning(
+                "pool %s: server %s disabled: %d connections cut after the grace time",
+                server.pool.name,
+                server.name,
+                cut,
+            )
