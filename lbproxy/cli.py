@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the load balancer")
     run.add_argument("-c", "--config", required=True, help="the config file")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    ctl = commands.add_parser("ctl", help="talk to a running lbproxy through its admin API")
+    ctl.add_argument("--admin", default=os.environ.get("LBPROXY_ADMIN", "http://127.0.0.1:9090"), help="admin URL")
+    ctl.add_argument("--token", default=os.environ.get("LBPROXY_ADMIN_TOKEN"), help="bearer token for writes")
+    ctl_commands = ctl.add_subparsers(dest="action", required=True)
+    ctl_commands.add_parser("status", help="pools and servers, their state and counters")
+    for action, text in (
+        ("drain", "no new requests to the server; in-flight ones finish"),
+        ("disable", "as drain, then cut what remains after the pool's disable_grace"),
+        ("enable", "put the server back in rotation"),
+    ):
+        command = ctl_commands.add_parser(action, help=text)
+        command.add_argument("pool")
+        command.add_argument("server")
     demo = commands.add_parser("demo", help="run demo back-ends and lbproxy in front of them")
     demo.add_argument("-c", "--config", default="config/demo.yaml", help="the demo config file")
     demo.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -41,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "check":
         return _check(args.config)
+    if args.command == "ctl":
+        from lbproxy import ctl as control  # stdlib only: fast to start
+
+        return control.run(
+            args.admin, args.token, args.action, getattr(args, "pool", None), getattr(args, "server", None)
+        )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

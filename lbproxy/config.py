@@ -152,7 +152,7 @@ class Config:
     path: Path
     listeners: tuple[ListenerConfig, ...]
     pools: Mapping[str, PoolConfig]
-    admin: AdminConfig = AdminConfig()
+    admin: AdminConfig | None = None  # None: no admin server (the `admin` block is absent)
 
     def summary(self) -> str:
         servers = sum(len(pool.servers) for pool in self.pools.values())
@@ -368,7 +368,7 @@ class _Reader:
         entries = self.mapping(root, "", ("admin", "listeners", "pools"), ("listeners", "pools"))
         if entries is None:
             return None
-        admin = self.admin(entries["admin"]) if "admin" in entries else AdminConfig()
+        admin = self.admin(entries["admin"]) if "admin" in entries else None
         pools: dict[str, PoolConfig] = {}
         pool_nodes: dict[str, Node] = {}
         if "pools" in entries:

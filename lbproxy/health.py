@@ -229,6 +229,9 @@ class HealthChecks:
         for checker in self.checkers:
             checker.start()
 
+    def probed_all(self) -> bool:
+        return all(checker.probed.is_set() for checker in self.checkers)
+
     async def first_round(self) -> None:
         """Wait until every server has been probed once."""
         for checker in self.checkers:

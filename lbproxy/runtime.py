@@ -17,6 +17,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from aiohttp import web
+
+from lbproxy import admin
 from lbproxy.config import Config, ListenerConfig
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener
@@ -53,6 +56,8 @@ class Runtime:
         self.health = HealthChecks()
         self.listeners: dict[str, HttpListener] = {}
         self._grace: dict[Server, asyncio.TimerHandle] = {}
+        self._admin: web.AppRunner | None = None
+        self._bound_all = False
         self.bound: dict[str, Bound] = {}
         self._servers: list[asyncio.Server] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -67,10 +72,32 @@ class Runtime:
         try:
             for listener in self.config.listeners:
                 await self._listen(loop, listener)
+            if self.config.admin is not None:
+                await self._serve_admin(self.config.admin.bind.host, self.config.admin.bind.port)
         except BaseException:
             await self.stop()
             raise
+        self._bound_all = True
         self._ticker = loop.create_task(self._tick(loop))
+
+    @property
+    def ready(self) -> bool:
+        """Listeners bound and every server probed once (the admin's /readyz)."""
+        return self._bound_all and self.health.probed_all()
+
+    async def _serve_admin(self, host: str, port: int) -> None:
+        assert self.config.admin is not None
+        app = admin.make_app(self, self.config.admin.token, admin.is_loopback(host))
+        self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._admin.setup()
+        site = web.TCPSite(self._admin, host or None, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as error:
+            raise StartError(f"admin: cannot bind {host}:{port}: {error.strerror}") from None
+        sockname = self._admin.addresses[0]
+        self.bound["admin"] = Bound("admin", str(sockname[0]), int(sockname[1]), "http")
+        log.info("admin: http on %s:%d", sockname[0], sockname[1])
 
     async def stop(self) -> None:
         if self._ticker is not None:
@@ -79,6 +106,9 @@ class Runtime:
         for handle in self._grace.values():
             handle.cancel()
         self._grace.clear()
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
         await self.health.stop()
         for server in self._servers:
             server.close()

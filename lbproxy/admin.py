@@ -1,0 +1,176 @@
+"""The admin server: liveness, readiness and the JSON API that operators and `lbproxy ctl` use.
+
+An aiohttp application beside the proxy, on `admin.bind`. It reads the runtime objects (pools,
+servers, their counters) and commands them through the runtime's methods (`drain`, `disable`,
+`enable`); it never reaches into a protocol. Write calls need `Authorization: Bearer <admin.token>`
+when a token is set; with no token they are allowed only when the admin server listens on a loopback
+address. Every error is JSON: `{"error": "..."}` with 400, 401, 403 or 404.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from lbproxy.pool import WEIGHT_SCALE, Pool, Server
+
+
+class Runtime(Protocol):
+    """What the admin side needs of the runtime (which imports this module, not the reverse)."""
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def server(self, pool: str, server: str) -> Server: ...
+
+    def drain(self, server: Server) -> None: ...
+
+    def disable(self, server: Server) -> None: ...
+
+    def enable(self, server: Server) -> None: ...
+
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+ACTIONS = ("drain", "disable", "enable")
+
+
+def make_app(runtime: Runtime, token: str | None, loopback: bool) -> web.Application:
+    """The admin application; `loopback` says whether it listens on a loopback address only."""
+    app = web.Application(middlewares=[_json_errors])
+    app[RUNTIME] = runtime
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/pools", pools)
+    app.router.add_get("/api/v1/pools/{pool}", pool)
+    app.router.add_post("/api/v1/pools/{pool}/servers/{server}/{action}", _guarded(action, token, loopback))
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return web.json_response({"error": error.reason if error.text is None else error.text}, status=error.status)
+
+
+def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    return status(text=message, content_type="text/plain")
+
+
+def _guarded(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]], token: str | None, loopback: bool
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if token is None:
+            if not loopback:
+                raise _error(web.HTTPForbidden, "writes are refused: set admin.token to allow them off loopback")
+        else:
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                raise _error(web.HTTPUnauthorized, "missing or wrong bearer token")
+        return await handler(request)
+
+    return checked
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    if runtime.ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "starting"}, status=503)
+
+
+async def pools(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    return web.json_response({"pools": [pool_state(p) for p in runtime.pools.values()]})
+
+
+async def pool(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    found = runtime.pools.get(request.match_info["pool"])
+    if found is None:
+        raise _error(web.HTTPNotFound, f"no pool named {request.match_info['pool']!r}")
+    return web.json_response(pool_state(found))
+
+
+async def action(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    name = request.match_info["action"]
+    if name not in ACTIONS:
+        raise _error(web.HTTPBadRequest, f"unknown action {name!r}: use one of {', '.join(ACTIONS)}")
+    try:
+        server = runtime.server(request.match_info["pool"], request.match_info["server"])
+    except KeyError as error:
+        raise _error(web.HTTPNotFound, str(error.args[0])) from None
+    getattr(runtime, name)(server)
+    return web.json_response(server_state(server))
+
+
+def pool_state(pool: Pool) -> dict[str, Any]:
+    return {
+        "name": pool.name,
+        "policy": pool.policy_name,
+        "retries": pool.retries,
+        "min_up": pool.min_up,
+        "backup_pool": pool.backup_pool.name if pool.backup_pool is not None else None,
+        "servers_up": sum(1 for server in pool.servers if server.up),
+        "servers_available": sum(1 for server in pool.servers if server.available),
+        "counters": {"failovers": pool.failovers, "retries": pool.retried, "depool_refusals": pool.depool_refusals},
+        "servers": [server_state(server) for server in pool.servers],
+    }
+
+
+def server_state(server: Server) -> dict[str, Any]:
+    return {
+        "name": server.name,
+        "address": str(server.address),
+        "ratio": server.ratio,
+        "weight": server.weight / WEIGHT_SCALE,  # live, in ratio units
+        "backup": server.backup,
+        "state": "up" if server.up else "down",
+        "admin": server.admin.value,
+        "available": server.available,
+        "inflight": server.inflight,
+        "since": server.transition_time or None,
+        "reason": server.transition_reason,
+        "last_check": {
+            "ok": server.check_ok,
+            "reason": server.check_reason,
+            "time": server.check_time or None,
+            "duration": round(server.check_duration, 6),
+        },
+        "counters": {
+            "requests": server.requests,
+            "responses": {f"{n}xx": server.responses[n] for n in range(1, 6)},
+            "connect_failures": server.connect_failures,
+            "failures": server.failures,
+            "sent_bytes": server.sent_bytes,
+            "received_bytes": server.received_bytes,
+            "checks": {"success": server.checks[1], "failure": server.checks[0]},
+            "transitions": dict(server.transitions),
+        },
+    }

@@ -1,0 +1,96 @@
+"""`lbproxy ctl`: the admin API from a shell, for operators in the middle of an incident.
+
+Standard library only (urllib), so that it starts fast and runs wherever lbproxy is installed. Exit
+codes: 0 done, 1 the API refused (the message says why), 2 the admin server could not be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+
+def run(admin: str, token: str | None, action: str, pool: str | None, server: str | None) -> int:
+    base = admin.rstrip("/")
+    try:
+        if action == "status":
+            print(status_table(_call(base, "GET", "/api/v1/pools", token)["pools"]))
+            return 0
+        assert pool is not None
+        assert server is not None
+        state = _call(base, "POST", f"/api/v1/pools/{_quote(pool)}/servers/{_quote(server)}/{action}", token)
+    except ApiError as error:
+        print(f"lbproxy ctl: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        reason = getattr(error, "reason", error)
+        print(f"lbproxy ctl: cannot reach the admin server at {admin}: {reason}", file=sys.stderr)
+        return 2
+    print(f"{pool}/{server}: {state['admin']}, {state['state']}, {state['inflight']} in flight")
+    return 0
+
+
+class ApiError(Exception):
+    pass
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+def _call(base: str, method: str, path: str, token: str | None) -> Any:
+    request = urllib.request.Request(base + path, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            message = json.load(error).get("error", error.reason)
+        except (ValueError, AttributeError):
+            message = error.reason
+        raise ApiError(f"{method} {path}: {error.code} {message}") from None
+
+
+def status_table(pools: list[dict[str, Any]]) -> str:
+    rows = [("POOL", "SERVER", "STATE", "ADMIN", "INFLIGHT", "REQUESTS", "ERRORS", "SINCE", "LAST CHECK")]
+    now = time.time()
+    for pool in pools:
+        for server in pool["servers"]:
+            counters = server["counters"]
+            errors = counters["responses"]["5xx"] + counters["connect_failures"] + counters["failures"]
+            since = _ago(now - server["since"]) if server["since"] else "-"
+            check = server["last_check"]
+            last = "-" if check["ok"] is None else f"{'ok' if check['ok'] else 'FAIL'} {check['reason']}"
+            state = server["state"] + (" (backup)" if server["backup"] else "")
+            rows.append(
+                (
+                    pool["name"],
+                    server["name"],
+                    state,
+                    server["admin"],
+                    str(server["inflight"]),
+                    str(counters["requests"]),
+                    str(errors),
+                    since,
+                    last,
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
