@@ -1,0 +1,193 @@
+"""The admin API and `lbproxy ctl` against a running lbproxy: state, auth rules, drain and enable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from lbproxy import admin
+from lbproxy.pool import AdminState
+from tests.support import LOCALHOST, Backend, get, port_of, running
+
+CONFIG = """
+admin:
+  bind: 127.0.0.1:0
+{token}
+listeners:
+  - name: web
+    bind: 127.0.0.1:0
+    pool: farm
+pools:
+  farm:
+    servers:
+      - {{name: a, address: "{a}"}}
+      - {{name: b, address: "{b}"}}
+"""
+
+
+def admin_url(runtime: object) -> str:
+    bound = runtime.bound["admin"]  # type: ignore[attr-defined]
+    return f"http://{bound.host}:{bound.port}"
+
+
+async def test_pools_and_readiness(tmp_path: Path) -> None:
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
+    ):
+        base = admin_url(lb)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/healthz") as response:
+                assert response.status == 200
+            async with session.get(f"{base}/readyz") as response:
+                assert response.status == 200  # no health checks: ready once bound
+            await get(port_of(lb))
+            async with session.get(f"{base}/api/v1/pools") as response:
+                body = await response.json()
+            (farm,) = body["pools"]
+            assert farm["name"] == "farm"
+            assert farm["policy"] == "round_robin"
+            assert [s["name"] for s in farm["servers"]] == ["a", "b"]
+            assert sum(s["counters"]["requests"] for s in farm["servers"]) == 1
+            assert {s["state"] for s in farm["servers"]} == {"up"}
+            async with session.get(f"{base}/api/v1/pools/farm") as response:
+                assert (await response.json())["servers_up"] == 2
+            async with session.get(f"{base}/api/v1/pools/nope") as response:
+                assert response.status == 404
+                assert "nope" in (await response.json())["error"]
+
+
+async def test_drain_through_the_api_sends_nothing_new(tmp_path: Path) -> None:
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
+    ):
+        base = admin_url(lb)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/api/v1/pools/farm/servers/a/drain") as response:
+                assert response.status == 200
+                state = await response.json()
+            assert state["admin"] == "draining"
+            assert lb.pools["farm"].by_name["a"].admin is AdminState.DRAINING
+            for _ in range(6):
+                assert (await get(port_of(lb))).body == b"b"
+            assert not a.requests
+            async with session.post(f"{base}/api/v1/pools/farm/servers/a/enable") as response:
+                assert (await response.json())["admin"] == "enabled"
+            bodies = {(await get(port_of(lb))).body for _ in range(4)}
+            assert bodies == {b"a", b"b"}
+            async with session.post(f"{base}/api/v1/pools/farm/servers/a/explode") as response:
+                assert response.status == 400
+            async with session.post(f"{base}/api/v1/pools/farm/servers/zz/drain") as response:
+                assert response.status == 404
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [(None, 401), ("Bearer wrong", 401), ("Basic s3cret", 401), ("Bearer s3cret", 200)],
+)
+async def test_writes_need_the_token_when_one_is_set(tmp_path: Path, header: str | None, status: int) -> None:
+    token = "  token: s3cret"
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token=token) as lb,
+    ):
+        headers = {"Authorization": header} if header else {}
+        async with aiohttp.ClientSession() as session:
+            url = f"{admin_url(lb)}/api/v1/pools/farm/servers/a/drain"
+            async with session.post(url, headers=headers) as response:
+                assert response.status == status
+                body = await response.json()
+            async with session.get(f"{admin_url(lb)}/api/v1/pools") as response:
+                assert response.status == 200  # reads need no token
+        expected = AdminState.DRAINING if status == 200 else AdminState.ENABLED
+        assert lb.pools["farm"].by_name["a"].admin is expected
+        if status != 200:
+            assert "token" in body["error"]
+
+
+async def test_writes_without_a_token_are_refused_off_loopback(tmp_path: Path) -> None:
+    # The app as it is built for a non-loopback admin.bind, served here on 127.0.0.1.
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
+    ):
+        runner = web.AppRunner(admin.make_app(lb, token=None, loopback=False))
+        await runner.setup()
+        site = web.TCPSite(runner, LOCALHOST, 0)
+        await site.start()
+        try:
+            host, port = runner.addresses[0][:2]
+            url = f"http://{host}:{port}/api/v1/pools/farm/servers/a/drain"
+            async with aiohttp.ClientSession() as session, session.post(url) as response:
+                assert response.status == 403
+                assert "admin.token" in (await response.json())["error"]
+        finally:
+            await runner.cleanup()
+        assert lb.pools["farm"].by_name["a"].admin is AdminState.ENABLED
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "::1", "localhost", "10.1.2.3", "0.0.0.0"])
+def test_loopback_detection(bind: str) -> None:
+    assert admin.is_loopback(bind) is (bind in ("127.0.0.1", "::1", "localhost"))
+
+
+async def ctl(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lbproxy",
+        "ctl",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LBPROXY_ADMIN_TOKEN": ""},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_ctl_status_drain_enable(tmp_path: Path) -> None:
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
+    ):
+        base = admin_url(lb)
+        code, out, _ = await ctl("--admin", base, "status")
+        assert code == 0
+        assert out.splitlines()[0].split()[:4] == ["POOL", "SERVER", "STATE", "ADMIN"]
+        assert [line.split()[:4] for line in out.splitlines()[1:]] == [
+            ["farm", "a", "up", "enabled"],
+            ["farm", "b", "up", "enabled"],
+        ]
+        code, out, _ = await ctl("--admin", base, "drain", "farm", "b")
+        assert (code, out.strip()) == (0, "farm/b: draining, up, 0 in flight")
+        assert lb.pools["farm"].by_name["b"].admin is AdminState.DRAINING
+        code, _, err = await ctl("--admin", base, "enable", "farm", "nope")
+        assert code == 1
+        assert "no server named 'nope'" in err
+        code, _, _ = await ctl("--admin", base, "enable", "farm", "b")
+        assert code == 0
+        assert lb.pools["farm"].by_name["b"].admin is AdminState.ENABLED
+
+
+async def test_ctl_says_when_the_admin_server_is_unreachable() -> None:
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        port = sock.getsockname()[1]
+    code, _, err = await ctl("--admin", f"http://{LOCALHOST}:{port}", "status")
+    assert code == 2
+    assert "cannot reach the admin server" in err
