@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from lbproxy.pool import WEIGHT_SCALE, Pool, Server
 
@@ -38,13 +40,16 @@ class Runtime(Protocol):
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 ACTIONS = ("drain", "disable", "enable")
 
 
-def make_app(runtime: Runtime, token: str | None, loopback: bool) -> web.Application:
+def make_app(runtime: Runtime, registry: CollectorRegistry, token: str | None, loopback: bool) -> web.Application:
     """The admin application; `loopback` says whether it listens on a loopback address only."""
     app = web.Application(middlewares=[_json_errors])
     app[RUNTIME] = runtime
+    app[REGISTRY] = registry
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/pools", pools)
@@ -91,6 +96,15 @@ def _guarded(
         return await handler(request)
 
     return checked
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition, or OpenMetrics when the scraper asks for it."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(request.app[REGISTRY])
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:

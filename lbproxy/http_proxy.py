@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from bisect import bisect_left
 from collections import deque
 from typing import Final, cast
 
@@ -37,6 +38,8 @@ BODY: Final = 2  # a request body is being received
 RESPONSE: Final = 3  # waiting for the server
 NONE: Final = 4  # a tunnel: no deadline
 
+# Upper bounds of the request-duration histogram, in seconds (Prometheus' defaults, plus 30 and 60).
+DURATION_BOUNDS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
 REPLAY_LIMIT: Final = 64 * 1024  # request bodies up to this size are kept until a response begins
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
@@ -107,6 +110,8 @@ class HttpListener:
         "responses",
         "errors",
         "retries",
+        "durations",
+        "duration_sum",
     )
 
     def __init__(
@@ -162,6 +167,14 @@ class HttpListener:
         self.responses = [0] * 6  # by status class, as Server.responses
         self.errors: dict[int, int] = {}  # responses lbproxy generated itself, by status
         self.retries = 0
+        self.durations = [0] * (len(DURATION_BOUNDS) + 1)  # histogram buckets, not cumulative; last: +Inf
+        self.duration_sum = 0.0
+
+    def observe(self, exchange: Exchange) -> None:
+        """Count one finished exchange in the duration histogram."""
+        duration = time.monotonic() - exchange.started
+        self.duration_sum += duration
+        self.durations[bisect_left(DURATION_BOUNDS, duration)] += 1
 
     def __call__(self) -> HttpProxy:
         """The protocol factory handed to `loop.create_server`."""
@@ -733,6 +746,7 @@ class HttpProxy(asyncio.Protocol):
             elif server.consecutive_failures:
                 server.consecutive_failures = 0
         listener.responses[_STATUS_CLASS[exchange.status]] += 1
+        listener.observe(exchange)
         if listener.access_log is not None:
             self._access_log(exchange)
         if pin:
@@ -816,6 +830,7 @@ class HttpProxy(asyncio.Protocol):
                 self._close()  # part of an earlier response is out: an error now would corrupt it
                 return
             exchange.status = status
+            listener.observe(exchange)
             if exchange.upstream is not None:
                 exchange.upstream.abandon()  # e.g. a bad pipelined request behind one in flight
                 exchange.upstream = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from lbproxy import admin
+from lbproxy import admin, metrics
 from lbproxy.config import Config, ListenerConfig
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener
@@ -57,6 +57,8 @@ class Runtime:
         self.listeners: dict[str, HttpListener] = {}
         self._grace: dict[Server, asyncio.TimerHandle] = {}
         self._admin: web.AppRunner | None = None
+        self.reloads: dict[str, int] = {"success": 0, "failure": 0}
+        self.registry = metrics.registry(self)
         self._bound_all = False
         self.bound: dict[str, Bound] = {}
         self._servers: list[asyncio.Server] = []
@@ -87,7 +89,7 @@ class Runtime:
 
     async def _serve_admin(self, host: str, port: int) -> None:
         assert self.config.admin is not None
-        app = admin.make_app(self, self.config.admin.token, admin.is_loopback(host))
+        app = admin.make_app(self, self.registry, self.config.admin.token, admin.is_loopback(host))
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         site = web.TCPSite(self._admin, host or None, port, reuse_address=True)

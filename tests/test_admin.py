@@ -123,7 +123,7 @@ async def test_writes_without_a_token_are_refused_off_loopback(tmp_path: Path) -
         Backend("b") as b,
         running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
     ):
-        runner = web.AppRunner(admin.make_app(lb, token=None, loopback=False))
+        runner = web.AppRunner(admin.make_app(lb, lb.registry, token=None, loopback=False))
         await runner.setup()
         site = web.TCPSite(runner, LOCALHOST, 0)
         await site.start()
