@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest check clean
+.PHONY: run test lint typecheck pytest check clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict lbproxy
 
-pytest: $(STAMP)
+pytest: $(STAMP) system-deps
 	$(BIN)/pytest
+
+# promtool, Prometheus and Chromium, for the tests that check lbproxy against the real tools
+system-deps:
+	@.ci/system-deps
 
 check: $(STAMP)
 	$(BIN)/lbproxy check -c config/lbproxy.yaml

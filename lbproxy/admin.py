@@ -30,6 +30,8 @@ class Runtime(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    def listener_states(self) -> list[dict[str, Any]]: ...
+
     def server(self, pool: str, server: str) -> Server: ...
 
     def drain(self, server: Server) -> None: ...
@@ -52,6 +54,7 @@ def make_app(runtime: Runtime, registry: CollectorRegistry, token: str | None, l
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/listeners", listeners)
     app.router.add_get("/api/v1/pools", pools)
     app.router.add_get("/api/v1/pools/{pool}", pool)
     app.router.add_post("/api/v1/pools/{pool}/servers/{server}/{action}", _guarded(action, token, loopback))
@@ -116,6 +119,10 @@ async def readyz(request: web.Request) -> web.Response:
     if runtime.ready:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "starting"}, status=503)
+
+
+async def listeners(request: web.Request) -> web.Response:
+    return web.json_response({"listeners": request.app[RUNTIME].listener_states()})
 
 
 async def pools(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -225,6 +226,29 @@ class Runtime:
                 pool.tick(monotonic)
 
     # -- admin operations (the API and `lbproxy ctl` call these) --
+
+    def listener_states(self) -> list[dict[str, Any]]:
+        states = []
+        for name, listener in self.listeners.items():
+            bound = self.bound[name]
+            states.append(
+                {
+                    "name": name,
+                    "mode": "http",
+                    "bind": f"{bound.scheme}://{bound.host}:{bound.port}",
+                    "pool": listener.pool.name,
+                    "active_connections": len(listener.connections),
+                    "counters": {
+                        "connections": listener.connections_total,
+                        "rejected": listener.rejected,
+                        "requests": listener.requests,
+                        "responses": {f"{n}xx": listener.responses[n] for n in range(1, 6)},
+                        "errors": {str(status): count for status, count in sorted(listener.errors.items())},
+                        "retries": listener.retries,
+                    },
+                }
+            )
+        return states
 
     def server(self, pool: str, server: str) -> Server:
         """The server `server` of pool `pool`; KeyError names what is unknown."""
