@@ -87,6 +87,8 @@ class ListenerConfig:
     access_log: str | None = None  # "-" for standard output, else a file path
     timeouts: ListenerTimeouts = ListenerTimeouts()
     limits: ListenerLimits = ListenerLimits()
+    accept_proxy: bool = False  # a PROXY header (v1 or v2) opens every connection
+    idle_timeout: float = 3600.0  # tcp: a connection with no byte either way for this long is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class PoolConfig:
     timeouts: PoolTimeouts = PoolTimeouts()
     keepalive: KeepaliveConfig = KeepaliveConfig()
     passive: PassiveConfig | None = None  # None: no passive detection
+    send_proxy: Literal["v1", "v2"] | None = None  # tcp: a PROXY header ahead of each connection
     min_up: int = 1  # fewer available primaries than this: the backups join in
     max_down_fraction: float | None = None  # the depool guard; None: off
     slow_start: float | None = None  # seconds over which a server coming up ramps to full share
@@ -231,6 +234,8 @@ _LISTENER_KEYS: Final = (
     "access_log",
     "timeouts",
     "limits",
+    "accept_proxy",
+    "idle_timeout",
 )
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|m|g)?")
 _SIZE_UNITS: Final = {
@@ -436,6 +441,16 @@ class _Reader:
                 for http_only in ("tls", "access_log", "forwarded_headers", "limits", "timeouts", "retry_after"):
                     if http_only in entries:
                         self.problem(entries[http_only], _join(key, http_only), "only http listeners take this key")
+            elif "idle_timeout" in entries:
+                where = _join(key, "idle_timeout")
+                self.problem(entries["idle_timeout"], where, "only tcp listeners take this key (http: timeouts)")
+            if mode == "http" and pool in pools and pools[pool].send_proxy is not None:
+                self.problem(
+                    entries["pool"],
+                    _join(key, "pool"),
+                    f"pool '{pool}' sends a PROXY header (send_proxy), which only tcp listeners do: "
+                    "http listeners pass the client address in X-Forwarded-For",
+                )
             listeners.append(
                 ListenerConfig(
                     name=name,
@@ -450,6 +465,8 @@ class _Reader:
                     access_log=access_log if access_log in (None, "-") else str(self.base / str(access_log)),
                     timeouts=self.listener_timeouts(entries, key),
                     limits=self.listener_limits(entries, key),
+                    accept_proxy=self.value(entries, "accept_proxy", key, _boolean, False),
+                    idle_timeout=self.value(entries, "idle_timeout", key, _duration, 3600.0),
                 )
             )
         return tuple(listeners)
@@ -506,6 +523,7 @@ class _Reader:
             "max_down_fraction",
             "slow_start",
             "disable_grace",
+            "send_proxy",
         )
         entries = self.mapping(node, key, allowed, ("servers",))
         if entries is None:
@@ -545,6 +563,7 @@ class _Reader:
             max_down_fraction=self.value(entries, "max_down_fraction", key, _fraction, None),
             slow_start=self.value(entries, "slow_start", key, _duration, None),
             disable_grace=self.value(entries, "disable_grace", key, _duration, 10.0),
+            send_proxy=self.value(entries, "send_proxy", key, _choice(("v1", "v2")), None),  # type: ignore[arg-type]
         )
 
     def servers(self, node: Node, key: str) -> tuple[ServerConfig, ...]:

@@ -24,7 +24,7 @@ from typing import Final, cast
 
 import httptools
 
-from lbproxy import flow, framing
+from lbproxy import flow, framing, proxy_protocol
 from lbproxy.framing import BadRequest
 from lbproxy.pool import Pool, Server
 from lbproxy.upstream import IdleConnections, connect
@@ -112,6 +112,8 @@ class HttpListener:
         "retries",
         "durations",
         "duration_sum",
+        "accept_proxy",
+        "bad_proxy_headers",
     )
 
     def __init__(
@@ -137,6 +139,7 @@ class HttpListener:
         max_idle: int = 256,
         idle_timeout: float = 30.0,
         access_log: logging.Logger | None = None,
+        accept_proxy: bool = False,
     ) -> None:
         self.name = name
         self.pool = pool
@@ -167,6 +170,8 @@ class HttpListener:
         self.responses = [0] * 6  # by status class, as Server.responses
         self.errors: dict[int, int] = {}  # responses lbproxy generated itself, by status
         self.retries = 0
+        self.accept_proxy = accept_proxy
+        self.bad_proxy_headers = 0
         self.durations = [0] * (len(DURATION_BOUNDS) + 1)  # histogram buckets, not cumulative; last: +Inf
         self.duration_sum = 0.0
 
@@ -187,6 +192,23 @@ class HttpListener:
                 connection.deadline_passed()
         for idle in self.idle.values():
             idle.sweep(now)
+
+    def state(self) -> dict[str, object]:
+        """Counters for the admin API."""
+        return {
+            "mode": "http",
+            "pool": self.pool.name,
+            "active_connections": len(self.connections),
+            "counters": {
+                "connections": self.connections_total,
+                "rejected": self.rejected,
+                "requests": self.requests,
+                "responses": {f"{n}xx": self.responses[n] for n in range(1, 6)},
+                "errors": {str(status): count for status, count in sorted(self.errors.items())},
+                "retries": self.retries,
+                "bad_proxy_headers": self.bad_proxy_headers,
+            },
+        }
 
     def idle_for(self, server: Server) -> IdleConnections[UpstreamConnection]:
         """The idle connections to `server`, which may belong to a backup pool."""
@@ -294,6 +316,7 @@ class HttpProxy(asyncio.Protocol):
         "tunnel",
         "early",
         "refusal",
+        "proxy_header",
         "closed",
         "client_eof",
         "deadline",
@@ -330,6 +353,7 @@ class HttpProxy(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self.early: list[bytes] = []  # bytes after an upgrade request, for the new protocol
         self.refusal: tuple[int, str] | None = None  # an error owed after the requests ahead of it
+        self.proxy_header: bytes | None = b"" if listener.accept_proxy else None  # until it is read
         self.closed = False
         self.client_eof = False
         self.deadline = 0.0
@@ -400,6 +424,10 @@ class HttpProxy(asyncio.Protocol):
             return
         if self.closed or self.refusal is not None:
             return
+        if self.proxy_header is not None:
+            data = self._read_proxy_header(data)
+            if not data:
+                return
         if self.reading is None:  # between bodies, every byte is head: bound it before llhttp buffers it
             self.head_size += len(data)
         try:
@@ -420,6 +448,26 @@ class HttpProxy(asyncio.Protocol):
             return
         if self.in_head and self.head_size > self.listener.max_header_size:
             self._refuse_in_turn(431, "header block too large")
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """Take the PROXY header off the connection's first bytes; returns what follows it."""
+        assert self.proxy_header is not None
+        buffered = self.proxy_header + data
+        try:
+            parsed = proxy_protocol.parse(buffered)
+        except proxy_protocol.ProxyHeaderError as error:
+            self.listener.bad_proxy_headers += 1
+            log.info("listener %s: closing %s: %s", self.listener.name, self.client_ip.decode(), error)
+            self._close()
+            return b""
+        if parsed is None:
+            self.proxy_header = buffered
+            return b""
+        consumed, client = parsed
+        if client is not None:
+            self.client_ip = client[0].encode()
+        self.proxy_header = None
+        return buffered[consumed:]
 
     # -- httptools callbacks (the request parser) --
 

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector as CollectorBase
 
 from lbproxy.http_proxy import DURATION_BOUNDS, HttpListener
 from lbproxy.pool import AdminState, Pool
+from lbproxy.tcp_proxy import TcpListener
 
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -27,7 +28,7 @@ class Source(Protocol):
     def pools(self) -> Mapping[str, Pool]: ...
 
     @property
-    def listeners(self) -> Mapping[str, HttpListener]: ...
+    def listeners(self) -> Mapping[str, HttpListener | TcpListener]: ...
 
     @property
     def reloads(self) -> Mapping[str, int]: ...
@@ -160,6 +161,8 @@ class Collector(CollectorBase):
             active.add_metric(name, len(listener.connections))
             accepted.add_metric(name, listener.connections_total)
             rejected.add_metric(name, listener.rejected)
+            if not isinstance(listener, HttpListener):
+                continue  # tcp: connections are the unit, no requests
             requests.add_metric(name, listener.requests)
             for index, code in enumerate(CLASSES, start=1):
                 responses.add_metric([*name, code], listener.responses[index])

@@ -23,8 +23,9 @@ from aiohttp import web
 from lbproxy import admin, metrics
 from lbproxy.config import Config, ListenerConfig
 from lbproxy.health import HealthChecks
-from lbproxy.http_proxy import HttpListener
+from lbproxy.http_proxy import HttpListener, HttpProxy
 from lbproxy.pool import AdminState, Pool, Server
+from lbproxy.tcp_proxy import TcpClient, TcpListener
 
 log = logging.getLogger("lbproxy")
 
@@ -55,7 +56,7 @@ class Runtime:
             if pool.backup_pool is not None:
                 self.pools[name].backup_pool = self.pools[pool.backup_pool]
         self.health = HealthChecks()
-        self.listeners: dict[str, HttpListener] = {}
+        self.listeners: dict[str, HttpListener | TcpListener] = {}
         self._grace: dict[Server, asyncio.TimerHandle] = {}
         self._admin: web.AppRunner | None = None
         self.reloads: dict[str, int] = {"success": 0, "failure": 0}
@@ -117,7 +118,8 @@ class Runtime:
             server.close()
         for listener in self.listeners.values():
             listener.close_idle()
-            for connection in list(listener.connections):
+            connections: list[HttpProxy | TcpClient] = list(listener.connections)
+            for connection in connections:
                 if connection.transport is not None:
                     connection.transport.abort()
         for server in self._servers:
@@ -146,9 +148,20 @@ class Runtime:
                 server.connect_host = str(infos[0][4][0])
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> None:
-        if config.mode != "http":
-            raise StartError(f"listener {config.name}: mode {config.mode} is not available in this version")
         pool_config = self.config.pools[config.pool]
+        if config.mode == "tcp":
+            tcp = TcpListener(
+                config.name,
+                self.pools[config.pool],
+                loop=loop,
+                max_connections=config.max_connections,
+                idle_timeout=config.idle_timeout,
+                connect_timeout=pool_config.timeouts.connect,
+                accept_proxy=config.accept_proxy,
+                send_proxy=pool_config.send_proxy,
+            )
+            await self._bind(loop, config, tcp, None)
+            return
         maintenance = config.maintenance_page.read_bytes() if config.maintenance_page is not None else None
         listener = HttpListener(
             config.name,
@@ -171,6 +184,7 @@ class Runtime:
             max_idle=pool_config.keepalive.max_idle,
             idle_timeout=pool_config.keepalive.idle_timeout,
             access_log=self._access_logger(config),
+            accept_proxy=config.accept_proxy,
         )
         context = None
         if config.tls is not None:
@@ -179,6 +193,15 @@ class Runtime:
                 context.load_cert_chain(config.tls.cert, config.tls.key)
             except (OSError, ssl.SSLError) as error:
                 raise StartError(f"listener {config.name}: cannot load the TLS certificate or key: {error}") from None
+        await self._bind(loop, config, listener, context)
+
+    async def _bind(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: ListenerConfig,
+        listener: HttpListener | TcpListener,
+        context: ssl.SSLContext | None,
+    ) -> None:
         host = config.bind.host or None
         try:
             server = await loop.create_server(
@@ -190,6 +213,8 @@ class Runtime:
         self.listeners[config.name] = listener
         sockname = server.sockets[0].getsockname()
         scheme = "https" if context is not None else "http"
+        self.bound[config.name] = Bound(config.name, str(sockname[0]), int(sockname[1]), scheme)
+        scheme = "tcp" if config.mode == "tcp" else scheme
         self.bound[config.name] = Bound(config.name, str(sockname[0]), int(sockname[1]), scheme)
         log.info("listener %s: %s on %s:%d, pool %s", config.name, scheme, sockname[0], sockname[1], config.pool)
 
@@ -231,23 +256,7 @@ class Runtime:
         states = []
         for name, listener in self.listeners.items():
             bound = self.bound[name]
-            states.append(
-                {
-                    "name": name,
-                    "mode": "http",
-                    "bind": f"{bound.scheme}://{bound.host}:{bound.port}",
-                    "pool": listener.pool.name,
-                    "active_connections": len(listener.connections),
-                    "counters": {
-                        "connections": listener.connections_total,
-                        "rejected": listener.rejected,
-                        "requests": listener.requests,
-                        "responses": {f"{n}xx": listener.responses[n] for n in range(1, 6)},
-                        "errors": {str(status): count for status, count in sorted(listener.errors.items())},
-                        "retries": listener.retries,
-                    },
-                }
-            )
+            states.append({"name": name, "bind": f"{bound.scheme}://{bound.host}:{bound.port}", **listener.state()})
         return states
 
     def server(self, pool: str, server: str) -> Server:

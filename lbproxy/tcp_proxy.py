@@ -1,0 +1,374 @@
+"""The L4 proxy: each accepted connection relayed to a server its pool picks, bytes both ways.
+
+Two `asyncio.Protocol`s per connection, `TcpClient` facing the client and `TcpServer` facing the
+server; no parsing, no copies beyond what the transports need, back-pressure both ways through
+flow.ReadGate. Half-close is honoured: one side's EOF becomes a `write_eof` on the other, and traffic
+the other way flows until it ends too. A connect failure or timeout tries another server (up to the
+pool's `retries`) and is reported to passive detection. With `accept_proxy` the connection must open
+with a PROXY header; with the pool's `send_proxy` lbproxy writes one to the server.
+
+This module reads its settings from a `TcpListener` that the runtime builds, never the config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final, cast
+
+from lbproxy import flow, proxy_protocol
+from lbproxy.pool import Pool, Server
+from lbproxy.upstream import connect
+
+log = logging.getLogger("lbproxy.tcp")
+
+MAX_EARLY: Final = 256 * 1024  # client bytes held while the server connection opens (reading pauses)
+
+
+class TcpListener:
+    """What the connections of one tcp listener share: settings, the pool, counters."""
+
+    __slots__ = (
+        "name",
+        "pool",
+        "loop",
+        "max_connections",
+        "idle_timeout",
+        "connect_timeout",
+        "accept_proxy",
+        "send_proxy",
+        "connections",
+        "connections_total",
+        "rejected",
+        "unavailable",
+        "bad_proxy_headers",
+        "retries",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        pool: Pool,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        max_connections: int = 10_000,
+        idle_timeout: float = 3600.0,
+        connect_timeout: float = 5.0,
+        accept_proxy: bool = False,
+        send_proxy: str | None = None,
+    ) -> None:
+        self.name = name
+        self.pool = pool
+        self.loop = loop
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.accept_proxy = accept_proxy
+        self.send_proxy = send_proxy
+        self.connections: set[TcpClient] = set()
+        # counters, read at scrape time
+        self.connections_total = 0
+        self.rejected = 0  # over max_connections
+        self.unavailable = 0  # closed at once: no server available
+        self.bad_proxy_headers = 0
+        self.retries = 0
+
+    def __call__(self) -> TcpClient:
+        return TcpClient(self)
+
+    def tick(self, now: float) -> None:
+        """Close connections idle past idle_timeout; the runtime calls this a few times a second."""
+        for connection in list(self.connections):
+            if now >= connection.deadline:
+                connection.close()
+
+    def close_idle(self) -> None:
+        pass  # no idle server connections in tcp mode
+
+    def cut_server(self, server: Server) -> int:
+        """Close every relayed connection to `server`; returns how many."""
+        cut = [connection for connection in self.connections if connection.server is server]
+        for connection in cut:
+            if connection.transport is not None:
+                connection.transport.abort()
+        return len(cut)
+
+    def state(self) -> dict[str, object]:
+        """Counters for the admin API."""
+        return {
+            "mode": "tcp",
+            "pool": self.pool.name,
+            "active_connections": len(self.connections),
+            "counters": {
+                "connections": self.connections_total,
+                "rejected": self.rejected,
+                "unavailable": self.unavailable,
+                "bad_proxy_headers": self.bad_proxy_headers,
+                "retries": self.retries,
+            },
+        }
+
+
+class TcpClient(asyncio.Protocol):
+    """The client leg of one relayed connection."""
+
+    __slots__ = (
+        "listener",
+        "transport",
+        "gate",
+        "server",
+        "upstream",
+        "early",
+        "early_size",
+        "client",
+        "local",
+        "proxy_pending",
+        "tried",
+        "deadline",
+        "eof",
+        "closed",
+    )
+
+    def __init__(self, listener: TcpListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.gate: flow.ReadGate | None = None
+        self.server: Server | None = None
+        self.upstream: TcpServer | None = None
+        self.early: list[bytes] = []  # client bytes before the server connection is open
+        self.early_size = 0
+        self.client: proxy_protocol.Address = ("", 0)
+        self.local: proxy_protocol.Address = ("", 0)
+        self.proxy_pending = listener.accept_proxy
+        self.tried: list[Server] = []
+        self.deadline = 0.0
+        self.eof = False  # the client shut down its writing
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        listener = self.listener
+        self.transport = transport
+        listener.connections_total += 1
+        if len(listener.connections) >= listener.max_connections:
+            listener.rejected += 1
+            self.closed = True
+            transport.abort()
+            return
+        listener.connections.add(self)
+        flow.set_limits(transport)
+        self.gate = flow.ReadGate(transport)
+        self.client = _address(transport.get_extra_info("peername"))
+        self.local = _address(transport.get_extra_info("sockname"))
+        self.touch()
+        if not self.proxy_pending:
+            self._connect()
+
+    def touch(self) -> None:
+        self.deadline = self.listener.loop.time() + self.listener.idle_timeout
+
+    def data_received(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and not self.proxy_pending:
+            upstream.send(data)
+            self.deadline = self.listener.loop.time() + self.listener.idle_timeout
+            return
+        self.early.append(data)
+        self.early_size += len(data)
+        if self.proxy_pending:
+            self._read_proxy_header()
+        elif self.early_size > MAX_EARLY and self.gate is not None:
+            self.gate.pause(flow.WAITING)
+
+    def _read_proxy_header(self) -> None:
+        data = b"".join(self.early)
+        try:
+            parsed = proxy_protocol.parse(data)
+        except proxy_protocol.ProxyHeaderError as error:
+            self.listener.bad_proxy_headers += 1
+            log.info("listener %s: closing %s: %s", self.listener.name, self.client[0], error)
+            self.close()
+            return
+        if parsed is None:
+            if len(data) > proxy_protocol.V2_MAX_PAYLOAD + 16:
+                self.listener.bad_proxy_headers += 1
+                self.close()
+            return
+        consumed, client = parsed
+        if client is not None:
+            self.client = client
+        self.proxy_pending = False
+        rest = data[consumed:]
+        self.early = [rest] if rest else []
+        self.early_size = len(rest)
+        self._connect()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.shut_writing()
+            return True  # keep reading the other way until the server is done too
+        return self.server is not None  # still connecting: the EOF is passed on once connected
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.close()
+        elif self.server is not None:
+            self._release()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.gate is not None:
+            self.upstream.gate.pause(flow.PEER_BUSY)
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.gate is not None:
+            self.upstream.gate.resume(flow.PEER_BUSY)
+
+    # -- the server side --
+
+    def _connect(self) -> None:
+        pool = self.listener.pool
+        server = pool.pick_other(self.tried) if self.tried else pool.pick()
+        if server is None:
+            self.listener.unavailable += 1
+            self.close()
+            return
+        self.server = server
+        server.pool.taken(server)
+        if self.gate is not None:
+            self.gate.pause(flow.WAITING)
+        self.listener.loop.create_task(self._open(server))
+
+    async def _open(self, server: Server) -> None:
+        listener = self.listener
+        try:
+            upstream = await connect(
+                listener.loop,
+                lambda: TcpServer(self, server),
+                server.connect_host,
+                server.address.port,
+                listener.connect_timeout,
+            )
+        except (OSError, TimeoutError) as error:
+            server.connect_failures += 1
+            reason = "connect timeout" if isinstance(error, TimeoutError) else f"connect failed: {error}"
+            self._release()
+            server.pool.report_failure(server, reason)
+            if self.closed:
+                return
+            if len(self.tried) < listener.pool.retries:
+                self.tried.append(server)
+                listener.retries += 1
+                listener.pool.retried += 1
+                self._connect()
+            else:
+                log.warning("listener %s: no server answered for %s: %s", listener.name, self.client[0], reason)
+                self.close()
+            return
+        if self.closed:
+            upstream.close()
+            return
+        if server.consecutive_failures:
+            server.consecutive_failures = 0
+        self.upstream = upstream
+        if listener.send_proxy == "v1":
+            upstream.send(proxy_protocol.header_v1(self.client, self.local))
+        elif listener.send_proxy == "v2":
+            upstream.send(proxy_protocol.header_v2(self.client, self.local))
+        if self.early:
+            upstream.send(b"".join(self.early))
+            self.early = []
+            self.early_size = 0
+        if self.eof:
+            upstream.shut_writing()
+        if self.gate is not None:
+            self.gate.resume(flow.WAITING)
+
+    def _release(self) -> None:
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.pool.released(server)
+
+    def server_closed(self) -> None:
+        """The server connection is gone: the relay ends."""
+        self.upstream = None
+        self._release()
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+        self.listener.connections.discard(self)
+
+
+class TcpServer(asyncio.Protocol):
+    """The server leg of one relayed connection."""
+
+    __slots__ = ("client", "server", "transport", "gate", "eof")
+
+    def __init__(self, client: TcpClient, server: Server) -> None:
+        self.client = client
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.gate: flow.ReadGate | None = None
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        flow.set_limits(transport)
+        self.gate = flow.ReadGate(transport)
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.server.sent_bytes += len(data)
+        self.transport.write(data)
+
+    def shut_writing(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+        if self.eof:
+            self.close()  # both ways done
+
+    def data_received(self, data: bytes) -> None:
+        self.server.received_bytes += len(data)
+        client = self.client
+        if client.transport is not None and not client.closed:
+            client.transport.write(data)
+            client.deadline = client.listener.loop.time() + client.listener.idle_timeout
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        client = self.client
+        transport = client.transport
+        if transport is not None and not client.closed and transport.can_write_eof():
+            transport.write_eof()
+        return not client.eof  # both ways done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.server_closed()
+
+    def pause_writing(self) -> None:
+        if self.client.gate is not None:
+            self.client.gate.pause(flow.PEER_BUSY)
+
+    def resume_writing(self) -> None:
+        if self.client.gate is not None:
+            self.client.gate.resume(flow.PEER_BUSY)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _address(info: object) -> proxy_protocol.Address:
+    if isinstance(info, tuple) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return ("", 0)
