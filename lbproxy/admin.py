@@ -9,7 +9,9 @@ address. Every error is JSON: `{"error": "..."}` with 400, 401, 403 or 404.
 
 from __future__ import annotations
 
+import functools
 import hmac
+import importlib.resources
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -51,6 +53,7 @@ def make_app(runtime: Runtime, registry: CollectorRegistry, token: str | None, l
     app = web.Application(middlewares=[_json_errors])
     app[RUNTIME] = runtime
     app[REGISTRY] = registry
+    app.router.add_get("/", status_page)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -107,6 +110,28 @@ async def metrics(request: web.Request) -> web.Response:
     body = encoder(request.app[REGISTRY])
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
+    return response
+
+
+# The status page may fetch the API of its own origin and nothing else: it is one self-contained file
+# (farms are often offline), and the policy makes the browser refuse anything it would load from away.
+STATUS_PAGE_POLICY = (
+    "default-src 'none'; connect-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+@functools.cache
+def _status_page_html() -> bytes:
+    """status.html, shipped in the package; read once, on the first request for it."""
+    return (importlib.resources.files("lbproxy") / "status.html").read_bytes()
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """The status page: listeners, pools and servers, refreshed in the browser from the JSON API."""
+    response = web.Response(body=_status_page_html(), content_type="text/html", charset="utf-8")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["Content-Security-Policy"] = STATUS_PAGE_POLICY
     return response
 
 

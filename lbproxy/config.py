@@ -103,7 +103,9 @@ class HealthConfig:
     timeout: float = 1.0
     rise: int = 2
     fall: int = 3
-    start: Literal["up", "down"] = "up"  # the state before the first probes, as HAProxy
+    # The state before the first probes. Unset: up at process start (as HAProxy), but down for a
+    # server a reload adds, so that it earns its traffic with a successful probe.
+    start: Literal["up", "down"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +158,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     pools: Mapping[str, PoolConfig]
     admin: AdminConfig | None = None  # None: no admin server (the `admin` block is absent)
+    state_file: Path | None = None  # drained and disabled servers, kept across restarts
+    shutdown_timeout: float = 30.0  # on SIGTERM: how long in-flight requests may take to finish
 
     def summary(self) -> str:
         servers = sum(len(pool.servers) for pool in self.pools.values())
@@ -370,7 +374,9 @@ class _Reader:
     # -- the schema --
 
     def config(self, root: Node) -> Config | None:
-        entries = self.mapping(root, "", ("admin", "listeners", "pools"), ("listeners", "pools"))
+        entries = self.mapping(
+            root, "", ("admin", "listeners", "pools", "state_file", "shutdown_timeout"), ("listeners", "pools")
+        )
         if entries is None:
             return None
         admin = self.admin(entries["admin"]) if "admin" in entries else None
@@ -387,7 +393,9 @@ class _Reader:
                     pool_nodes[name] = node
         listeners = self.listeners(entries["listeners"], pools) if "listeners" in entries else ()
         self.check_backup_pools(pools, pool_nodes)
-        return Config(Path(self.filename), listeners, pools, admin)
+        state_file = self.value(entries, "state_file", "", self._writable_path, None)
+        shutdown_timeout = self.value(entries, "shutdown_timeout", "", _duration, 30.0)
+        return Config(Path(self.filename), listeners, pools, admin, state_file, shutdown_timeout)
 
     def admin(self, node: Node) -> AdminConfig:
         entries = self.mapping(node, "admin", ("bind", "token"))
@@ -622,7 +630,7 @@ class _Reader:
             timeout=self.value(entries, "timeout", key, _duration, 1.0),
             rise=self.value(entries, "rise", key, _integer(1, 100), 2),
             fall=self.value(entries, "fall", key, _integer(1, 100), 3),
-            start=self.value(entries, "start", key, _choice(("up", "down")), "up"),  # type: ignore[arg-type]
+            start=self.value(entries, "start", key, _choice(("up", "down")), None),  # type: ignore[arg-type]
         )
         if health.type != "http":
             for http_only in ("path", "method", "host", "expect_status", "expect_body"):
@@ -660,6 +668,14 @@ class _Reader:
             if current == name and frozenset(chain) not in loops:  # each loop once, where it is first met
                 loops.add(frozenset(chain))
                 self.problem(line_node, where, "backup pools form a loop: " + " -> ".join([*chain, name]))
+
+    def _writable_path(self, value: object) -> Path:
+        path = Path(_string(value))
+        if not path.is_absolute():
+            path = self.base / path
+        if not path.parent.is_dir():
+            raise _Invalid(f"no such folder: {path.parent}")
+        return path
 
     def _file(self, value: object) -> Path:
         text = _string(value)

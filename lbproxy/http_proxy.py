@@ -114,6 +114,30 @@ class HttpListener:
         "duration_sum",
         "accept_proxy",
         "bad_proxy_headers",
+        "draining",
+    )
+
+    # What a reload may change in place (the rest are counters and live state).
+    SETTINGS = (
+        "pool",
+        "scheme",
+        "forwarded",
+        "maintenance",
+        "retry_after",
+        "max_connections",
+        "header_timeout",
+        "keepalive_timeout",
+        "body_timeout",
+        "connect_timeout",
+        "response_timeout",
+        "max_header_size",
+        "max_header_count",
+        "max_target",
+        "max_body",
+        "max_idle",
+        "idle_timeout",
+        "access_log",
+        "accept_proxy",
     )
 
     def __init__(
@@ -172,6 +196,7 @@ class HttpListener:
         self.retries = 0
         self.accept_proxy = accept_proxy
         self.bad_proxy_headers = 0
+        self.draining = False  # shutting down: answer what is in flight, then close each connection
         self.durations = [0] * (len(DURATION_BOUNDS) + 1)  # histogram buckets, not cumulative; last: +Inf
         self.duration_sum = 0.0
 
@@ -209,6 +234,29 @@ class HttpListener:
                 "bad_proxy_headers": self.bad_proxy_headers,
             },
         }
+
+    def reconfigure(self, other: HttpListener) -> None:
+        """Take the settings of `other` (built from a reloaded config), keeping counters and connections."""
+        for name in self.SETTINGS:
+            setattr(self, name, getattr(other, name))
+        for idle in self.idle.values():
+            idle.max_idle = self.max_idle
+            idle.idle_timeout = self.idle_timeout
+
+    def forget_servers(self, servers: set[Server]) -> None:
+        """Close idle connections to servers that are gone, or whose address changed, after a reload."""
+        for server, idle in list(self.idle.items()):
+            if server not in servers or any(not c.at(server) for c, _ in idle.entries()):
+                idle.close_all()
+                del self.idle[server]
+
+    def drain_connections(self) -> None:
+        """Shutting down: idle connections close now, busy ones after their response."""
+        self.draining = True
+        for connection in list(self.connections):
+            if connection.active is None and not connection.queue and connection.reading is None:
+                connection.close_now()
+        self.close_idle()
 
     def idle_for(self, server: Server) -> IdleConnections[UpstreamConnection]:
         """The idle connections to `server`, which may belong to a backup pool."""
@@ -289,7 +337,6 @@ class HttpProxy(asyncio.Protocol):
 
     __slots__ = (
         "listener",
-        "pool",
         "loop",
         "transport",
         "gate",
@@ -326,7 +373,6 @@ class HttpProxy(asyncio.Protocol):
 
     def __init__(self, listener: HttpListener) -> None:
         self.listener = listener
-        self.pool = listener.pool
         self.loop = listener.loop
         self.transport: asyncio.Transport | None = None
         self.gate: flow.ReadGate | None = None
@@ -576,7 +622,7 @@ class HttpProxy(asyncio.Protocol):
         if self.te is not None:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         if self.host is None:
-            parts += (b"Host: ", str(self.pool.servers[0].address).encode(), _CRLF)
+            parts += (b"Host: ", str(self.listener.pool.servers[0].address).encode(), _CRLF)
         if listener.forwarded:
             client_ip = self.client_ip
             if self.xff is not None:
@@ -652,7 +698,7 @@ class HttpProxy(asyncio.Protocol):
                 self._attach(exchange, pinned)
                 return
             self.pinned = None
-        server = self.pool.pick_other(exchange.tried) if exchange.tried else self.pool.pick()
+        server = self.listener.pool.pick_other(exchange.tried) if exchange.tried else self.listener.pool.pick()
         if server is None:
             if exchange.tried:
                 self._refuse(502, "no other server to retry on")
@@ -743,10 +789,10 @@ class HttpProxy(asyncio.Protocol):
                 self._redispatch(exchange, server, fresh=True)
                 return
             sent_nothing = upstream is None
-            if len(exchange.tried) < self.pool.retries and (sent_nothing or exchange.method in IDEMPOTENT):
+            if len(exchange.tried) < self.listener.pool.retries and (sent_nothing or exchange.method in IDEMPOTENT):
                 exchange.tried.append(server)
                 listener.retries += 1
-                self.pool.retried += 1
+                self.listener.pool.retried += 1
                 self._redispatch(exchange, None, fresh=False)
                 return
         log.warning("server %s/%s failed: %s", server.pool.name, server.name, reason)
@@ -800,7 +846,12 @@ class HttpProxy(asyncio.Protocol):
         if pin:
             self.pinned = upstream
         self.active = None
-        if not exchange.keep_alive or not exchange.request_done or (self.client_eof and not self.queue):
+        if (
+            not exchange.keep_alive
+            or not exchange.request_done
+            or (self.client_eof and not self.queue)
+            or (listener.draining and not self.queue)
+        ):
             self._close()
             return
         queue = self.queue
@@ -902,6 +953,10 @@ class HttpProxy(asyncio.Protocol):
                 active.upstream.abandon()
             self._release(active)
             self.active = None
+
+    def close_now(self) -> None:
+        """Close an idle keep-alive connection (shutting down)."""
+        self._close()
 
     def cut(self) -> None:
         """Drop this client connection and its server connection at once (a disabled server's grace is over)."""
@@ -1023,6 +1078,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def is_open(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def at(self, server: Server) -> bool:
+        """Whether this connection goes where `server` is now (a reload may have moved it)."""
+        if self.transport is None:
+            return False
+        peer = self.transport.get_extra_info("peername")
+        return bool(peer) and peer[0] == server.connect_host and peer[1] == server.address.port
 
     def close(self) -> None:
         self.closed = True
@@ -1166,7 +1228,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.status = status
         body = framing.response_framing(exchange.method, status, head.content_length, head.chunked)
         self.framing = body
-        keep_client = exchange.keep_alive and not proxy.client_eof
+        keep_client = exchange.keep_alive and not proxy.client_eof and not proxy.listener.draining
         self.chunked_out = False
         if body == framing.CHUNKED:
             if exchange.client_11:

@@ -99,6 +99,18 @@ class Server:
         self.received_bytes = 0
         self.connect_host = config.address.host  # the runtime replaces a host name by its address
 
+    def reconfigure(self, config: ServerConfig, pool: Pool) -> Server:
+        """Take a reloaded config, keeping state and counters; returns self."""
+        if config.address != self.address:
+            self.connect_host = config.address.host
+        self.address = config.address
+        if config.ratio != self.ratio:
+            self.weight = self.weight * config.ratio // self.ratio
+        self.ratio = config.ratio
+        self.backup = config.backup
+        self.pool = pool
+        return self
+
     @property
     def full_weight(self) -> int:
         return self.ratio * WEIGHT_SCALE
@@ -139,12 +151,18 @@ class Pool:
         "_rotation",
     )
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, previous: Pool | None = None) -> None:
+        """A pool from its config; on a reload, `previous` hands over the servers that stay (same
+        name), with their health, admin state and counters, so that nothing restarts for them."""
         self.name = config.name
         self.policy_name = config.policy
         self.retries = config.retries
-        self.servers = [Server(server, self) for server in config.servers]
-        self.by_name = {server.name: server for server in self.servers}
+        kept: dict[str, Server] = previous.by_name if previous is not None else {}
+        self.servers = [
+            kept[server.name].reconfigure(server, self) if server.name in kept else Server(server, self)
+            for server in config.servers
+        ]
+        self.by_name: dict[str, Server] = {server.name: server for server in self.servers}
         self.backup_pool: Pool | None = None  # linked by the runtime once every pool exists
         self.min_up = config.min_up
         self.passive_failures = config.passive.consecutive_failures if config.passive is not None else 0
@@ -156,6 +174,10 @@ class Pool:
         self.failovers = 0  # times the pool went from serving on its primaries to anything else
         self.retried = 0  # requests sent again to another server
         self.depool_refusals = 0  # downs the depool guard refused
+        if previous is not None:  # counters only ever go up, across reloads too
+            self.failovers = previous.failovers
+            self.retried = previous.retried
+            self.depool_refusals = previous.depool_refusals
         primaries = [s for s in self.servers if not s.backup]
         self._primaries = primaries
         self._primary: Policy[Server] = make_policy(config.policy, primaries)
@@ -163,9 +185,14 @@ class Pool:
         # Priority-group activation: with min_up > 1 the backups may serve beside the primaries.
         self._all: Policy[Server] | None = make_policy(config.policy, self.servers) if self.min_up > 1 else None
         self._rotation = config.policy == "round_robin"
-        start_up = config.health.type == "none" or config.health.start == "up"
+        start = config.health.start
+        if config.health.type == "none":
+            start = "up"  # nothing would ever bring it up
+        elif start is None:
+            start = "down" if previous is not None else "up"  # a server a reload adds earns its traffic
         for server in self.servers:
-            server.up = start_up
+            if server.name not in kept:
+                server.up = start == "up"
             if server.available:
                 self._group(server).add(server)
                 if self._all is not None:

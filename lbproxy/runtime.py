@@ -2,25 +2,30 @@
 
 Data flows one way: the config (frozen, no sockets) becomes runtime objects here (pools of servers
 with their policies, listeners with their settings and counters), and the protocols are handed those
-objects. The runtime resolves server host names, binds the listening sockets, drives the listeners'
-deadline ticks and closes everything on stop.
+objects. The runtime resolves server host names, binds the listening sockets, drives the deadline
+ticks, reloads a new config in place (servers that stay keep their state and counters), keeps the
+admin state in the state file, and shuts down gracefully.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
+import os
 import socket
 import ssl
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from lbproxy import admin, metrics
+from lbproxy import admin, config, metrics
 from lbproxy.config import Config, ListenerConfig
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener, HttpProxy
@@ -30,6 +35,8 @@ from lbproxy.tcp_proxy import TcpClient, TcpListener
 log = logging.getLogger("lbproxy")
 
 TICK = 0.25  # seconds between deadline checks: the precision of every client and server timeout
+
+Listener = HttpListener | TcpListener
 
 
 class StartError(Exception):
@@ -47,35 +54,37 @@ class Bound:
 
 
 class Runtime:
-    """Everything one running lbproxy owns; `start()` binds, `stop()` closes."""
+    """Everything one running lbproxy owns; `start()` binds, `reload()` re-reads, `shutdown()` ends."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.pools = {name: Pool(pool) for name, pool in config.pools.items()}
-        for name, pool in config.pools.items():
-            if pool.backup_pool is not None:
-                self.pools[name].backup_pool = self.pools[pool.backup_pool]
+        self.pools = _build_pools(config, {})
         self.health = HealthChecks()
-        self.listeners: dict[str, HttpListener | TcpListener] = {}
-        self._grace: dict[Server, asyncio.TimerHandle] = {}
-        self._admin: web.AppRunner | None = None
+        self.listeners: dict[str, Listener] = {}
+        self.bound: dict[str, Bound] = {}
         self.reloads: dict[str, int] = {"success": 0, "failure": 0}
         self.registry = metrics.registry(self)
+        self._sockets: dict[str, asyncio.Server] = {}
+        self._grace: dict[Server, asyncio.TimerHandle] = {}
+        self._admin: web.AppRunner | None = None
         self._bound_all = False
-        self.bound: dict[str, Bound] = {}
-        self._servers: list[asyncio.Server] = []
         self._ticker: asyncio.Task[None] | None = None
-        self._log_handlers: list[logging.Handler] = []
+        self._log_handlers: dict[str, logging.Handler] = {}
+        self._retired: list[Listener] = []  # removed by a reload, until their connections end
+
+    # -- start and stop --
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await self._resolve(loop)
+        await _resolve(loop, self.pools)
+        self._restore_state()
         for name, pool in self.pools.items():
             self.health.add(pool, self.config.pools[name].health)
         self.health.start()
         try:
             for listener in self.config.listeners:
-                await self._listen(loop, listener)
+                built, context = self._make_listener(loop, listener, self.config, self.pools)
+                await self._bind(loop, listener, built, context)
             if self.config.admin is not None:
                 await self._serve_admin(self.config.admin.bind.host, self.config.admin.bind.port)
         except BaseException:
@@ -89,21 +98,24 @@ class Runtime:
         """Listeners bound and every server probed once (the admin's /readyz)."""
         return self._bound_all and self.health.probed_all()
 
-    async def _serve_admin(self, host: str, port: int) -> None:
-        assert self.config.admin is not None
-        app = admin.make_app(self, self.registry, self.config.admin.token, admin.is_loopback(host))
-        self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._admin.setup()
-        site = web.TCPSite(self._admin, host or None, port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as error:
-            raise StartError(f"admin: cannot bind {host}:{port}: {error.strerror}") from None
-        sockname = self._admin.addresses[0]
-        self.bound["admin"] = Bound("admin", str(sockname[0]), int(sockname[1]), "http")
-        log.info("admin: http on %s:%d", sockname[0], sockname[1])
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests and connections finish within `timeout`, then stop."""
+        log.info("shutting down: waiting up to %gs for %d connections", timeout, self._open_connections())
+        for server in self._sockets.values():
+            server.close()
+        for listener in self._all_listeners():
+            if isinstance(listener, HttpListener):
+                listener.drain_connections()
+        deadline = time.monotonic() + timeout
+        while self._open_connections() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # connections end in protocol callbacks: polling is simplest
+        left = self._open_connections()
+        if left:
+            log.warning("shutdown: %d connections still open after %gs: closing them", left, timeout)
+        await self.stop()
 
     async def stop(self) -> None:
+        """Close everything now."""
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -114,45 +126,131 @@ class Runtime:
             await self._admin.cleanup()
             self._admin = None
         await self.health.stop()
-        for server in self._servers:
+        for server in self._sockets.values():
             server.close()
-        for listener in self.listeners.values():
+        for listener in self._all_listeners():
             listener.close_idle()
             connections: list[HttpProxy | TcpClient] = list(listener.connections)
             for connection in connections:
                 if connection.transport is not None:
                     connection.transport.abort()
-        for server in self._servers:
+        for server in self._sockets.values():
             await server.wait_closed()
-        self._servers.clear()
-        for handler in self._log_handlers:
+        self._sockets.clear()
+        for handler in self._log_handlers.values():
             handler.close()  # an unclosed log file is a ResourceWarning
         self._log_handlers.clear()
 
-    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Replace server host names by an address, once, at start (as HAProxy's init-addr does)."""
-        for pool in self.pools.values():
-            for server in pool.servers:
-                host = server.address.host
-                try:
-                    ipaddress.ip_address(host)
-                    continue
-                except ValueError:
-                    pass
-                try:
-                    infos = await loop.getaddrinfo(host, server.address.port, type=socket.SOCK_STREAM)
-                except OSError as error:
-                    raise StartError(
-                        f"pools.{pool.name}: server {server.name}: cannot resolve {host!r}: {error}"
-                    ) from None
-                server.connect_host = str(infos[0][4][0])
+    def _all_listeners(self) -> list[Listener]:
+        return [*self.listeners.values(), *self._retired]
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> None:
-        pool_config = self.config.pools[config.pool]
+    def _open_connections(self) -> int:
+        return sum(len(listener.connections) for listener in self._all_listeners())
+
+    # -- reload --
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file and apply it in place; returns the problems (empty: success).
+
+        An invalid file changes nothing. Listeners added are bound, removed ones closed (their open
+        connections finish), changed ones updated; servers that stay keep health, admin state and
+        counters; in-flight requests are not interrupted.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            new = config.load(self.config.path)
+        except config.ConfigError as error:
+            return self._reload_failed([str(problem) for problem in error.problems])
+        pools = _build_pools(new, self.pools)
+        try:
+            await _resolve(loop, pools)
+        except StartError as error:
+            return self._reload_failed([str(error)])
+        old_listeners = {listener.name: listener for listener in self.config.listeners}
+        new_listeners = {listener.name: listener for listener in new.listeners}
+        rebind = [
+            listener
+            for name, listener in new_listeners.items()
+            if name not in old_listeners or _socket_changed(old_listeners[name], listener)
+        ]
+        built: dict[str, tuple[Listener, ssl.SSLContext | None]] = {}
+        try:
+            for listener in new.listeners:
+                built[listener.name] = self._make_listener(loop, listener, new, pools)
+        except StartError as error:
+            return self._reload_failed([str(error)])
+        # Bind the new sockets first: if one cannot be bound, nothing has changed yet.
+        fresh: dict[str, asyncio.Server] = {}
+        for listener in rebind:
+            old = old_listeners.get(listener.name)
+            if old is not None and old.bind == listener.bind:
+                continue  # same address, other mode or TLS: rebound after the old socket closes
+            try:
+                fresh[listener.name] = await self._create_server(loop, listener, *built[listener.name])
+            except StartError as error:
+                for server in fresh.values():
+                    server.close()
+                return self._reload_failed([str(error)])
+
+        await self.health.stop()
+        self.health = HealthChecks()
+        self.pools = pools
+        for name in list(self.listeners):
+            if name not in new_listeners or new_listeners[name] in rebind:
+                self._retire(name)
+        for listener in new.listeners:
+            made, context = built[listener.name]
+            if listener in rebind:
+                if listener.name in fresh:
+                    self._adopt(listener, made, fresh[listener.name])
+                else:
+                    await self._bind(loop, listener, made, context)
+            else:
+                current = self.listeners[listener.name]
+                if isinstance(current, HttpListener) and isinstance(made, HttpListener):
+                    current.reconfigure(made)
+                elif isinstance(current, TcpListener) and isinstance(made, TcpListener):
+                    current.reconfigure(made)  # the same call, typed for each listener class
+        for listener_object in self._all_listeners():
+            if isinstance(listener_object, HttpListener):
+                listener_object.forget_servers({s for pool in pools.values() for s in pool.servers})
+        for name, pool in pools.items():
+            self.health.add(pool, new.pools[name].health)
+        self.health.start()
+        self.config = new
+        self.reloads["success"] += 1
+        log.info("reload: %s", new.summary())
+        return []
+
+    def _reload_failed(self, problems: list[str]) -> list[str]:
+        self.reloads["failure"] += 1
+        for problem in problems:
+            log.error("reload refused, the running config stays: %s", problem)
+        return problems
+
+    def _retire(self, name: str) -> None:
+        """Close a listener's socket; its open connections finish on their own."""
+        listener = self.listeners.pop(name)
+        server = self._sockets.pop(name)
+        server.close()
+        self.bound.pop(name, None)
+        if isinstance(listener, HttpListener):
+            listener.drain_connections()
+        self._retired.append(listener)
+        log.info("listener %s: closed by a reload; %d connections finish", name, len(listener.connections))
+
+    # -- listeners --
+
+    def _make_listener(
+        self, loop: asyncio.AbstractEventLoop, config: ListenerConfig, whole: Config, pools: Mapping[str, Pool]
+    ) -> tuple[Listener, ssl.SSLContext | None]:
+        """A listener object for `config` (of the config `whole`), on the runtime pools `pools`."""
+        pool_config = whole.pools[config.pool]
+        pool = pools[config.pool]
         if config.mode == "tcp":
             tcp = TcpListener(
                 config.name,
-                self.pools[config.pool],
+                pool,
                 loop=loop,
                 max_connections=config.max_connections,
                 idle_timeout=config.idle_timeout,
@@ -160,12 +258,11 @@ class Runtime:
                 accept_proxy=config.accept_proxy,
                 send_proxy=pool_config.send_proxy,
             )
-            await self._bind(loop, config, tcp, None)
-            return
+            return tcp, None
         maintenance = config.maintenance_page.read_bytes() if config.maintenance_page is not None else None
         listener = HttpListener(
             config.name,
-            self.pools[config.pool],
+            pool,
             loop=loop,
             tls=config.tls is not None,
             forwarded=config.forwarded_headers,
@@ -193,28 +290,36 @@ class Runtime:
                 context.load_cert_chain(config.tls.cert, config.tls.key)
             except (OSError, ssl.SSLError) as error:
                 raise StartError(f"listener {config.name}: cannot load the TLS certificate or key: {error}") from None
-        await self._bind(loop, config, listener, context)
+        return listener, context
+
+    async def _create_server(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: ListenerConfig,
+        listener: Listener,
+        context: ssl.SSLContext | None,
+    ) -> asyncio.Server:
+        try:
+            return await loop.create_server(
+                listener, config.bind.host or None, config.bind.port, ssl=context, reuse_address=True, backlog=1024
+            )
+        except OSError as error:
+            raise StartError(f"listener {config.name}: cannot bind {config.bind}: {error.strerror}") from None
 
     async def _bind(
         self,
         loop: asyncio.AbstractEventLoop,
         config: ListenerConfig,
-        listener: HttpListener | TcpListener,
+        listener: Listener,
         context: ssl.SSLContext | None,
     ) -> None:
-        host = config.bind.host or None
-        try:
-            server = await loop.create_server(
-                listener, host, config.bind.port, ssl=context, reuse_address=True, backlog=1024
-            )
-        except OSError as error:
-            raise StartError(f"listener {config.name}: cannot bind {config.bind}: {error.strerror}") from None
-        self._servers.append(server)
+        self._adopt(config, listener, await self._create_server(loop, config, listener, context))
+
+    def _adopt(self, config: ListenerConfig, listener: Listener, server: asyncio.Server) -> None:
+        self._sockets[config.name] = server
         self.listeners[config.name] = listener
         sockname = server.sockets[0].getsockname()
-        scheme = "https" if context is not None else "http"
-        self.bound[config.name] = Bound(config.name, str(sockname[0]), int(sockname[1]), scheme)
-        scheme = "tcp" if config.mode == "tcp" else scheme
+        scheme = "tcp" if config.mode == "tcp" else "https" if config.tls is not None else "http"
         self.bound[config.name] = Bound(config.name, str(sockname[0]), int(sockname[1]), scheme)
         log.info("listener %s: %s on %s:%d, pool %s", config.name, scheme, sockname[0], sockname[1], config.pool)
 
@@ -224,9 +329,11 @@ class Runtime:
         logger = logging.getLogger(f"lbproxy.access.{config.name}")
         logger.propagate = False
         logger.setLevel(logging.INFO)
+        key = f"{config.name}:{config.access_log}"
+        if key in self._log_handlers:
+            return logger  # a reload that keeps the same log keeps its handler
         for old in logger.handlers[:]:
             logger.removeHandler(old)
-            old.close()
         handler: logging.Handler
         if config.access_log == "-":
             handler = logging.StreamHandler(sys.stdout)
@@ -237,15 +344,30 @@ class Runtime:
                 raise StartError(f"listener {config.name}: cannot open the access log: {error}") from None
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-        self._log_handlers.append(handler)
+        self._log_handlers[key] = handler
         return logger
+
+    async def _serve_admin(self, host: str, port: int) -> None:
+        assert self.config.admin is not None
+        app = admin.make_app(self, self.registry, self.config.admin.token, admin.is_loopback(host))
+        self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._admin.setup()
+        site = web.TCPSite(self._admin, host or None, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as error:
+            raise StartError(f"admin: cannot bind {host}:{port}: {error.strerror}") from None
+        sockname = self._admin.addresses[0]
+        self.bound["admin"] = Bound("admin", str(sockname[0]), int(sockname[1]), "http")
+        log.info("admin: http on %s:%d", sockname[0], sockname[1])
 
     async def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             await asyncio.sleep(TICK)
             now = loop.time()
-            for listener in self.listeners.values():
+            for listener in self._all_listeners():
                 listener.tick(now)
+            self._retired = [listener for listener in self._retired if listener.connections]
             monotonic = time.monotonic()
             for pool in self.pools.values():
                 pool.tick(monotonic)
@@ -272,6 +394,7 @@ class Runtime:
         """No new requests or connections; what is in flight finishes."""
         self._cancel_grace(server)
         server.pool.set_admin(server, AdminState.DRAINING)
+        self._save_state()
 
     def disable(self, server: Server) -> None:
         """As drain, then whatever is still in flight after the pool's disable_grace is cut."""
@@ -279,10 +402,12 @@ class Runtime:
         server.pool.set_admin(server, AdminState.DISABLED)
         loop = asyncio.get_running_loop()
         self._grace[server] = loop.call_later(server.pool.disable_grace, self._cut, server)
+        self._save_state()
 
     def enable(self, server: Server) -> None:
         self._cancel_grace(server)
         server.pool.set_admin(server, AdminState.ENABLED)
+        self._save_state()
 
     def _cancel_grace(self, server: Server) -> None:
         handle = self._grace.pop(server, None)
@@ -291,7 +416,7 @@ class Runtime:
 
     def _cut(self, server: Server) -> None:
         self._grace.pop(server, None)
-        cut = sum(listener.cut_server(server) for listener in self.listeners.values())
+        cut = sum(listener.cut_server(server) for listener in self._all_listeners())
         if cut:
             log.warning(
                 "pool %s: server %s disabled: %d connections cut after the grace time",
@@ -299,3 +424,76 @@ class Runtime:
                 server.name,
                 cut,
             )
+
+    # -- the state file: admin state across restarts --
+
+    def _save_state(self) -> None:
+        """Write every drained or disabled server to the state file, atomically."""
+        path = self.config.state_file
+        if path is None:
+            return
+        states = {
+            f"{pool.name}/{server.name}": server.admin.value
+            for pool in self.pools.values()
+            for server in pool.servers
+            if server.admin is not AdminState.ENABLED
+        }
+        text = json.dumps({"version": 1, "servers": states}, indent=2, sort_keys=True) + "\n"
+        try:
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)  # readers see the old file or the new one, never half of one
+        except OSError as error:
+            log.error("cannot write the state file %s: %s", path, error)
+
+    def _restore_state(self) -> None:
+        path = self.config.state_file
+        if path is None or not path.exists():
+            return
+        try:
+            states = json.loads(path.read_text(encoding="utf-8"))["servers"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.error("cannot read the state file %s, starting with every server enabled: %s", path, error)
+            return
+        for key, value in states.items():
+            pool_name, _, server_name = str(key).partition("/")
+            pool = self.pools.get(pool_name)
+            server = pool.by_name.get(server_name) if pool is not None else None
+            if server is None or value not in ("draining", "disabled"):
+                continue
+            assert pool is not None
+            pool.set_admin(server, AdminState(value))
+            log.info("state file: pool %s: server %s starts %s", pool_name, server_name, value)
+
+
+def _build_pools(config: Config, previous: Mapping[str, Pool]) -> dict[str, Pool]:
+    pools = {name: Pool(pool, previous.get(name)) for name, pool in config.pools.items()}
+    for name, pool in config.pools.items():
+        if pool.backup_pool is not None:
+            pools[name].backup_pool = pools[pool.backup_pool]
+    return pools
+
+
+def _socket_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
+    """Whether a listener needs a new socket (its address, mode or TLS changed)."""
+    return old.bind != new.bind or old.mode != new.mode or old.tls != new.tls
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, pools: Mapping[str, Pool]) -> None:
+    """Replace server host names by an address, at start and on reload (as HAProxy's init-addr)."""
+    for pool in pools.values():
+        for server in pool.servers:
+            host = server.address.host
+            try:
+                ipaddress.ip_address(host)
+                continue
+            except ValueError:
+                pass
+            try:
+                infos = await loop.getaddrinfo(host, server.address.port, type=socket.SOCK_STREAM)
+            except OSError as error:
+                raise StartError(f"pools.{pool.name}: server {server.name}: cannot resolve {host!r}: {error}") from None
+            server.connect_host = str(infos[0][4][0])

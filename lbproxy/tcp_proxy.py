@@ -76,6 +76,11 @@ class TcpListener:
     def __call__(self) -> TcpClient:
         return TcpClient(self)
 
+    def reconfigure(self, other: TcpListener) -> None:
+        """Take the settings of `other` (built from a reloaded config), keeping counters and connections."""
+        for name in ("pool", "max_connections", "idle_timeout", "connect_timeout", "accept_proxy", "send_proxy"):
+            setattr(self, name, getattr(other, name))
+
     def tick(self, now: float) -> None:
         """Close connections idle past idle_timeout; the runtime calls this a few times a second."""
         for connection in list(self.connections):

@@ -59,6 +59,9 @@ class IdleConnections(Generic[C]):
         while idle and (now - idle[0][1] >= self.idle_timeout or not idle[0][0].is_open()):
             idle.popleft()[0].close()
 
+    def entries(self) -> list[tuple[C, float]]:
+        return list(self._idle)
+
     def close_all(self) -> None:
         while self._idle:
             self._idle.pop()[0].close()
