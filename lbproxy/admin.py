@@ -42,6 +42,8 @@ class Runtime(Protocol):
 
     def enable(self, server: Server) -> None: ...
 
+    async def reload(self) -> list[str]: ...
+
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
@@ -61,6 +63,7 @@ def make_app(runtime: Runtime, registry: CollectorRegistry, token: str | None, l
     app.router.add_get("/api/v1/pools", pools)
     app.router.add_get("/api/v1/pools/{pool}", pool)
     app.router.add_post("/api/v1/pools/{pool}/servers/{server}/{action}", _guarded(action, token, loopback))
+    app.router.add_post("/api/v1/reload", _guarded(reload, token, loopback))
     return app
 
 
@@ -174,6 +177,16 @@ async def action(request: web.Request) -> web.Response:
         raise _error(web.HTTPNotFound, str(error.args[0])) from None
     getattr(runtime, name)(server)
     return web.json_response(server_state(server))
+
+
+async def reload(request: web.Request) -> web.Response:
+    """Re-read the config file: 200 when applied, 400 with the problems when refused (nothing changed)."""
+    problems = await request.app[RUNTIME].reload()
+    if problems:
+        return web.json_response(
+            {"error": "the config was refused; the running one stays", "problems": problems}, status=400
+        )
+    return web.json_response({"result": "reloaded"})
 
 
 def pool_state(pool: Pool) -> dict[str, Any]:

@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctl.add_argument("--token", default=os.environ.get("LBPROXY_ADMIN_TOKEN"), help="bearer token for writes")
     ctl_commands = ctl.add_subparsers(dest="action", required=True)
     ctl_commands.add_parser("status", help="pools and servers, their state and counters")
+    ctl_commands.add_parser("reload", help="re-read the config file (an invalid one changes nothing)")
     for action, text in (
         ("drain", "no new requests to the server; in-flight ones finish"),
         ("disable", "as drain, then cut what remains after the pool's disable_grace"),
@@ -98,10 +99,7 @@ async def _serve(loaded: config.Config, demo: bool) -> int:
 
         addresses = [(server.name, server.address) for pool in loaded.pools.values() for server in pool.servers]
         backends = [await start_backend(name, address) for name, address in addresses]
-        print(
-            f"demo: {len(backends)} back-ends on "
-            + ", ".join(str(s.address) for p in loaded.pools.values() for s in p.servers)
-        )
+        print(f"demo: {len(backends)} back-ends on " + ", ".join(str(address) for _, address in addresses))
     runtime = Runtime(loaded)
     try:
         await runtime.start()
@@ -110,12 +108,22 @@ async def _serve(loaded: config.Config, demo: bool) -> int:
         for backend in backends:
             await backend.cleanup()
         return 1
+    reloads: set[asyncio.Task[list[str]]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(runtime.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     for bound in runtime.bound.values():
-        print(f"listener {bound.name}: send traffic to {bound.scheme}://{bound.host}:{bound.port}/", flush=True)
-    print("Ctrl-C stops lbproxy.", flush=True)
+        what = "metrics, API and status page at" if bound.name == "admin" else "send traffic to"
+        print(f"{bound.name}: {what} {bound.scheme}://{bound.host}:{bound.port}/", flush=True)
+    print("Ctrl-C stops lbproxy; SIGHUP reloads its config.", flush=True)
     await stopping.wait()
-    log.info("stopping")
-    await runtime.stop()
+    loop.remove_signal_handler(signal.SIGHUP)
+    await runtime.shutdown(runtime.config.shutdown_timeout)
     for backend in backends:
         await backend.cleanup()
+    log.info("stopped")
     return 0

@@ -21,6 +21,10 @@ def run(admin: str, token: str | None, action: str, pool: str | None, server: st
         if action == "status":
             print(status_table(_call(base, "GET", "/api/v1/pools", token)["pools"]))
             return 0
+        if action == "reload":
+            _call(base, "POST", "/api/v1/reload", token)
+            print("reloaded")
+            return 0
         assert pool is not None
         assert server is not None
         state = _call(base, "POST", f"/api/v1/pools/{_quote(pool)}/servers/{_quote(server)}/{action}", token)
@@ -52,7 +56,10 @@ def _call(base: str, method: str, path: str, token: str | None) -> Any:
             return json.load(response)
     except urllib.error.HTTPError as error:
         try:
-            message = json.load(error).get("error", error.reason)
+            body = json.load(error)
+            message = body.get("error", error.reason)
+            for problem in body.get("problems", []):
+                message += f"\n  {problem}"
         except (ValueError, AttributeError):
             message = error.reason
         raise ApiError(f"{method} {path}: {error.code} {message}") from None
