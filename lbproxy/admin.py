@@ -44,6 +44,8 @@ class Runtime(Protocol):
 
     async def reload(self) -> list[str]: ...
 
+    async def refresh(self) -> None: ...
+
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
@@ -109,6 +111,7 @@ def _guarded(
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition, or OpenMetrics when the scraper asks for it."""
+    await request.app[RUNTIME].refresh()
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     body = encoder(request.app[REGISTRY])
     response = web.Response(body=body)
@@ -150,16 +153,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def listeners(request: web.Request) -> web.Response:
+    await request.app[RUNTIME].refresh()
     return web.json_response({"listeners": request.app[RUNTIME].listener_states()})
 
 
 async def pools(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    await runtime.refresh()
     return web.json_response({"pools": [pool_state(p) for p in runtime.pools.values()]})
 
 
 async def pool(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    await runtime.refresh()
     found = runtime.pools.get(request.match_info["pool"])
     if found is None:
         raise _error(web.HTTPNotFound, f"no pool named {request.match_info['pool']!r}")

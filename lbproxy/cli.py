@@ -35,6 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the load balancer")
     run.add_argument("-c", "--config", required=True, help="the config file")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    run.add_argument(
+        "--workers",
+        default="1",
+        help="worker processes sharing each listening port (SO_REUSEPORT); 'auto': one per CPU (default 1)",
+    )
+    worker = commands.add_parser("worker")  # started by the supervisor of `run --workers N`: not for people
+    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     ctl = commands.add_parser("ctl", help="talk to a running lbproxy through its admin API")
     ctl.add_argument("--admin", default=os.environ.get("LBPROXY_ADMIN", "http://127.0.0.1:9090"), help="admin URL")
     ctl.add_argument("--token", default=os.environ.get("LBPROXY_ADMIN_TOKEN"), help="bearer token for writes")
@@ -73,7 +81,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        if args.command == "worker":
+            from lbproxy.workers import run_worker
+
+            return runner.run(run_worker(args.config))
+        workers = _workers(getattr(args, "workers", "1"))
+        if workers is None:
+            print(f"lbproxy: --workers takes a number or 'auto', not {args.workers!r}", file=sys.stderr)
+            return 2
+        if workers > 1:
+            return runner.run(_supervise(args.config, loaded, workers))
         return runner.run(_serve(loaded, demo=args.command == "demo"))
+
+
+def _workers(value: str) -> int | None:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
+async def _supervise(path: str, loaded: config.Config, count: int) -> int:
+    from lbproxy.workers import Supervisor
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    supervisor = Supervisor(path, loaded, count)
+    try:
+        await supervisor.start()
+    except StartError as error:
+        log.error("%s", error)
+        await supervisor.shutdown()
+        return 1
+    reloads: set[asyncio.Task[list[str]]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(supervisor.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    binds = ", ".join(f"{listener.name} on {listener.bind}" for listener in loaded.listeners)
+    print(f"lbproxy: {count} workers serving {binds}; Ctrl-C stops, SIGHUP reloads.", flush=True)
+    for name, bound in supervisor.runtime.bound.items():
+        print(f"{name}: metrics, API and status page at {bound.scheme}://{bound.host}:{bound.port}/", flush=True)
+    await stopping.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
+    await supervisor.shutdown()
+    log.info("stopped")
+    return 0
 
 
 def _check(path: str) -> int:

@@ -81,6 +81,8 @@ _CRLF: Final = b"\r\n"
 class HttpListener:
     """What the connections of one http listener share: settings, pool, idle upstreams, counters."""
 
+    mode: Final = "http"
+
     __slots__ = (
         "name",
         "pool",
@@ -217,6 +219,10 @@ class HttpListener:
                 connection.deadline_passed()
         for idle in self.idle.values():
             idle.sweep(now)
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.connections)
 
     def state(self) -> dict[str, object]:
         """Counters for the admin API."""

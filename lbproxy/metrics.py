@@ -8,17 +8,33 @@ attributes, and this module's `Collector` turns them into metric families when P
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector as CollectorBase
 
-from lbproxy.http_proxy import DURATION_BOUNDS, HttpListener
+from lbproxy.http_proxy import DURATION_BOUNDS
 from lbproxy.pool import AdminState, Pool
-from lbproxy.tcp_proxy import TcpListener
 
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class Listener(Protocol):
+    """What metrics read of a listener (HttpListener, TcpListener, or a sum over workers)."""
+
+    name: str
+    mode: str  # "http" or "tcp"; the request, response and duration counters are http's
+    connections_total: int
+    rejected: int
+    requests: int
+    responses: list[int]
+    errors: dict[int, int]
+    durations: list[int]
+    duration_sum: float
+
+    @property
+    def active_connections(self) -> int: ...
 
 
 class Source(Protocol):
@@ -28,7 +44,7 @@ class Source(Protocol):
     def pools(self) -> Mapping[str, Pool]: ...
 
     @property
-    def listeners(self) -> Mapping[str, HttpListener | TcpListener]: ...
+    def listeners(self) -> Mapping[str, Any]: ...  # Listener-like objects
 
     @property
     def reloads(self) -> Mapping[str, int]: ...
@@ -48,6 +64,16 @@ class Collector(CollectorBase):
         for result in ("success", "failure"):
             reloads.add_metric([result], self.source.reloads.get(result, 0))
         yield reloads
+        workers: Mapping[str, int] | None = getattr(self.source, "worker_requests", None)
+        if workers is not None:  # with --workers: the supervisor's view
+            per_worker = CounterMetricFamily(
+                "lbproxy_worker_requests", "Requests each worker process received.", labels=["worker"]
+            )
+            for worker, count in workers.items():
+                per_worker.add_metric([worker], count)
+            restarts = CounterMetricFamily("lbproxy_worker_restarts", "Worker processes restarted after dying.")
+            restarts.add_metric([], getattr(self.source, "worker_restarts", 0))
+            yield from (per_worker, restarts)
 
     def _servers(self) -> Iterator[Metric]:
         labels = ["pool", "server"]
@@ -158,10 +184,10 @@ class Collector(CollectorBase):
         )
         for listener in self.source.listeners.values():
             name = [listener.name]
-            active.add_metric(name, len(listener.connections))
+            active.add_metric(name, listener.active_connections)
             accepted.add_metric(name, listener.connections_total)
             rejected.add_metric(name, listener.rejected)
-            if not isinstance(listener, HttpListener):
+            if listener.mode != "http":
                 continue  # tcp: connections are the unit, no requests
             requests.add_metric(name, listener.requests)
             for index, code in enumerate(CLASSES, start=1):

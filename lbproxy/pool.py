@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
@@ -143,6 +144,7 @@ class Pool:
         "failovers",
         "retried",
         "depool_refusals",
+        "on_down",
         "_primary",
         "_backup",
         "_all",
@@ -171,6 +173,7 @@ class Pool:
         self.slow_start = config.slow_start
         self.disable_grace = config.disable_grace
         # counters
+        self.on_down: Callable[[Server, str], None] | None = None  # a worker tells its supervisor
         self.failovers = 0  # times the pool went from serving on its primaries to anything else
         self.retried = 0  # requests sent again to another server
         self.depool_refusals = 0  # downs the depool guard refused
@@ -261,11 +264,14 @@ class Pool:
 
     # -- state changes --
 
-    def set_health(self, server: Server, up: bool, reason: str = "") -> bool:
-        """Mark `server` up or down; False when the depool guard refused to take it down."""
+    def set_health(self, server: Server, up: bool, reason: str = "", force: bool = False) -> bool:
+        """Mark `server` up or down; False when the depool guard refused to take it down.
+
+        `force` skips the guard: a worker follows what its supervisor, which applied it, decided.
+        """
         if server.up == up:
             return True
-        if not up and not server.backup and self._guard_refuses(server):
+        if not up and not force and not server.backup and self._guard_refuses(server):
             self.depool_refusals += 1
             log.error(
                 "pool %s: server %s would go down (%s) but the depool guard keeps it: "
@@ -289,8 +295,11 @@ class Pool:
                 server.weight = max(1, server.full_weight // 100)  # 1% to begin with
             else:
                 server.weight = server.full_weight  # a server coming back starts at its ratio
-        log.warning("pool %s: server %s is %s: %s", self.name, server.name, "UP" if up else "DOWN", reason or "-")
+        if not force:
+            log.warning("pool %s: server %s is %s: %s", self.name, server.name, "UP" if up else "DOWN", reason or "-")
         self._availability_changed(server)
+        if not up and not force and self.on_down is not None:
+            self.on_down(server, reason)
         return True
 
     def _guard_refuses(self, server: Server) -> bool:
@@ -316,6 +325,10 @@ class Pool:
             raise ValueError(f"weight percentage must be from 0 to 100, got {percent}")
         server.reported = percent
         self._set_weight(server, server.ratio * percent * WEIGHT_SCALE // 100)
+
+    def follow_weight(self, server: Server, weight: int) -> None:
+        """Take a live weight computed elsewhere (a worker follows its supervisor's)."""
+        self._set_weight(server, weight)
 
     def _set_weight(self, server: Server, weight: int) -> None:
         if weight == server.weight:

@@ -19,7 +19,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +56,15 @@ class Bound:
 class Runtime:
     """Everything one running lbproxy owns; `start()` binds, `reload()` re-reads, `shutdown()` ends."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, serve: bool = True, manage: bool = True) -> None:
+        """`serve`: bind the listeners and carry traffic; `manage`: run the probes, the admin server and
+        the state file. One process does both; with --workers, each worker serves and the supervisor
+        manages (lbproxy.workers)."""
         self.config = config
+        self.serve = serve
+        self.manage = manage
+        self.refresh_hook: Callable[[], Awaitable[None]] | None = None  # the supervisor's, before reads
+        self.listener_totals: Mapping[str, Any] = {}  # the supervisor's sums over its workers
         self.pools = _build_pools(config, {})
         self.health = HealthChecks()
         self.listeners: dict[str, Listener] = {}
@@ -77,15 +84,16 @@ class Runtime:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await _resolve(loop, self.pools)
-        self._restore_state()
-        for name, pool in self.pools.items():
-            self.health.add(pool, self.config.pools[name].health)
-        self.health.start()
+        if self.manage:
+            self._restore_state()
+            for name, pool in self.pools.items():
+                self.health.add(pool, self.config.pools[name].health)
+            self.health.start()
         try:
-            for listener in self.config.listeners:
+            for listener in self.config.listeners if self.serve else ():
                 built, context = self._make_listener(loop, listener, self.config, self.pools)
                 await self._bind(loop, listener, built, context)
-            if self.config.admin is not None:
+            if self.manage and self.config.admin is not None:
                 await self._serve_admin(self.config.admin.bind.host, self.config.admin.bind.port)
         except BaseException:
             await self.stop()
@@ -96,7 +104,14 @@ class Runtime:
     @property
     def ready(self) -> bool:
         """Listeners bound and every server probed once (the admin's /readyz)."""
-        return self._bound_all and self.health.probed_all()
+        return self._bound_all and self.health.probed_all() and self.workers_ready
+
+    workers_ready = True  # the supervisor lowers it until every worker has bound its listeners
+
+    async def refresh(self) -> None:
+        """Bring counters up to date before the admin side reads them (sums over workers)."""
+        if self.refresh_hook is not None:
+            await self.refresh_hook()
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests and connections finish within `timeout`, then stop."""
@@ -166,8 +181,9 @@ class Runtime:
             await _resolve(loop, pools)
         except StartError as error:
             return self._reload_failed([str(error)])
-        old_listeners = {listener.name: listener for listener in self.config.listeners}
-        new_listeners = {listener.name: listener for listener in new.listeners}
+        serving = self.config.listeners if self.serve else ()
+        old_listeners = {listener.name: listener for listener in serving}
+        new_listeners = {listener.name: listener for listener in (new.listeners if self.serve else ())}
         rebind = [
             listener
             for name, listener in new_listeners.items()
@@ -175,7 +191,7 @@ class Runtime:
         ]
         built: dict[str, tuple[Listener, ssl.SSLContext | None]] = {}
         try:
-            for listener in new.listeners:
+            for listener in new_listeners.values():
                 built[listener.name] = self._make_listener(loop, listener, new, pools)
         except StartError as error:
             return self._reload_failed([str(error)])
@@ -198,7 +214,7 @@ class Runtime:
         for name in list(self.listeners):
             if name not in new_listeners or new_listeners[name] in rebind:
                 self._retire(name)
-        for listener in new.listeners:
+        for listener in new_listeners.values():
             made, context = built[listener.name]
             if listener in rebind:
                 if listener.name in fresh:
@@ -214,9 +230,10 @@ class Runtime:
         for listener_object in self._all_listeners():
             if isinstance(listener_object, HttpListener):
                 listener_object.forget_servers({s for pool in pools.values() for s in pool.servers})
-        for name, pool in pools.items():
-            self.health.add(pool, new.pools[name].health)
-        self.health.start()
+        if self.manage:
+            for name, pool in pools.items():
+                self.health.add(pool, new.pools[name].health)
+            self.health.start()
         self.config = new
         self.reloads["success"] += 1
         log.info("reload: %s", new.summary())
@@ -301,7 +318,13 @@ class Runtime:
     ) -> asyncio.Server:
         try:
             return await loop.create_server(
-                listener, config.bind.host or None, config.bind.port, ssl=context, reuse_address=True, backlog=1024
+                listener,
+                config.bind.host or None,
+                config.bind.port,
+                ssl=context,
+                reuse_address=True,
+                reuse_port=not self.manage,  # workers share each listening port (SO_REUSEPORT)
+                backlog=1024,
             )
         except OSError as error:
             raise StartError(f"listener {config.name}: cannot bind {config.bind}: {error.strerror}") from None
@@ -375,6 +398,12 @@ class Runtime:
     # -- admin operations (the API and `lbproxy ctl` call these) --
 
     def listener_states(self) -> list[dict[str, Any]]:
+        if not self.serve:  # the supervisor: the workers' sums
+            binds = {listener.name: listener.bind for listener in self.config.listeners}
+            return [
+                {"name": name, "bind": str(binds.get(name, "")), **totals.state()}
+                for name, totals in self.listener_totals.items()
+            ]
         states = []
         for name, listener in self.listeners.items():
             bound = self.bound[name]

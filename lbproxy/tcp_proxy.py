@@ -28,6 +28,8 @@ MAX_EARLY: Final = 256 * 1024  # client bytes held while the server connection o
 class TcpListener:
     """What the connections of one tcp listener share: settings, the pool, counters."""
 
+    mode: Final = "tcp"
+
     __slots__ = (
         "name",
         "pool",
@@ -97,6 +99,10 @@ class TcpListener:
             if connection.transport is not None:
                 connection.transport.abort()
         return len(cut)
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.connections)
 
     def state(self) -> dict[str, object]:
         """Counters for the admin API."""
