@@ -392,6 +392,11 @@ class _Reader:
                     pools[name] = pool
                     pool_nodes[name] = node
         listeners = self.listeners(entries["listeners"], pools) if "listeners" in entries else ()
+        if admin is not None and admin.bind.port:
+            for listener in listeners:
+                if _same_socket(admin.bind, listener.bind):
+                    where = _entry(entries["admin"], "bind")
+                    self.problem(where, "admin.bind", f"{admin.bind} is already bound by listener '{listener.name}'")
         self.check_backup_pools(pools, pool_nodes)
         state_file = self.value(entries, "state_file", "", self._writable_path, None)
         shutdown_timeout = self.value(entries, "shutdown_timeout", "", _duration, 30.0)
@@ -552,6 +557,16 @@ class _Reader:
                 idle_timeout=self.value(found, "idle_timeout", where, _duration, keepalive.idle_timeout),
             )
         servers = self.servers(entries["servers"], _join(key, "servers")) if "servers" in entries else ()
+        primaries = sum(1 for server in servers if not server.backup)
+        if "min_up" in entries and servers:
+            min_up = self.value(entries, "min_up", key, _integer(1, 10_000), 1)
+            if min_up > primaries:
+                self.problem(
+                    entries["min_up"],
+                    _join(key, "min_up"),
+                    f"min_up {min_up} is more than the pool's {primaries} primary servers: "
+                    "the backups would always serve",
+                )
         health = self.health(entries["health"], _join(key, "health")) if "health" in entries else HealthConfig()
         passive = self.passive(entries["passive"], _join(key, "passive")) if "passive" in entries else None
         if passive is not None and health.type == "none":
@@ -562,16 +577,16 @@ class _Reader:
             servers=servers,
             policy=self.value(entries, "policy", key, _choice(POLICIES), "round_robin"),  # type: ignore[arg-type]
             retries=self.value(entries, "retries", key, _integer(0, 10), 2),
-            backup_pool=self.value(entries, "backup_pool", key, _string, None),
+            backup_pool=self.value(entries, "backup_pool", key, _optional(_string), None),
             health=health,
             timeouts=timeouts,
             keepalive=keepalive,
             passive=passive,
             min_up=self.value(entries, "min_up", key, _integer(1, 10_000), 1),
-            max_down_fraction=self.value(entries, "max_down_fraction", key, _fraction, None),
-            slow_start=self.value(entries, "slow_start", key, _duration, None),
+            max_down_fraction=self.value(entries, "max_down_fraction", key, _optional(_fraction), None),
+            slow_start=self.value(entries, "slow_start", key, _optional(_duration), None),
             disable_grace=self.value(entries, "disable_grace", key, _duration, 10.0),
-            send_proxy=self.value(entries, "send_proxy", key, _choice(("v1", "v2")), None),  # type: ignore[arg-type]
+            send_proxy=self.value(entries, "send_proxy", key, _optional(_choice(("v1", "v2"))), None),  # type: ignore[arg-type]
         )
 
     def servers(self, node: Node, key: str) -> tuple[ServerConfig, ...]:
@@ -623,9 +638,9 @@ class _Reader:
             type=self.value(entries, "type", key, _choice(HEALTH_TYPES), "tcp"),  # type: ignore[arg-type]
             path=self.value(entries, "path", key, _request_path, "/"),
             method=self.value(entries, "method", key, _method, "GET"),
-            host=self.value(entries, "host", key, _host_header, None),
+            host=self.value(entries, "host", key, _optional(_host_header), None),
             expect_status=self.value(entries, "expect_status", key, _status_range, (200, 399)),
-            expect_body=self.value(entries, "expect_body", key, _string, None),
+            expect_body=self.value(entries, "expect_body", key, _optional(_nonempty), None),
             interval=self.value(entries, "interval", key, _duration, 2.0),
             timeout=self.value(entries, "timeout", key, _duration, 1.0),
             rise=self.value(entries, "rise", key, _integer(1, 100), 2),
@@ -636,6 +651,8 @@ class _Reader:
             for http_only in ("path", "method", "host", "expect_status", "expect_body"):
                 if http_only in entries:
                     self.problem(entries[http_only], _join(key, http_only), "only http health checks take this key")
+        if health.method == "HEAD" and health.expect_body is not None:
+            self.problem(entries["expect_body"], _join(key, "expect_body"), "a HEAD probe gets no body to look into")
         return health
 
     def passive(self, node: Node, key: str) -> PassiveConfig | None:
@@ -675,6 +692,8 @@ class _Reader:
             path = self.base / path
         if not path.parent.is_dir():
             raise _Invalid(f"no such folder: {path.parent}")
+        if path.is_dir():
+            raise _Invalid(f"{path} is a folder: name a file in it")
         return path
 
     def _file(self, value: object) -> Path:
@@ -723,6 +742,22 @@ def _string(value: object) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"expected a string, got {value!r} (quote it)")
     return value
+
+
+def _optional(check: Callable[[object], T]) -> Callable[[object], T | None]:
+    """`check`, or None for YAML's null (`key: ~`, or an empty `${VAR:-}`)."""
+
+    def optional(value: object) -> T | None:
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _nonempty(value: object) -> str:
+    text = _string(value)
+    if not text:
+        raise _Invalid("expected a non-empty string")
+    return text
 
 
 def _optional_string(value: object) -> str | None:

@@ -82,7 +82,8 @@ def test_empty_file() -> None:
 def test_unknown_top_level_key() -> None:
     text = MINIMAL.replace("listeners:", "listners:")
     assert errors(text) == [
-        "lbproxy.yaml:1: listners: unknown key (expected one of: admin, listeners, pools, state_file, shutdown_timeout)",
+        "lbproxy.yaml:1: listners: unknown key "
+        "(expected one of: admin, listeners, pools, state_file, shutdown_timeout)",
         "lbproxy.yaml:1: missing required key 'listeners'",
     ]
 
@@ -528,7 +529,7 @@ def test_health_defaults_values() -> None:
 
 def test_full_health_block() -> None:
     text = MINIMAL + textwrap.indent(
-        "health:\n  type: http\n  path: /ServiceCenter/\n  method: HEAD\n  host: app.example\n"
+        "health:\n  type: http\n  path: /ServiceCenter/\n  method: OPTIONS\n  host: app.example\n"
         "  expect_status: 200-299\n  expect_body: OK\n  interval: 500ms\n  timeout: 250ms\n"
         "  rise: 3\n  fall: 5\n  start: down\n",
         "    ",
@@ -536,7 +537,7 @@ def test_full_health_block() -> None:
     assert ok(text).pools["farm"].health == HealthConfig(
         type="http",
         path="/ServiceCenter/",
-        method="HEAD",
+        method="OPTIONS",
         host="app.example",
         expect_status=(200, 299),
         expect_body="OK",
@@ -642,3 +643,39 @@ def test_check_command_on_shipped_config(name: str) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1
     assert ": OK: " in result.stdout
+
+
+def test_a_head_probe_cannot_expect_a_body() -> None:
+    text = MINIMAL + "    health: {type: http, method: HEAD, expect_body: OK}\n"
+    assert errors(text) == ["lbproxy.yaml:10: pools.farm.health.expect_body: a HEAD probe gets no body to look into"]
+
+
+def test_min_up_above_the_primaries_is_refused() -> None:
+    text = MINIMAL + "    min_up: 3\n"
+    assert errors(text) == [
+        "lbproxy.yaml:10: pools.farm.min_up: min_up 3 is more than the pool's 1 primary servers: "
+        "the backups would always serve"
+    ]
+
+
+def test_admin_bind_clashing_with_a_listener() -> None:
+    text = "admin:\n  bind: 0.0.0.0:8080\n" + MINIMAL
+    assert errors(text) == ["lbproxy.yaml:2: admin.bind: 0.0.0.0:8080 is already bound by listener 'web'"]
+
+
+def test_null_switches_optional_keys_off() -> None:
+    text = MINIMAL + "    slow_start: ${S:-}\n    max_down_fraction: ~\n"
+    pool = ok(text).pools["farm"]
+    assert pool.slow_start is None
+    assert pool.max_down_fraction is None
+
+
+def test_state_file_must_name_a_file(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    path = tmp_path / "lbproxy.yaml"
+    path.write_text("state_file: state\n" + MINIMAL)
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={})
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}:1: state_file: {tmp_path / 'state'} is a folder: name a file in it"
+    ]
