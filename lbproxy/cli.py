@@ -127,7 +127,7 @@ async def _supervise(path: str, loaded: config.Config, count: int) -> int:
     for name, bound in supervisor.runtime.bound.items():
         print(f"{name}: metrics, API and status page at {bound.scheme}://{bound.host}:{bound.port}/", flush=True)
     await stopping.wait()
-    loop.remove_signal_handler(signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("shutting down: reload ignored"))
     await supervisor.shutdown()
     log.info("stopped")
     return 0
@@ -178,7 +178,7 @@ async def _serve(loaded: config.Config, demo: bool) -> int:
         print(f"{bound.name}: {what} {bound.scheme}://{bound.host}:{bound.port}/", flush=True)
     print("Ctrl-C stops lbproxy; SIGHUP reloads its config.", flush=True)
     await stopping.wait()
-    loop.remove_signal_handler(signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("shutting down: reload ignored"))
     await runtime.shutdown(runtime.config.shutdown_timeout)
     for backend in backends:
         await backend.cleanup()

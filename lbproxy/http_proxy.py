@@ -310,6 +310,7 @@ class Exchange:
         "tried",
         "upstream",
         "status",
+        "timed_out",
         "answered",
         "response_bytes",
         "started",
@@ -333,6 +334,7 @@ class Exchange:
         self.tried: list[Server] = []
         self.upstream: UpstreamConnection | None = None
         self.status = 0
+        self.timed_out = False  # the last server failed by staying silent
         self.answered = False  # some of the response reached the client
         self.response_bytes = 0
         self.started = time.monotonic()
@@ -515,7 +517,7 @@ class HttpProxy(asyncio.Protocol):
         if parsed is None:
             self.proxy_header = buffered
             return b""
-        consumed, client = parsed
+        consumed, client, _ = parsed
         if client is not None:
             self.client_ip = client[0].encode()
         self.proxy_header = None
@@ -707,7 +709,8 @@ class HttpProxy(asyncio.Protocol):
         server = self.listener.pool.pick_other(exchange.tried) if exchange.tried else self.listener.pool.pick()
         if server is None:
             if exchange.tried:
-                self._refuse(502, "no other server to retry on")
+                # what the client would have got without retries: the last server's failure
+                self._refuse(504 if exchange.timed_out else 502, "no other server to retry on")
             else:
                 self._unavailable(exchange)
             return
@@ -774,6 +777,7 @@ class HttpProxy(asyncio.Protocol):
         """The server connection of `exchange` failed before the response was complete."""
         server = exchange.server
         exchange.upstream = None
+        exchange.timed_out = timeout
         if server is None:  # already released: the exchange was given up
             self._close()
             return

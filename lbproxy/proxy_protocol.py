@@ -23,48 +23,70 @@ class ProxyHeaderError(ValueError):
     """A missing or malformed PROXY header: the connection is closed."""
 
 
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 def header_v1(source: Address, destination: Address) -> bytes:
-    family = _family(source[0], destination[0])
-    if family is None:
+    pair = _pair(source[0], destination[0])
+    if pair is None:
         return b"PROXY UNKNOWN\r\n"
+    a, b = pair
     return b"PROXY %s %s %s %d %d\r\n" % (
-        b"TCP4" if family == 4 else b"TCP6",
-        source[0].encode(),
-        destination[0].encode(),
+        b"TCP4" if a.version == 4 else b"TCP6",
+        str(a).encode(),
+        str(b).encode(),
         source[1],
         destination[1],
     )
 
 
 def header_v2(source: Address, destination: Address) -> bytes:
-    family = _family(source[0], destination[0])
-    if family is None:
+    pair = _pair(source[0], destination[0])
+    if pair is None:
         return V2_SIGNATURE + b"\x21\x00\x00\x00"  # PROXY command, UNSPEC family, no address
-    packed_source = ipaddress.ip_address(source[0]).packed
-    packed_destination = ipaddress.ip_address(destination[0]).packed
-    addresses = packed_source + packed_destination + struct.pack("!HH", source[1], destination[1])
-    return V2_SIGNATURE + bytes((0x21, 0x11 if family == 4 else 0x21)) + struct.pack("!H", len(addresses)) + addresses
+    a, b = pair
+    addresses = a.packed + b.packed + struct.pack("!HH", source[1], destination[1])
+    return (
+        V2_SIGNATURE + bytes((0x21, 0x11 if a.version == 4 else 0x21)) + struct.pack("!H", len(addresses)) + addresses
+    )
 
 
-def _family(source: str, destination: str) -> int | None:
+def _pair(source: str, destination: str) -> tuple[IP, IP] | None:
+    """Both addresses in one family: IPv4-mapped IPv6 (::ffff:a.b.c.d) is written as IPv4, and an
+    IPv4 address beside an IPv6 one as IPv4-mapped; None when either is not an IP address."""
     try:
-        a = ipaddress.ip_address(source)
-        b = ipaddress.ip_address(destination)
+        a = _unmapped(ipaddress.ip_address(source))
+        b = _unmapped(ipaddress.ip_address(destination))
     except ValueError:
         return None
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        a = a.ipv4_mapped
-    if isinstance(b, ipaddress.IPv6Address) and b.ipv4_mapped is not None:
-        b = b.ipv4_mapped
-    return a.version if a.version == b.version else None
+    if a.version != b.version:
+        a, b = _mapped(a), _mapped(b)
+    return a, b
 
 
-def parse(data: bytes) -> tuple[int, Address | None] | None:
+def _unmapped(address: IP) -> IP:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _mapped(address: IP) -> ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(f"::ffff:{address}")
+    return address
+
+
+Parsed = tuple[int, Address | None, Address | None]
+
+
+def parse(data: bytes) -> Parsed | None:
     """Read a PROXY header at the start of `data`.
 
-    Returns (bytes consumed, the client's address or None for UNKNOWN/LOCAL), or None when more bytes
-    are needed; raises ProxyHeaderError when `data` does not start with a valid header.
+    Returns (bytes consumed, source, destination), the addresses None for UNKNOWN/LOCAL, or None
+    when more bytes are needed; raises ProxyHeaderError when `data` does not start with a header.
     """
+    if not data:
+        return None
     if data[:1] == b"\r":
         return _parse_v2(data)
     if data[:1] == b"P":
@@ -72,34 +94,41 @@ def parse(data: bytes) -> tuple[int, Address | None] | None:
     raise ProxyHeaderError("no PROXY header")
 
 
-def _parse_v1(data: bytes) -> tuple[int, Address | None] | None:
+def _parse_v1(data: bytes) -> Parsed | None:
     if not V1_PREFIX.startswith(data[:6]):
         raise ProxyHeaderError("no PROXY header")
     end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:
-        if len(data) >= V1_MAX:
-            raise ProxyHeaderError("PROXY v1 line too long")
+        if len(data) >= V1_MAX or b"\n" in data:
+            raise ProxyHeaderError("malformed PROXY v1 line")
         return None
-    parts = data[:end].split(b" ")
+    line = data[:end]
+    if b"\n" in line or b"\r" in line:
+        raise ProxyHeaderError("malformed PROXY v1 line")
+    parts = line.split(b" ")
     if parts[0] != b"PROXY" or len(parts) < 2:
         raise ProxyHeaderError("malformed PROXY v1 line")
     if parts[1] == b"UNKNOWN":
-        return end + 2, None
+        return end + 2, None, None
     if parts[1] not in (b"TCP4", b"TCP6") or len(parts) != 6:
         raise ProxyHeaderError("malformed PROXY v1 line")
+    version = 4 if parts[1] == b"TCP4" else 6
     try:
         source = ipaddress.ip_address(parts[2].decode("ascii"))
-        ipaddress.ip_address(parts[3].decode("ascii"))
-        port = int(parts[4])
-        int(parts[5])
+        destination = ipaddress.ip_address(parts[3].decode("ascii"))
     except (ValueError, UnicodeDecodeError):
         raise ProxyHeaderError("malformed PROXY v1 addresses") from None
-    if (source.version == 4) != (parts[1] == b"TCP4") or not 0 <= port <= 65535 or not parts[4].isdigit():
-        raise ProxyHeaderError("malformed PROXY v1 addresses")
-    return end + 2, (str(source), port)
+    if source.version != version or destination.version != version:
+        raise ProxyHeaderError("PROXY v1 addresses do not match their family")
+    ports = []
+    for part in parts[4:6]:
+        if not part.isdigit() or len(part) > 5 or int(part) > 65535 or (len(part) > 1 and part[:1] == b"0"):
+            raise ProxyHeaderError("malformed PROXY v1 port")
+        ports.append(int(part))
+    return end + 2, (str(source), ports[0]), (str(destination), ports[1])
 
 
-def _parse_v2(data: bytes) -> tuple[int, Address | None] | None:
+def _parse_v2(data: bytes) -> Parsed | None:
     if not V2_SIGNATURE.startswith(data[:12]):
         raise ProxyHeaderError("no PROXY header")
     if len(data) < 16:
@@ -114,11 +143,15 @@ def _parse_v2(data: bytes) -> tuple[int, Address | None] | None:
     payload = data[16 : 16 + length]
     consumed = 16 + length
     if version_command & 0x0F == 0:  # LOCAL: a health check from the balancer itself
-        return consumed, None
+        return consumed, None, None
     if family == 0x11 and length >= 12:
-        return consumed, (str(ipaddress.IPv4Address(payload[0:4])), struct.unpack("!H", payload[8:10])[0])
+        source_port, destination_port = struct.unpack("!HH", payload[8:12])
+        source = str(ipaddress.IPv4Address(payload[0:4]))
+        return consumed, (source, source_port), (str(ipaddress.IPv4Address(payload[4:8])), destination_port)
     if family == 0x21 and length >= 36:
-        return consumed, (str(ipaddress.IPv6Address(payload[0:16])), struct.unpack("!H", payload[32:34])[0])
+        source_port, destination_port = struct.unpack("!HH", payload[32:36])
+        source = str(ipaddress.IPv6Address(payload[0:16]))
+        return consumed, (source, source_port), (str(ipaddress.IPv6Address(payload[16:32])), destination_port)
     if family == 0x00:
-        return consumed, None
+        return consumed, None, None
     raise ProxyHeaderError("unsupported PROXY v2 address family")

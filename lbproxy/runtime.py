@@ -65,6 +65,9 @@ class Runtime:
         self.manage = manage
         self.refresh_hook: Callable[[], Awaitable[None]] | None = None  # the supervisor's, before reads
         self.listener_totals: Mapping[str, Any] = {}  # the supervisor's sums over its workers
+        self.cut_hook: Callable[[Server], None] | None = None  # the supervisor's: its workers cut
+        self._contexts: dict[str, ssl.SSLContext] = {}  # per TLS listener, reloaded in place
+        self._was_ready = False
         self.pools = _build_pools(config, {})
         self.health = HealthChecks()
         self.listeners: dict[str, Listener] = {}
@@ -104,7 +107,9 @@ class Runtime:
     @property
     def ready(self) -> bool:
         """Listeners bound and every server probed once (the admin's /readyz)."""
-        return self._bound_all and self.health.probed_all() and self.workers_ready
+        # Once ready, a reload's new probes do not make it unready again.
+        self._was_ready = self._was_ready or (self._bound_all and self.health.probed_all())
+        return self._was_ready and self.workers_ready
 
     workers_ready = True  # the supervisor lowers it until every worker has bound its listeners
 
@@ -218,11 +223,19 @@ class Runtime:
             made, context = built[listener.name]
             if listener in rebind:
                 if listener.name in fresh:
-                    self._adopt(listener, made, fresh[listener.name])
+                    self._adopt(listener, made, fresh[listener.name], context)
                 else:
-                    await self._bind(loop, listener, made, context)
+                    try:  # same address, other mode or TLS: the old socket had to close first
+                        await self._bind(loop, listener, made, context)
+                    except StartError as error:
+                        log.error("reload: listener %s is not listening any more: %s", listener.name, error)
             else:
                 current = self.listeners[listener.name]
+                if listener.tls is not None and listener.name in self._contexts:
+                    try:  # a renewed certificate under the same paths: new handshakes use it
+                        self._contexts[listener.name].load_cert_chain(listener.tls.cert, listener.tls.key)
+                    except (OSError, ssl.SSLError) as error:
+                        log.error("reload: listener %s keeps its old certificate: %s", listener.name, error)
                 if isinstance(current, HttpListener) and isinstance(made, HttpListener):
                     current.reconfigure(made)
                 elif isinstance(current, TcpListener) and isinstance(made, TcpListener):
@@ -336,10 +349,14 @@ class Runtime:
         listener: Listener,
         context: ssl.SSLContext | None,
     ) -> None:
-        self._adopt(config, listener, await self._create_server(loop, config, listener, context))
+        self._adopt(config, listener, await self._create_server(loop, config, listener, context), context)
 
-    def _adopt(self, config: ListenerConfig, listener: Listener, server: asyncio.Server) -> None:
+    def _adopt(
+        self, config: ListenerConfig, listener: Listener, server: asyncio.Server, context: ssl.SSLContext | None = None
+    ) -> None:
         self._sockets[config.name] = server
+        if context is not None:
+            self._contexts[config.name] = context
         self.listeners[config.name] = listener
         sockname = server.sockets[0].getsockname()
         scheme = "tcp" if config.mode == "tcp" else "https" if config.tls is not None else "http"
@@ -445,6 +462,8 @@ class Runtime:
 
     def _cut(self, server: Server) -> None:
         self._grace.pop(server, None)
+        if self.cut_hook is not None:
+            self.cut_hook(server)  # the workers hold the connections
         cut = sum(listener.cut_server(server) for listener in self._all_listeners())
         if cut:
             log.warning(

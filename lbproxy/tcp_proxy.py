@@ -23,6 +23,7 @@ from lbproxy.upstream import connect
 log = logging.getLogger("lbproxy.tcp")
 
 MAX_EARLY: Final = 256 * 1024  # client bytes held while the server connection opens (reading pauses)
+PROXY_HEADER_TIMEOUT: Final = 10.0  # with accept_proxy, the header must come within this, as HAProxy's
 
 
 class TcpListener:
@@ -172,7 +173,9 @@ class TcpClient(asyncio.Protocol):
         self.client = _address(transport.get_extra_info("peername"))
         self.local = _address(transport.get_extra_info("sockname"))
         self.touch()
-        if not self.proxy_pending:
+        if self.proxy_pending:
+            self.deadline = listener.loop.time() + min(listener.idle_timeout, PROXY_HEADER_TIMEOUT)
+        else:
             self._connect()
 
     def touch(self) -> None:
@@ -205,9 +208,10 @@ class TcpClient(asyncio.Protocol):
                 self.listener.bad_proxy_headers += 1
                 self.close()
             return
-        consumed, client = parsed
-        if client is not None:
-            self.client = client
+        consumed, client, destination = parsed
+        if client is not None and destination is not None:
+            self.client = client  # forwarded as received, as HAProxy does
+            self.local = destination
         self.proxy_pending = False
         rest = data[consumed:]
         self.early = [rest] if rest else []

@@ -130,6 +130,13 @@ async def run_worker(path: str) -> int:
             _apply(runtime, message["state"])
         elif "stats" in message:
             send({"stats": message["stats"], **_stats(runtime)})
+        elif "cut" in message:
+            pool_name, _, server_name = message["cut"].partition("/")
+            pool = runtime.pools.get(pool_name)
+            server = pool.by_name.get(server_name) if pool is not None else None
+            if server is not None:
+                for listener in runtime.listeners.values():
+                    listener.cut_server(server)
         elif "reload" in message:
             await runtime.reload()
             watch(runtime.pools)
@@ -236,6 +243,7 @@ class Supervisor:
         self.path = path
         self.runtime = Runtime(loaded, serve=False, manage=True)
         self.runtime.refresh_hook = self.collect
+        self.runtime.cut_hook = self._cut
         self.runtime.registry = metrics.registry(self)  # /metrics reads the sums, through this view
         self.runtime.workers_ready = False
         self.workers = [Worker(index) for index in range(count)]
@@ -298,6 +306,11 @@ class Supervisor:
             log.error("worker %d (pid %d) exited with %s: restarting it", worker.index, process.pid, code)
             self.runtime.workers_ready = False
             await self._spawn(worker)
+
+    def _cut(self, server: Server) -> None:
+        """A disabled server's grace is over: every worker cuts its connections to it."""
+        for worker in self.workers:
+            worker.send({"cut": _key(server.pool, server)})
 
     def _passive_down(self, key: str, reason: str) -> None:
         pool_name, _, server_name = key.partition("/")
