@@ -182,6 +182,7 @@ async def action(request: web.Request) -> web.Response:
     except KeyError as error:
         raise _error(web.HTTPNotFound, str(error.args[0])) from None
     getattr(runtime, name)(server)
+    await runtime.refresh()  # with workers: their in-flight counts
     return web.json_response(server_state(server))
 
 
@@ -221,6 +222,7 @@ def server_state(server: Server) -> dict[str, Any]:
         "available": server.available,
         "inflight": server.inflight,
         "since": server.transition_time or None,
+        "admin_since": server.admin_time or None,
         "reason": server.transition_reason,
         "last_check": {
             "ok": server.check_ok,

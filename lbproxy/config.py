@@ -567,6 +567,12 @@ class _Reader:
                     f"min_up {min_up} is more than the pool's {primaries} primary servers: "
                     "the backups would always serve",
                 )
+            elif min_up > 1 and primaries == len(servers):
+                self.problem(
+                    entries["min_up"],
+                    _join(key, "min_up"),
+                    "min_up activates the pool's backup servers (backup: true), and it has none",
+                )
         health = self.health(entries["health"], _join(key, "health")) if "health" in entries else HealthConfig()
         passive = self.passive(entries["passive"], _join(key, "passive")) if "passive" in entries else None
         if passive is not None and health.type == "none":

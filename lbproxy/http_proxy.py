@@ -310,6 +310,7 @@ class Exchange:
         "tried",
         "upstream",
         "status",
+        "maybe_sent",
         "timed_out",
         "answered",
         "response_bytes",
@@ -335,6 +336,7 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.timed_out = False  # the last server failed by staying silent
+        self.maybe_sent = False  # some server may have received it already
         self.answered = False  # some of the response reached the client
         self.response_bytes = 0
         self.started = time.monotonic()
@@ -796,9 +798,12 @@ class HttpProxy(asyncio.Protocol):
             if stale:
                 # The server closed a kept-alive connection as we reused it: the race every proxy has.
                 # Nothing came back, so the request goes again on a new connection to the same server.
+                # It may also have died with the request in hand: from now on the request counts as
+                # sent, so that a non-idempotent one is never tried on a second server.
+                exchange.maybe_sent = True
                 self._redispatch(exchange, server, fresh=True)
                 return
-            sent_nothing = upstream is None
+            sent_nothing = upstream is None and not exchange.maybe_sent
             if len(exchange.tried) < self.listener.pool.retries and (sent_nothing or exchange.method in IDEMPOTENT):
                 exchange.tried.append(server)
                 listener.retries += 1
@@ -1299,7 +1304,7 @@ class UpstreamConnection(asyncio.Protocol):
         pin = (self.pin or proxy.pinned is self) and self.reusable and exchange.keep_alive
         if pin:
             pass  # stays with its client, outside the idle stack
-        elif self.reusable and exchange.request_done and not self.closed:
+        elif self.reusable and exchange.request_done and not self.closed and not proxy.listener.draining:
             if not self.listener.idle_for(self.server).put(self, proxy.loop.time()):
                 self.close()
         else:

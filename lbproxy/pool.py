@@ -16,6 +16,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
@@ -48,6 +49,8 @@ class Server:
         "reported",
         "ramp_until",
         "ramp_credit",
+        "guarded",
+        "admin_time",
         "inflight",
         "consecutive_failures",
         "check_ok",
@@ -76,10 +79,12 @@ class Server:
         self.pool = pool
         self.up = True
         self.admin = AdminState.ENABLED
+        self.admin_time = 0.0  # when the admin state last changed (Unix time; 0: never)
         self.weight = config.ratio * WEIGHT_SCALE  # live weight; see WEIGHT_SCALE
         self.reported = 100  # the last percentage a dynamic_ratio probe reported
         self.ramp_until = 0.0  # slow start: the monotonic time the ramp ends
         self.ramp_credit = 0.0  # slow start in a rotation: turns accrue in fractions
+        self.guarded = False  # the depool guard keeps it up (logged once, until its state changes)
         self.inflight = 0
         self.consecutive_failures = 0  # as seen by real traffic, for passive detection
         # The last health check, for the API: result, reason, wall time, seconds it took.
@@ -99,6 +104,13 @@ class Server:
         self.sent_bytes = 0
         self.received_bytes = 0
         self.connect_host = config.address.host  # the runtime replaces a host name by its address
+
+    def saved(self) -> tuple[Any, ...]:
+        """What `reconfigure` changes, for a reload that fails before it is installed."""
+        return (self.address, self.connect_host, self.ratio, self.weight, self.backup, self.pool)
+
+    def restore(self, state: tuple[Any, ...]) -> None:
+        self.address, self.connect_host, self.ratio, self.weight, self.backup, self.pool = state
 
     def reconfigure(self, config: ServerConfig, pool: Pool) -> Server:
         """Take a reloaded config, keeping state and counters; returns self."""
@@ -273,6 +285,10 @@ class Pool:
             return True
         if not up and not force and not server.backup and self._guard_refuses(server):
             self.depool_refusals += 1
+            server.consecutive_failures = 0
+            if server.guarded:
+                return False
+            server.guarded = True
             log.error(
                 "pool %s: server %s would go down (%s) but the depool guard keeps it: "
                 "more than %.0f%% of the primaries would be out",
@@ -284,6 +300,7 @@ class Pool:
             return False
         server.up = up
         server.consecutive_failures = 0
+        server.guarded = False
         server.transition_reason = reason
         server.transition_time = time.time()
         server.transitions["up" if up else "down"] += 1
@@ -313,6 +330,7 @@ class Pool:
         if server.admin is state:
             return
         server.admin = state
+        server.admin_time = time.time()
         log.warning("pool %s: server %s is now %s", self.name, server.name, state.value)
         self._availability_changed(server)
 
@@ -371,7 +389,7 @@ class Pool:
         if not server.backup:
             before = self._primaries_available
             self._primaries_available = sum(1 for s in self._primaries if s.available)
-            if before >= self.min_up > self._primaries_available:
+            if before >= self.min_up > self._primaries_available and (self._primaries_available == 0 or self._all):
                 self.failovers += 1
                 log.warning(
                     "pool %s: %d of %d primaries available, below min_up %d: failing over",

@@ -19,7 +19,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,11 +181,14 @@ class Runtime:
             new = config.load(self.config.path)
         except config.ConfigError as error:
             return self._reload_failed([str(problem) for problem in error.problems])
+        # Building the new pools reconfigures the servers that stay: keep what to put back if the
+        # reload fails before it is installed.
+        saved = [(server, server.saved()) for pool in self.pools.values() for server in pool.servers]
         pools = _build_pools(new, self.pools)
         try:
             await _resolve(loop, pools)
         except StartError as error:
-            return self._reload_failed([str(error)])
+            return self._reload_failed([str(error)], saved)
         serving = self.config.listeners if self.serve else ()
         old_listeners = {listener.name: listener for listener in serving}
         new_listeners = {listener.name: listener for listener in (new.listeners if self.serve else ())}
@@ -199,7 +202,7 @@ class Runtime:
             for listener in new_listeners.values():
                 built[listener.name] = self._make_listener(loop, listener, new, pools)
         except StartError as error:
-            return self._reload_failed([str(error)])
+            return self._reload_failed([str(error)], saved)
         # Bind the new sockets first: if one cannot be bound, nothing has changed yet.
         fresh: dict[str, asyncio.Server] = {}
         for listener in rebind:
@@ -211,7 +214,7 @@ class Runtime:
             except StartError as error:
                 for server in fresh.values():
                     server.close()
-                return self._reload_failed([str(error)])
+                return self._reload_failed([str(error)], saved)
 
         await self.health.stop()
         self.health = HealthChecks()
@@ -252,7 +255,9 @@ class Runtime:
         log.info("reload: %s", new.summary())
         return []
 
-    def _reload_failed(self, problems: list[str]) -> list[str]:
+    def _reload_failed(self, problems: list[str], saved: Sequence[tuple[Server, tuple[Any, ...]]] = ()) -> list[str]:
+        for server, state in saved:
+            server.restore(state)
         self.reloads["failure"] += 1
         for problem in problems:
             log.error("reload refused, the running config stays: %s", problem)
@@ -407,6 +412,9 @@ class Runtime:
             now = loop.time()
             for listener in self._all_listeners():
                 listener.tick(now)
+            for listener in self._retired:
+                if not listener.connections:
+                    listener.close_idle()
             self._retired = [listener for listener in self._retired if listener.connections]
             monotonic = time.monotonic()
             for pool in self.pools.values():
@@ -416,9 +424,13 @@ class Runtime:
 
     def listener_states(self) -> list[dict[str, Any]]:
         if not self.serve:  # the supervisor: the workers' sums
-            binds = {listener.name: listener.bind for listener in self.config.listeners}
+            binds = {
+                listener.name: f"{'tcp' if listener.mode == 'tcp' else 'https' if listener.tls else 'http'}://"
+                f"{listener.bind}"
+                for listener in self.config.listeners
+            }
             return [
-                {"name": name, "bind": str(binds.get(name, "")), **totals.state()}
+                {"name": name, "bind": binds.get(name, ""), **totals.state()}
                 for name, totals in self.listener_totals.items()
             ]
         states = []
