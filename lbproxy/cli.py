@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "check":
         return _check(args.config)
+    if args.command in ("run", "demo", "worker"):
+        # A SIGHUP before the reload handler is installed must not end the process (its default),
+        # and a worker reloads when its supervisor tells it, never on its own signal.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.command == "ctl":
         from lbproxy import ctl as control  # stdlib only: fast to start
 

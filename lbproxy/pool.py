@@ -165,9 +165,10 @@ class Pool:
         "_rotation",
     )
 
-    def __init__(self, config: PoolConfig, previous: Pool | None = None) -> None:
-        """A pool from its config; on a reload, `previous` hands over the servers that stay (same
-        name), with their health, admin state and counters, so that nothing restarts for them."""
+    def __init__(self, config: PoolConfig, previous: Pool | None = None, reloading: bool = False) -> None:
+        """A pool from its config; on a reload (`reloading`), `previous` hands over the servers that
+        stay (same name), with their health, admin state and counters, so that nothing restarts for
+        them, and servers the reload adds (to this pool or with a new pool) earn their traffic."""
         self.name = config.name
         self.policy_name = config.policy
         self.retries = config.retries
@@ -204,7 +205,7 @@ class Pool:
         if config.health.type == "none":
             start = "up"  # nothing would ever bring it up
         elif start is None:
-            start = "down" if previous is not None else "up"  # a server a reload adds earns its traffic
+            start = "down" if reloading else "up"  # a server a reload adds earns its traffic
         for server in self.servers:
             if server.name not in kept:
                 server.up = start == "up"

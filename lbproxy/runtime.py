@@ -68,7 +68,8 @@ class Runtime:
         self.cut_hook: Callable[[Server], None] | None = None  # the supervisor's: its workers cut
         self._contexts: dict[str, ssl.SSLContext] = {}  # per TLS listener, reloaded in place
         self._was_ready = False
-        self.pools = _build_pools(config, {})
+        self.shutting_down = False
+        self.pools = _build_pools(config, None)
         self.health = HealthChecks()
         self.listeners: dict[str, Listener] = {}
         self.bound: dict[str, Bound] = {}
@@ -107,9 +108,9 @@ class Runtime:
     @property
     def ready(self) -> bool:
         """Listeners bound and every server probed once (the admin's /readyz)."""
-        # Once ready, a reload's new probes do not make it unready again.
+        # Once ready, a reload's new probes do not make it unready again; shutting down does.
         self._was_ready = self._was_ready or (self._bound_all and self.health.probed_all())
-        return self._was_ready and self.workers_ready
+        return self._was_ready and self.workers_ready and not self.shutting_down
 
     workers_ready = True  # the supervisor lowers it until every worker has bound its listeners
 
@@ -120,6 +121,7 @@ class Runtime:
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests and connections finish within `timeout`, then stop."""
+        self.shutting_down = True  # /readyz answers 503 from now on
         log.info("shutting down: waiting up to %gs for %d connections", timeout, self._open_connections())
         for server in self._sockets.values():
             server.close()
@@ -251,6 +253,7 @@ class Runtime:
                 self.health.add(pool, new.pools[name].health)
             self.health.start()
         self.config = new
+        self._save_state()  # servers gone from the config leave the state file too
         self.reloads["success"] += 1
         log.info("reload: %s", new.summary())
         return []
@@ -529,8 +532,11 @@ class Runtime:
             log.info("state file: pool %s: server %s starts %s", pool_name, server_name, value)
 
 
-def _build_pools(config: Config, previous: Mapping[str, Pool]) -> dict[str, Pool]:
-    pools = {name: Pool(pool, previous.get(name)) for name, pool in config.pools.items()}
+def _build_pools(config: Config, previous: Mapping[str, Pool] | None) -> dict[str, Pool]:
+    """The runtime pools of `config`; on a reload, `previous` holds the running ones."""
+    reloading = previous is not None
+    old = previous or {}
+    pools = {name: Pool(pool, old.get(name), reloading) for name, pool in config.pools.items()}
     for name, pool in config.pools.items():
         if pool.backup_pool is not None:
             pools[name].backup_pool = pools[pool.backup_pool]
