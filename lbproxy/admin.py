@@ -61,6 +61,7 @@ def make_app(runtime: Runtime, registry: CollectorRegistry, token: str | None, l
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/api/v1/listeners", listeners)
     app.router.add_get("/api/v1/pools", pools)
     app.router.add_get("/api/v1/pools/{pool}", pool)
@@ -139,6 +140,73 @@ async def status_page(request: web.Request) -> web.Response:
     response.headers["Cache-Control"] = "no-cache"
     response.headers["Content-Security-Policy"] = STATUS_PAGE_POLICY
     return response
+
+
+def _operation(summary: str, *errors: int, body: str = "object") -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {"application/json": {"schema": {"type": body}}}}
+    }
+    for status in errors:
+        responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
+    return {"summary": summary, "responses": responses}
+
+
+_NAME = {"in": "path", "required": True, "schema": {"type": "string"}}
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "lbproxy admin API", "version": "1"},
+    "paths": {
+        "/healthz": {"get": _operation("lbproxy itself is alive")},
+        "/readyz": {"get": _operation("listeners bound and every server probed once (503 otherwise)", 503)},
+        "/api/v1/listeners": {"get": _operation("every listener and its counters")},
+        "/api/v1/pools": {"get": _operation("every pool, its policy and servers, with state and counters")},
+        "/api/v1/pools/{pool}": {
+            "parameters": [{"name": "pool", **_NAME}],
+            "get": _operation("one pool", 404),
+        },
+        "/api/v1/pools/{pool}/servers/{server}/{action}": {
+            "parameters": [
+                {"name": "pool", **_NAME},
+                {"name": "server", **_NAME},
+                {"name": "action", "in": "path", "required": True, "schema": {"type": "string", "enum": list(ACTIONS)}},
+            ],
+            "post": {
+                **_operation("drain, disable or enable a server; answers its new state", 400, 401, 403, 404),
+                "security": [{"bearer": []}],
+            },
+        },
+        "/api/v1/reload": {
+            "post": {
+                **_operation("re-read the config file; 400 with the problems when it is refused", 400, 401, 403),
+                "security": [{"bearer": []}],
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "responses": {
+            f"E{status}": {
+                "description": text,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+                    }
+                },
+            }
+            for status, text in (
+                (400, "bad request"),
+                (401, "missing or wrong bearer token"),
+                (403, "writes refused: no token on a non-loopback bind"),
+                (404, "unknown pool or server"),
+                (503, "not ready"),
+            )
+        },
+    },
+}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
 
 
 async def healthz(request: web.Request) -> web.Response:

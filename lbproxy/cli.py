@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -74,16 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return control.run(
             args.admin, args.token, args.action, getattr(args, "pool", None), getattr(args, "server", None)
         )
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         loaded = config.load(args.config)
     except config.ConfigError as error:
         print(error, file=sys.stderr)
         return 1
+    handler = logging.StreamHandler(sys.stderr)
+    if loaded.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.command == "worker":
             from lbproxy.workers import run_worker
@@ -96,6 +98,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if workers > 1:
             return runner.run(_supervise(args.config, loaded, workers))
         return runner.run(_serve(loaded, demo=args.command == "demo"))
+
+
+class JsonFormatter(logging.Formatter):
+    """`log_format: json`: one JSON object a line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def _workers(value: str) -> int | None:

@@ -160,6 +160,7 @@ class Config:
     admin: AdminConfig | None = None  # None: no admin server (the `admin` block is absent)
     state_file: Path | None = None  # drained and disabled servers, kept across restarts
     shutdown_timeout: float = 30.0  # on SIGTERM: how long in-flight requests may take to finish
+    log_format: Literal["plain", "json"] = "plain"  # lbproxy's own events, one line each
 
     def summary(self) -> str:
         servers = sum(len(pool.servers) for pool in self.pools.values())
@@ -375,7 +376,10 @@ class _Reader:
 
     def config(self, root: Node) -> Config | None:
         entries = self.mapping(
-            root, "", ("admin", "listeners", "pools", "state_file", "shutdown_timeout"), ("listeners", "pools")
+            root,
+            "",
+            ("admin", "listeners", "pools", "state_file", "shutdown_timeout", "log_format"),
+            ("listeners", "pools"),
         )
         if entries is None:
             return None
@@ -400,7 +404,16 @@ class _Reader:
         self.check_backup_pools(pools, pool_nodes)
         state_file = self.value(entries, "state_file", "", self._writable_path, None)
         shutdown_timeout = self.value(entries, "shutdown_timeout", "", _duration, 30.0)
-        return Config(Path(self.filename), listeners, pools, admin, state_file, shutdown_timeout)
+        log_format = self.value(entries, "log_format", "", _choice(("plain", "json")), "plain")
+        return Config(
+            Path(self.filename),
+            listeners,
+            pools,
+            admin,
+            state_file,
+            shutdown_timeout,
+            log_format,  # type: ignore[arg-type]
+        )
 
     def admin(self, node: Node) -> AdminConfig:
         entries = self.mapping(node, "admin", ("bind", "token"))

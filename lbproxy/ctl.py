@@ -19,7 +19,12 @@ def run(admin: str, token: str | None, action: str, pool: str | None, server: st
     base = admin.rstrip("/")
     try:
         if action == "status":
-            print(status_table(_call(base, "GET", "/api/v1/pools", token)["pools"]))
+            # Two readings a second apart give the rates.
+            first = _call(base, "GET", "/api/v1/pools", token)["pools"]
+            started = time.monotonic()
+            time.sleep(RATE_WINDOW)
+            second = _call(base, "GET", "/api/v1/pools", token)["pools"]
+            print(status_table(second, first, time.monotonic() - started))
             return 0
         if action == "reload":
             _call(base, "POST", "/api/v1/reload", token)
@@ -65,13 +70,29 @@ def _call(base: str, method: str, path: str, token: str | None) -> Any:
         raise ApiError(f"{method} {path}: {error.code} {message}") from None
 
 
-def status_table(pools: list[dict[str, Any]]) -> str:
-    rows = [("POOL", "SERVER", "STATE", "ADMIN", "INFLIGHT", "REQUESTS", "ERRORS", "SINCE", "LAST CHECK")]
+RATE_WINDOW = 1.0
+
+
+def _errors(counters: dict[str, Any]) -> int:
+    return int(counters["responses"]["5xx"] + counters["connect_failures"] + counters["failures"])
+
+
+def status_table(pools: list[dict[str, Any]], before: list[dict[str, Any]] | None = None, seconds: float = 1.0) -> str:
+    """The servers of `pools`; with an earlier reading `before`, requests and errors per second."""
+    earlier = {
+        (pool["name"], server["name"]): server["counters"] for pool in before or [] for server in pool["servers"]
+    }
+    rows = [
+        ("POOL", "SERVER", "STATE", "ADMIN", "INFLIGHT", "REQ/S", "ERR/S", "REQUESTS", "ERRORS", "SINCE", "LAST CHECK")
+    ]
     now = time.time()
     for pool in pools:
         for server in pool["servers"]:
             counters = server["counters"]
-            errors = counters["responses"]["5xx"] + counters["connect_failures"] + counters["failures"]
+            errors = _errors(counters)
+            previous = earlier.get((pool["name"], server["name"]), counters)
+            rate = (counters["requests"] - previous["requests"]) / seconds
+            error_rate = (errors - _errors(previous)) / seconds
             since = _ago(now - server["since"]) if server["since"] else "-"
             check = server["last_check"]
             last = "-" if check["ok"] is None else f"{'ok' if check['ok'] else 'FAIL'} {check['reason']}"
@@ -83,6 +104,8 @@ def status_table(pools: list[dict[str, Any]]) -> str:
                     state,
                     server["admin"],
                     str(server["inflight"]),
+                    f"{rate:.1f}",
+                    f"{error_rate:.1f}",
                     str(counters["requests"]),
                     str(errors),
                     since,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sys
@@ -191,3 +192,63 @@ async def test_ctl_says_when_the_admin_server_is_unreachable() -> None:
     code, _, err = await ctl("--admin", f"http://{LOCALHOST}:{port}", "status")
     assert code == 2
     assert "cannot reach the admin server" in err
+
+
+async def test_openapi_document_lists_every_route(tmp_path: Path) -> None:
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
+    ):
+        url = f"{admin_url(lb)}/api/v1/openapi.json"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200
+            document = await response.json()
+    assert document["openapi"].startswith("3.")
+    assert set(document["paths"]) == {
+        "/healthz",
+        "/readyz",
+        "/api/v1/listeners",
+        "/api/v1/pools",
+        "/api/v1/pools/{pool}",
+        "/api/v1/pools/{pool}/servers/{server}/{action}",
+        "/api/v1/reload",
+    }
+    action = document["paths"]["/api/v1/pools/{pool}/servers/{server}/{action}"]["post"]
+    assert set(action["responses"]) == {"200", "400", "401", "403", "404"}
+
+
+async def test_ctl_status_shows_rates(tmp_path: Path) -> None:
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
+    ):
+        code, out, _ = await ctl("--admin", admin_url(lb), "status")
+    assert code == 0
+    header = out.splitlines()[0].split()
+    assert header[4:7] == ["INFLIGHT", "REQ/S", "ERR/S"]
+
+
+async def test_log_format_json(tmp_path: Path) -> None:
+    path = tmp_path / "lbproxy.yaml"
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        port = sock.getsockname()[1]
+    path.write_text(
+        f"log_format: json\nlisteners:\n  - {{name: web, bind: '127.0.0.1:{port}', pool: farm}}\n"
+        "pools:\n  farm:\n    servers:\n      - {name: a, address: '127.0.0.1:9'}\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lbproxy", "run", "-c", str(path), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=20)
+    finally:
+        process.terminate()
+        await process.wait()
+    entry = json.loads(line)
+    assert entry["level"] == "info"
+    assert entry["logger"] == "lbproxy"
+    assert entry["message"].startswith("listener web: http on 127.0.0.1:")
