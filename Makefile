@@ -38,3 +38,20 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# Benchmarks (issue #6): `make bench` (QUICK=1 for a short smoke run) writes benchmarks/results/DATE.*;
+# `make profile` records lbproxy under py-spy. Neither is part of `make test`.
+.PHONY: bench profile
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	@bash benchmarks/system-deps
+	$(BIN)/python benchmarks/run.py $(if $(filter 1 yes true,$(QUICK)),--quick --command 'make bench QUICK=1',--command 'make bench')
+
+profile: $(BENCH_STAMP)
+	@bash benchmarks/system-deps
+	$(BIN)/python benchmarks/profile.py

@@ -1,0 +1,443 @@
+"""Macro benchmarks: lbproxy beside HAProxy, nginx and a plain aiohttp proxy, on the same machine, as ratios.
+
+    python benchmarks/macro.py [--quick] [--rounds N] [--seconds S] [--json FILE]
+
+Back-ends: one nginx (`worker_processes 1`) with four `server` blocks, each answering `/` with a
+12-byte body and `/64k`, `/1m` with files of that size. Targets: one back-end directly (the
+ceiling), lbproxy L7 and L4 (`mode: tcp`), HAProxy `mode http` and `mode tcp` (`nbthread 1`,
+`http-reuse always`, roundrobin), nginx `proxy_pass` with upstream keep-alive (`worker_processes 1`),
+and a plain aiohttp proxy on uvloop (benchmarks/aiohttp_proxy.py, the floor). Every proxy balances
+over the four back-ends and adds X-Forwarded-For. wrk (`-t1 --latency`) and the back-ends run on one
+core, the proxies on another (`taskset`), where the machine has two.
+
+Every scenario runs every target once per round, targets interleaved (their order rotates from one
+round to the next), so that a noisy minute hits them all; the report takes medians. The CPU time of
+the proxy's process (from /proc) per request is the steadiest figure on a shared machine.
+
+Scenarios: keep-alive small responses with 50 and 500 connections; a new connection per request
+(`Connection: close`); 64 KiB and 1 MiB responses; latency with everything on one core and one
+connection (the latency a proxy adds); and L4 bulk, 1 GiB through one connection (benchmarks/bulk.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import bulk
+from harness import (
+    DEBIAN_PACKAGES,
+    Processes,
+    WrkResult,
+    cores,
+    cpu_seconds,
+    find_tool,
+    free_port,
+    lbproxy_command,
+    missing_tools,
+    run_wrk,
+    set_affinity,
+    wait_listening,
+)
+
+HERE = Path(__file__).resolve().parent
+SMALL_BODY = "hello world\n"  # 12 bytes
+
+BACKEND_NGINX = """
+worker_processes 1;
+daemon off;
+pid {dir}/backend.pid;
+error_log {dir}/backend.err;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 100000000;
+  open_file_cache max=16;
+  client_body_temp_path {dir}/backend-body;
+  proxy_temp_path {dir}/backend-proxy;
+  default_type application/octet-stream;
+{servers}
+}}
+"""
+BACKEND_SERVER = """  server {{
+    listen 127.0.0.1:{port};
+    root {dir}/files;
+    location = / {{ return 200 "{body}"; }}
+  }}"""
+
+PROXY_NGINX = """
+worker_processes 1;
+daemon off;
+pid {dir}/proxy.pid;
+error_log {dir}/proxy.err;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/proxy-body;
+  proxy_temp_path {dir}/proxy-temp;
+  upstream farm {{
+{servers}
+    keepalive 1024;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://farm;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_max_temp_file_size 0;  # stream large responses instead of spooling them to disk
+    }}
+  }}
+}}
+"""
+
+HAPROXY = """
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  timeout tunnel 60s
+frontend http_in
+  mode http
+  bind 127.0.0.1:{http_port}
+  option forwardfor
+  default_backend http_farm
+backend http_farm
+  mode http
+  balance roundrobin
+  http-reuse always
+{servers}
+frontend tcp_in
+  mode tcp
+  bind 127.0.0.1:{tcp_port}
+  default_backend tcp_farm
+backend tcp_farm
+  mode tcp
+  balance roundrobin
+{servers}
+frontend bulk_in
+  mode tcp
+  bind 127.0.0.1:{bulk_port}
+  default_backend bulk_source
+backend bulk_source
+  mode tcp
+  server source 127.0.0.1:{source}
+"""
+
+LBPROXY = """
+listeners:
+  - {{name: web, bind: "127.0.0.1:{http_port}", pool: farm}}
+  - {{name: l4, mode: tcp, bind: "127.0.0.1:{tcp_port}", pool: farm}}
+  - {{name: bulk, mode: tcp, bind: "127.0.0.1:{bulk_port}", pool: bulk}}
+pools:
+  farm:
+    policy: round_robin
+    servers:
+{servers}
+  bulk:
+    servers:
+      - {{name: source, address: "127.0.0.1:{source}"}}
+"""
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    name: str
+    port: int
+    process: str | None  # the name of the proxy's process in Processes; None: direct
+    mode: str  # "direct", "http" or "tcp": HAProxy of the same mode is the reference
+    bulk_port: int | None = None  # where the L4 bulk source is reached through this target
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    path: str
+    connections: int
+    headers: tuple[str, ...] = ()
+    one_core: bool = False  # load generator, back-end and proxy on one core
+    seconds_factor: float = 1.0
+
+
+SCENARIOS = (
+    Scenario("keepalive-c50", "Keep-alive, 12-byte responses, 50 connections", "/", 50),
+    Scenario("keepalive-c500", "Keep-alive, 12-byte responses, 500 connections", "/", 500),
+    Scenario(
+        "close", "A new connection per request (Connection: close), 50 connections", "/", 50, ("Connection: close",)
+    ),
+    Scenario("64k", "64 KiB responses, keep-alive, 16 connections", "/64k", 16),
+    Scenario("1m", "1 MiB responses, keep-alive, 16 connections", "/1m", 16),
+    Scenario(
+        "one-core",
+        "Latency on one core (wrk, back-end and proxy), 1 connection",
+        "/",
+        1,
+        one_core=True,
+        seconds_factor=0.75,
+    ),
+)
+BULK = "bulk"
+BULK_TITLE = "L4 bulk: {size} through one connection"
+GIB = 1024**3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke run")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
+    parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 4; 2 with --quick)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    missing = missing_tools()
+    if missing:
+        print(f"not installed: {', '.join(missing)} (Debian: {DEBIAN_PACKAGES})", file=sys.stderr)
+        return 2
+    results = run(args.quick, args.rounds, args.seconds)
+    text = json.dumps(results, indent=2)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def run(quick: bool, rounds: int | None = None, seconds: float | None = None) -> dict[str, object]:
+    """Start everything, run every scenario over every target, stop everything; the results as a dict."""
+    rounds = rounds or (1 if quick else 3)
+    seconds = seconds or (2.0 if quick else 4.0)
+    bulk_size = GIB // 4 if quick else GIB
+    load_core, proxy_core = cores()
+    affinity = os.sched_getaffinity(0)
+    if load_core is not None:
+        os.sched_setaffinity(0, {load_core})  # this process receives the bulk transfer: the load side
+    work = Path(tempfile.mkdtemp(prefix="lbproxy-macro-"))
+    try:
+        with Processes() as processes:
+            targets = start(processes, work, load_core, proxy_core)
+            warm_up(targets, load_core, 1.0)
+            runs: dict[str, dict[str, list[dict[str, object]]]] = {}
+            started = time.monotonic()
+            for round_index in range(rounds):
+                for scenario in SCENARIOS:
+                    order = rotated(targets, round_index)
+                    for target in order:
+                        processes.check_alive()
+                        result = measure(processes, target, scenario, seconds, load_core, proxy_core)
+                        runs.setdefault(scenario.key, {}).setdefault(target.key, []).append(result.as_dict())
+                        log(round_index, rounds, scenario.key, target, result)
+                for target in rotated([t for t in targets if t.bulk_port is not None], round_index):
+                    measured = measure_bulk(processes, target, bulk_size)
+                    runs.setdefault(BULK, {}).setdefault(target.key, []).append(measured)
+                    print(
+                        f"[{round_index + 1}/{rounds}] {BULK} {target.name}: {measured['gib_s']:.2f} GiB/s",
+                        file=sys.stderr,
+                    )
+            return {
+                "rounds": rounds,
+                "seconds": seconds,
+                "bulk_bytes": bulk_size,
+                "pinning": {"load_core": load_core, "proxy_core": proxy_core},
+                "wall_seconds": round(time.monotonic() - started, 1),
+                "targets": [{"key": t.key, "name": t.name, "mode": t.mode} for t in targets],
+                "scenarios": [
+                    {"key": s.key, "title": s.title, "connections": s.connections, "path": s.path} for s in SCENARIOS
+                ]
+                + [{"key": BULK, "title": BULK_TITLE.format(size=_size(bulk_size)), "connections": 1, "path": ""}],
+                "versions": versions(),
+                "runs": runs,
+                "medians": medians(runs),
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.sched_setaffinity(0, affinity)
+
+
+def start(processes: Processes, work: Path, load_core: int | None, proxy_core: int | None) -> list[Target]:
+    """Write the configs, start the back-ends and every proxy; the targets, in report order."""
+    nginx, haproxy = find_tool("nginx"), find_tool("haproxy")
+    assert nginx is not None
+    assert haproxy is not None
+    work.chmod(0o755)  # nginx's workers run as another user when started by root: they read the files
+    files = work / "files"
+    files.mkdir()
+    (files / "64k").write_bytes(b"x" * 64 * 1024)
+    (files / "1m").write_bytes(b"x" * 1024 * 1024)
+    backends = [free_port() for _ in range(4)]
+    source = free_port()
+    ports = {name: free_port() for name in ("haproxy-http", "haproxy-tcp", "haproxy-bulk", "nginx", "aiohttp")}
+    ports |= {name: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
+
+    servers = "\n".join(
+        BACKEND_SERVER.format(port=port, dir=work, body=SMALL_BODY.replace("\n", "\\n")) for port in backends
+    )
+    (work / "backend.conf").write_text(BACKEND_NGINX.format(dir=work, servers=servers))
+    upstreams = "\n".join(f"    server 127.0.0.1:{port};" for port in backends)
+    (work / "proxy.conf").write_text(PROXY_NGINX.format(dir=work, servers=upstreams, port=ports["nginx"]))
+    haproxy_servers = "\n".join(f"  server s{index} 127.0.0.1:{port}" for index, port in enumerate(backends, 1))
+    (work / "haproxy.cfg").write_text(
+        HAPROXY.format(
+            http_port=ports["haproxy-http"],
+            tcp_port=ports["haproxy-tcp"],
+            bulk_port=ports["haproxy-bulk"],
+            servers=haproxy_servers,
+            source=source,
+        )
+    )
+    lbproxy_servers = "\n".join(
+        f'      - {{name: s{index}, address: "127.0.0.1:{port}"}}' for index, port in enumerate(backends, 1)
+    )
+    (work / "lbproxy.yaml").write_text(
+        LBPROXY.format(
+            http_port=ports["lbproxy-http"],
+            tcp_port=ports["lbproxy-tcp"],
+            bulk_port=ports["lbproxy-bulk"],
+            servers=lbproxy_servers,
+            source=source,
+        )
+    )
+
+    def nginx_command(config: str) -> list[str]:
+        return [nginx, "-p", str(work), "-e", str(work / f"{config}.startup.err"), "-c", str(work / config)]
+
+    processes.start("backend", nginx_command("backend.conf"), load_core, work / "backend.out")
+    processes.start("source", [sys.executable, str(HERE / "bulk.py"), "serve", str(source)], load_core)
+    processes.start("haproxy", [haproxy, "-f", str(work / "haproxy.cfg")], proxy_core, work / "haproxy.out")
+    processes.start("nginx", nginx_command("proxy.conf"), proxy_core, work / "proxy.out")
+    processes.start("lbproxy", lbproxy_command(work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
+    aiohttp = [sys.executable, str(HERE / "aiohttp_proxy.py"), str(ports["aiohttp"]), *map(str, backends)]
+    processes.start("aiohttp", aiohttp, proxy_core, work / "aiohttp.out")
+    for port in [*backends, source, *ports.values()]:
+        try:
+            wait_listening(port)
+        except RuntimeError:
+            for output in sorted(work.glob("*.out")) + sorted(work.glob("*.err")):
+                print(f"--- {output.name}\n{output.read_text(errors='replace')[-2000:]}", file=sys.stderr)
+            raise
+    return [
+        Target("direct", "direct (one nginx back-end)", backends[0], None, "direct", source),
+        Target("lbproxy-http", "lbproxy L7", ports["lbproxy-http"], "lbproxy", "http"),
+        Target("haproxy-http", "HAProxy mode http", ports["haproxy-http"], "haproxy", "http"),
+        Target("nginx", "nginx proxy_pass", ports["nginx"], "nginx", "http"),
+        Target("aiohttp", "aiohttp proxy (floor)", ports["aiohttp"], "aiohttp", "http"),
+        Target("lbproxy-tcp", "lbproxy L4", ports["lbproxy-tcp"], "lbproxy", "tcp", ports["lbproxy-bulk"]),
+        Target("haproxy-tcp", "HAProxy mode tcp", ports["haproxy-tcp"], "haproxy", "tcp", ports["haproxy-bulk"]),
+    ]
+
+
+def _size(count: int) -> str:
+    return f"{count // GIB} GiB" if count % GIB == 0 else f"{count // 1024**2} MiB"
+
+
+def rotated(targets: list[Target], shift: int) -> list[Target]:
+    shift %= max(len(targets), 1)
+    return targets[shift:] + targets[:shift]
+
+
+def warm_up(targets: list[Target], core: int | None, seconds: float) -> None:
+    """One short unrecorded run per target: connection pools filled, caches warm."""
+    for target in targets:
+        run_wrk(f"http://127.0.0.1:{target.port}/", seconds, 50, core, None)
+
+
+def measure(
+    processes: Processes,
+    target: Target,
+    scenario: Scenario,
+    seconds: float,
+    load_core: int | None,
+    proxy_core: int | None,
+) -> WrkResult:
+    pid = processes.pid(target.process) if target.process is not None else None
+    moved = scenario.one_core and pid is not None and load_core is not None and proxy_core is not None
+    if moved:
+        assert pid is not None
+        assert load_core is not None
+        set_affinity(pid, {load_core})
+    try:
+        return run_wrk(
+            f"http://127.0.0.1:{target.port}{scenario.path}",
+            round(seconds * scenario.seconds_factor, 1),
+            scenario.connections,
+            load_core,
+            pid,
+            scenario.headers,
+        )
+    finally:
+        if moved:
+            assert pid is not None
+            assert proxy_core is not None
+            set_affinity(pid, {proxy_core})
+
+
+def measure_bulk(processes: Processes, target: Target, size: int) -> dict[str, object]:
+    assert target.bulk_port is not None
+    pid = processes.pid(target.process) if target.process is not None else None
+    before = cpu_seconds(pid) if pid else 0.0
+    seconds = bulk.receive(target.bulk_port, size)
+    cpu = cpu_seconds(pid) - before if pid else 0.0
+    return {
+        "seconds": seconds,
+        "gib_s": size / GIB / seconds,
+        "cpu_s": cpu,
+        "cpu_s_per_gib": cpu / (size / GIB),
+    }
+
+
+def log(round_index: int, rounds: int, scenario: str, target: Target, result: WrkResult) -> None:
+    errors = f" errors {result.errors}" if result.errors else ""
+    print(
+        f"[{round_index + 1}/{rounds}] {scenario} {target.name}: {result.rps:,.0f} req/s, "
+        f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, CPU {result.cpu_us:.1f} µs/req{errors}",
+        file=sys.stderr,
+    )
+
+
+def medians(runs: dict[str, dict[str, list[dict[str, object]]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The median of every numeric figure, per scenario and target."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for scenario, by_target in runs.items():
+        for target, results in by_target.items():
+            figures = {
+                name: statistics.median(float(result[name]) for result in results)  # type: ignore[arg-type]
+                for name, value in results[0].items()
+                if isinstance(value, int | float)
+            }
+            figures["errors"] = float(sum(sum(result.get("errors", {}).values()) for result in results))  # type: ignore[union-attr]
+            out.setdefault(scenario, {})[target] = figures
+    return out
+
+
+def versions() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for tool, flag in (("haproxy", "-v"), ("nginx", "-v"), ("wrk", "-v")):
+        path = find_tool(tool)
+        if path is None:
+            continue
+        done = subprocess.run([path, flag], capture_output=True, text=True, check=False)
+        first = ((done.stdout or done.stderr).strip().splitlines() or [""])[0]
+        number = re.search(r"\d+\.\d+(?:\.\d+)?", first)
+        found[tool] = f"{'HAProxy' if tool == 'haproxy' else tool} {number.group(0) if number else '?'}"
+    return found
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

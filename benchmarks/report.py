@@ -1,0 +1,445 @@
+"""The results of `make bench` as people read them: markdown tables, a PNG chart and the README section.
+
+Every figure is shown beside its ratio to the direct run (the ceiling) and to HAProxy in the same
+mode (`mode http` for the L7 proxies, `mode tcp` for the L4 ones): absolute numbers on a shared
+machine mean little, ratios measured in the same interleaved rounds do. Reads only the results dict
+that benchmarks/run.py writes as JSON, so a saved result can be re-rendered:
+
+    python benchmarks/report.py benchmarks/results/DATE.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Results = dict[str, Any]
+
+REFERENCE = {"direct": "haproxy-http", "http": "haproxy-http", "tcp": "haproxy-tcp"}
+# Counter updates on the L7 path per request (listener and server requests/responses, in-flight up
+# and down, bytes each way, response bytes, the duration histogram and its sum): for the cost estimate.
+COUNTER_UPDATES_PER_REQUEST = 11
+SCRAPE_INTERVAL = 15.0  # Prometheus' default scrape interval, seconds
+
+
+# -- reading the results --
+
+
+def _medians(results: Results, scenario: str) -> dict[str, dict[str, float]]:
+    return results["macro"]["medians"].get(scenario, {})
+
+
+def _targets(results: Results) -> list[dict[str, str]]:
+    return list(results["macro"]["targets"])
+
+
+def _mode(results: Results, key: str) -> str:
+    return next(t["mode"] for t in _targets(results) if t["key"] == key)
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    if not reference or not value:
+        return "-"
+    return f"{value / reference:.2f}"
+
+
+def _micro(results: Results, name: str) -> float | None:
+    """The median seconds of a micro-benchmark whose name contains `name`, or None."""
+    for bench in results.get("micro", {}).get("benchmarks", []):
+        if name in bench["name"]:
+            return float(bench["median_s"])
+    return None
+
+
+def added_latency_us(results: Results, key: str) -> float | None:
+    """p50 latency on one core, less the direct run's: what the proxy adds to each request."""
+    one_core = _medians(results, "one-core")
+    if key not in one_core or "direct" not in one_core:
+        return None
+    return (one_core[key]["p50_ms"] - one_core["direct"]["p50_ms"]) * 1000
+
+
+# -- the goals of issue #6 --
+
+
+def goals(results: Results) -> list[tuple[str, str, str, bool | None]]:
+    """(goal, target, measured, met) for each goal the issue sets; met is None when it was not measured."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+
+    def ratio_goal(goal: str, scenario: str, field: str, ours: str, theirs: str, at_least: float) -> None:
+        medians = _medians(results, scenario)
+        if ours in medians and theirs in medians and medians[theirs].get(field):
+            value = medians[ours][field] / medians[theirs][field]
+            rows.append((goal, f"≥ {at_least:g}x", f"{value:.2f}x", value >= at_least))
+        else:
+            rows.append((goal, f"≥ {at_least:g}x", "not measured", None))
+
+    ratio_goal("L7 keep-alive requests/s vs HAProxy http", "keepalive-c50", "rps", "lbproxy-http", "haproxy-http", 0.5)
+    c50 = _medians(results, "keepalive-c50")
+    if "lbproxy-http" in c50 and "haproxy-http" in c50 and c50["lbproxy-http"]["cpu_us"]:
+        capacity = c50["haproxy-http"]["cpu_us"] / c50["lbproxy-http"]["cpu_us"]
+        rows.append(
+            (
+                "L7 keep-alive requests per CPU-second (1 / CPU per request) vs HAProxy",
+                "≥ 0.5x",
+                f"{capacity:.2f}x",
+                capacity >= 0.5,
+            )
+        )
+    if "lbproxy-http" in c50 and "aiohttp" in c50 and c50["lbproxy-http"]["cpu_us"]:
+        floor = c50["aiohttp"]["cpu_us"] / c50["lbproxy-http"]["cpu_us"]
+        rows.append(("L7 keep-alive requests per CPU-second vs the aiohttp floor", "≥ 6x", f"{floor:.1f}x", floor >= 6))
+    ours, theirs = added_latency_us(results, "lbproxy-http"), added_latency_us(results, "haproxy-http")
+    if ours is not None and theirs is not None and theirs > 0:
+        rows.append(
+            (
+                "latency added per request, all on one core, vs HAProxy http",
+                "≤ 2x",
+                f"{ours / theirs:.2f}x ({ours:.0f} µs vs {theirs:.0f} µs)",
+                ours / theirs <= 2,
+            )
+        )
+    ratio_goal(
+        "1 MiB responses, throughput vs HAProxy http", "1m", "transfer_mib_s", "lbproxy-http", "haproxy-http", 1.0
+    )
+    ratio_goal(
+        "L4 small requests (keep-alive) vs HAProxy tcp", "keepalive-c50", "rps", "lbproxy-tcp", "haproxy-tcp", 0.5
+    )
+    ratio_goal(
+        "L4 bulk, 1 GiB through one connection, vs HAProxy tcp", "bulk", "gib_s", "lbproxy-tcp", "haproxy-tcp", 0.9
+    )
+    bump = _micro(results, "test_server_counter_bump")
+    cpu = c50.get("lbproxy-http", {}).get("cpu_us")
+    if bump is not None and cpu:
+        per_request = bump / 1000 * COUNTER_UPDATES_PER_REQUEST * 1e6
+        share = per_request / cpu
+        rows.append(
+            (
+                f"metrics cost per request ({COUNTER_UPDATES_PER_REQUEST} int increments / CPU per request)",
+                "< 3%",
+                f"{share:.2%} ({per_request * 1000:.0f} ns of {cpu:.0f} µs)",
+                share < 0.03,
+            )
+        )
+    scrape = _micro(results, "test_scrape_400_servers")
+    if scrape is not None:
+        share = scrape / SCRAPE_INTERVAL
+        rows.append(
+            (
+                f"a scrape of 400 servers every {SCRAPE_INTERVAL:g} s, share of one core",
+                "< 3%",
+                f"{share:.2%} ({scrape * 1000:.0f} ms per scrape)",
+                share < 0.03,
+            )
+        )
+    return rows
+
+
+# -- markdown --
+
+
+def markdown(results: Results, heading: str = "#") -> str:
+    """Every table of a run: the goals, each scenario, the micro-benchmarks and the failover run."""
+    lines = [f"{heading} lbproxy benchmarks, {results['date']}", "", setup_text(results), ""]
+    lines += [f"{heading}# Goals (issue #6)", "", *goals_table(results), ""]
+    for scenario in results["macro"]["scenarios"]:
+        if scenario["key"] not in results["macro"]["medians"]:
+            continue
+        lines += [f"{heading}# {scenario['title']}", "", *scenario_table(results, scenario["key"]), ""]
+    if results.get("micro", {}).get("benchmarks"):
+        lines += [f"{heading}# Micro-benchmarks (pytest-benchmark, medians)", "", *micro_table(results), ""]
+    failover = results.get("failover")
+    if failover:
+        lines += [f"{heading}# Failover (benchmarks/failover.py)", ""]
+        lines += [failover.get("table") or f"exit status {failover['returncode']}; see the JSON for its output", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def setup_text(results: Results, command: bool = True) -> str:
+    machine = results["machine"]
+    macro = results["macro"]
+    pinning = macro["pinning"]
+    versions = ", ".join(macro.get("versions", {}).values())
+    if pinning["load_core"] is not None:
+        where = (
+            f"wrk and the four nginx back-ends pinned to core {pinning['load_core']}, each proxy alone on "
+            f"core {pinning['proxy_core']} (`taskset`)"
+        )
+    else:
+        where = "one core: nothing pinned"
+    return (
+        f"Machine: {machine['nproc']} cores, {machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}"
+        f" (load average {machine['load_before']} when the run began: the machine is shared). "
+        f"Tools: {versions}. " + (f"Command: `{results['command']}`. " if command else "") + f"{where}; "
+        f"median of {macro['rounds']} interleaved "
+        f"rounds of {macro['seconds']:g} s per wrk run (`wrk -t1 --latency`). "
+        "CPU µs per request is the proxy process's own CPU time (from /proc) divided by the requests it served: "
+        "the steadiest figure on a shared machine. Ratios are to the direct run (xdirect) and to HAProxy in "
+        "the same mode (xHAProxy: `mode http` for L7 rows, `mode tcp` for L4 rows)."
+    )
+
+
+def goals_table(results: Results) -> list[str]:
+    lines = ["| goal | target | measured | met |", "|---|---|---|---|"]
+    for goal, target, measured, met in goals(results):
+        mark = "-" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {goal} | {target} | {measured} | {mark} |")
+    return lines
+
+
+def scenario_table(results: Results, scenario: str) -> list[str]:
+    medians = _medians(results, scenario)
+    names = {t["key"]: t["name"] for t in _targets(results)}
+    if scenario == "bulk":
+        lines = [
+            "| target | GiB/s | xdirect | xHAProxy | CPU s per GiB | CPU xHAProxy |",
+            "|---|---|---|---|---|---|",
+        ]
+        direct, haproxy = medians.get("direct", {}), medians.get("haproxy-tcp", {})
+        for key, row in medians.items():
+            lines.append(
+                f"| {names[key]} | {row['gib_s']:.2f} | {_ratio(row['gib_s'], direct.get('gib_s'))} | "
+                f"{_ratio(row['gib_s'], haproxy.get('gib_s'))} | {_cpu(row['cpu_s_per_gib'], '.2f')} | "
+                f"{_ratio(row['cpu_s_per_gib'], haproxy.get('cpu_s_per_gib'))} |"
+            )
+        return lines
+    throughput = scenario in ("64k", "1m")
+    one_core = scenario == "one-core"
+    header = "| target | requests/s | xdirect | xHAProxy |"
+    rule = "|---|---|---|---|"
+    if throughput:
+        header += " MiB/s |"
+        rule += "---|"
+    header += " p50 ms | p99 ms |"
+    rule += "---|---|"
+    if one_core:
+        header += " added µs (p50 - direct) | added xHAProxy |"
+        rule += "---|---|"
+    header += " CPU µs/request | CPU xHAProxy | errors |"
+    rule += "---|---|---|"
+    lines = [header, rule]
+    direct = medians.get("direct", {})
+    ordered = [t["key"] for t in _targets(results) if t["key"] in medians]
+    for key in ordered:
+        row = medians[key]
+        reference = medians.get(REFERENCE[_mode(results, key)], {})
+        cells = [
+            names[key],
+            f"{row['rps']:,.0f}",
+            _ratio(row["rps"], direct.get("rps")),
+            _ratio(row["rps"], reference.get("rps")),
+        ]
+        if throughput:
+            cells.append(f"{row['transfer_mib_s']:,.0f}")
+        cells += [f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}"]
+        if one_core:
+            added = added_latency_us(results, key)
+            theirs = added_latency_us(results, REFERENCE[_mode(results, key)])
+            if key == "direct" or added is None:
+                cells += ["-", "-"]
+            else:
+                cells += [f"{added:.0f}", _ratio(added, theirs) if theirs and theirs > 0 else "-"]
+        cells += [
+            _cpu(row["cpu_us"], ".1f"),
+            _ratio(row["cpu_us"], reference.get("cpu_us")) if key != "direct" else "-",
+            f"{row['errors']:.0f}" if row.get("errors") else "0",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cpu(value: float, spec: str) -> str:
+    return format(value, spec) if value else "-"
+
+
+def micro_table(results: Results) -> list[str]:
+    lines = ["| group | benchmark | median | rounds |", "|---|---|---|---|"]
+    lines += [
+        f"| {bench['group']} | `{bench['name']}` | {_duration(bench['median_s'])} | {bench['rounds']} |"
+        for bench in results["micro"]["benchmarks"]
+    ]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    if seconds >= 1e-6:
+        return f"{seconds * 1e6:.2f} µs"
+    return f"{seconds * 1e9:.0f} ns"
+
+
+# -- the README section --
+
+
+def readme_section(results: Results, files: str) -> str:
+    """`## Performance`: the setting, the goals and one matrix of every target and scenario."""
+    names = {t["key"]: t["name"] for t in _targets(results)}
+    columns = [
+        ("keepalive-c50", "keep-alive, 50 conns", "rps", "{:,.0f} req/s"),
+        ("keepalive-c500", "keep-alive, 500 conns", "rps", "{:,.0f} req/s"),
+        ("close", "new connection per request", "rps", "{:,.0f} req/s"),
+        ("1m", "1 MiB responses", "transfer_mib_s", "{:,.0f} MiB/s"),
+        ("bulk", "L4 bulk, 1 GiB", "gib_s", "{:.2f} GiB/s"),
+        ("keepalive-c50", "CPU per request (keep-alive)", "cpu_us", "{:.1f} µs"),
+    ]
+    header = "| target | " + " | ".join(title for _, title, _, _ in columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
+    for target in _targets(results):
+        key = target["key"]
+        cells = [names[key]]
+        for scenario, _, field, spec in columns:
+            medians = _medians(results, scenario)
+            if key not in medians or not medians[key].get(field):
+                cells.append("-")
+                continue
+            value = medians[key][field]
+            reference = medians.get(REFERENCE[target["mode"]], {}).get(field)
+            direct = medians.get("direct", {}).get(field)
+            cell = spec.format(value)
+            ratios = []
+            if reference and key not in ("haproxy-http", "haproxy-tcp"):
+                ratios.append(f"{value / reference:.2f}x HAProxy")
+            if direct and key != "direct" and field != "cpu_us":
+                ratios.append(f"{value / direct:.2f}x direct")
+            if ratios:
+                cell += " (" + ", ".join(ratios) + ")"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    intro = (
+        f"Measured on {results['date']} with `{results['command']}`, which sets up `.venv`, installs wrk, "
+        "HAProxy and nginx when they are missing, runs everything and stops all it started. "
+        + setup_text(results, command=False)
+    )
+    after = (
+        f"Every scenario with p50/p99 latency, the one-core latency run and the micro-benchmarks: {files}. "
+        "`make profile` records lbproxy under py-spy during the keep-alive scenario."
+    )
+    return "\n".join(
+        [
+            "## Performance",
+            "",
+            _wrap(intro),
+            "",
+            *goals_table(results),
+            "",
+            "Every target against the same four nginx back-ends (xHAProxy: `mode http` for L7 rows, `mode tcp` "
+            "for L4 rows):",
+            "",
+            *lines,
+            "",
+            _wrap(after),
+            "",
+        ]
+    )
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the README's performance section (`## Performance`, or the older `## How it compares,
+    measured`) up to the next `## ` heading; append it when there is none."""
+    text = readme.read_text(encoding="utf-8")
+    pattern = re.compile(r"^## (?:Performance|How it compares, measured)\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + section
+    readme.write_text(text.rstrip() + "\n", encoding="utf-8")
+
+
+# -- the chart --
+
+COLOURS = {
+    "direct": "#b0b0b0",
+    "lbproxy-http": "#1f77b4",
+    "lbproxy-tcp": "#6baed6",
+    "haproxy-http": "#ff7f0e",
+    "haproxy-tcp": "#fdae6b",
+    "nginx": "#2ca02c",
+    "aiohttp": "#7f7f7f",
+}
+
+
+def chart(results: Results, path: Path) -> None:
+    """One panel per scenario: each target's figure as a bar, labelled with its ratio to HAProxy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: list[tuple[str, str, str, Callable[[float], str]]] = [
+        ("keepalive-c50", "Keep-alive, 50 connections\nrequests/s", "rps", lambda v: f"{v / 1000:.1f}k"),
+        ("keepalive-c500", "Keep-alive, 500 connections\nrequests/s", "rps", lambda v: f"{v / 1000:.1f}k"),
+        ("close", "New connection per request\nrequests/s", "rps", lambda v: f"{v / 1000:.1f}k"),
+        ("64k", "64 KiB responses\nMiB/s", "transfer_mib_s", lambda v: f"{v:,.0f}"),
+        ("1m", "1 MiB responses\nMiB/s", "transfer_mib_s", lambda v: f"{v:,.0f}"),
+        ("bulk", "L4 bulk, one connection\nGiB/s", "gib_s", lambda v: f"{v:.2f}"),
+        ("keepalive-c50", "CPU per request, keep-alive\nµs (lower is better)", "cpu_us", lambda v: f"{v:.0f}"),
+        ("one-core", "Latency added on one core\nµs at p50 (lower is better)", "added_us", lambda v: f"{v:.0f}"),
+    ]
+    names = {t["key"]: t["name"] for t in _targets(results)}
+    order = [t["key"] for t in _targets(results)]
+    rows = list(range(len(order)))[::-1]  # the first target on top, the same row in every panel
+    figure, axes = plt.subplots(2, 4, figsize=(18, 8.5), sharey=True)
+    for axis, (scenario, title, field, label) in zip(axes.flat, panels, strict=True):
+        medians = _medians(results, scenario)
+        values: dict[str, float] = {}
+        for key in order:
+            if key not in medians:
+                continue
+            if field == "added_us":
+                added = added_latency_us(results, key)
+                if key != "direct" and added is not None:
+                    values[key] = max(added, 0.0)
+            elif medians[key].get(field):
+                values[key] = medians[key][field]
+        shown = [key for key in order if key in values]
+        y = [rows[order.index(key)] for key in shown]
+        axis.barh(y, [values[k] for k in shown], color=[COLOURS.get(k, "#999") for k in shown], height=0.7)
+        axis.set_yticks(rows, [names[key] for key in order])
+        axis.set_title(title, fontsize=11)
+        axis.tick_params(axis="y", labelsize=10)
+        axis.tick_params(axis="x", labelsize=8)
+        axis.grid(axis="x", alpha=0.3)
+        axis.set_axisbelow(True)
+        top = max(values.values(), default=1.0)
+        axis.set_xlim(0, top * 1.6)
+        for key, row in zip(shown, y, strict=True):
+            reference = REFERENCE[_mode(results, key)]
+            text = label(values[key])
+            if key != "direct" and reference in values and key != reference and values[reference]:
+                text += f"  {values[key] / values[reference]:.2f}x HAP"
+            axis.text(values[key] + top * 0.02, row, text, va="center", fontsize=8.5)
+    machine = results["machine"]
+    figure.suptitle(
+        f"lbproxy vs HAProxy, nginx and aiohttp: {results['date']}, {machine['nproc']} cores ({machine['cpu']}), "
+        f"median of {results['macro']['rounds']} interleaved rounds\n"
+        "xHAP: ratio to HAProxy in the same mode (mode http for the L7 rows, mode tcp for the L4 rows)",
+        fontsize=12,
+    )
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    source = Path(sys.argv[1])
+    results = json.loads(source.read_text())
+    source.with_suffix(".md").write_text(markdown(results))
+    chart(results, source.with_suffix(".png"))
+    print(source.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""`make bench`: the micro-benchmarks, the macro comparison and the failover run, one command.
+
+    python benchmarks/run.py [--quick] [--skip micro,macro,failover] [--no-readme]
+
+Writes benchmarks/results/DATE.json (everything measured, every round), DATE.md (the tables) and
+DATE.png (the chart); a `--quick` run (`make bench QUICK=1`, a smoke test) writes DATE-quick.* so
+that it never replaces a full run's files. A full run also rewrites the README's `## Performance`
+section with its figures. Every process started is stopped before this exits, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import macro
+import report
+from harness import DEBIAN_PACKAGES, missing_tools
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+FAILOVER = HERE / "failover.py"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (QUICK=1)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: micro, macro, failover")
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    parser.add_argument("--command", default="make bench", help="the command shown in the results")
+    args = parser.parse_args()
+    skip = {part.strip() for part in args.skip.split(",") if part.strip()}
+    missing = missing_tools()
+    if missing and "macro" not in skip:
+        print(f"not installed: {', '.join(missing)}; as root: {DEBIAN_PACKAGES}", file=sys.stderr)
+        return 2
+    date = time.strftime("%Y-%m-%d")
+    stem = f"{date}-quick" if args.quick else date
+    RESULTS.mkdir(exist_ok=True)
+    results: dict[str, object] = {
+        "date": date,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": args.command,
+        "quick": args.quick,
+        "machine": machine(),
+    }
+    started = time.monotonic()
+    if "micro" not in skip:
+        print("== micro-benchmarks", file=sys.stderr, flush=True)
+        results["micro"] = micro(args.quick)
+    if "macro" not in skip:
+        print("== macro: lbproxy, HAProxy, nginx, aiohttp", file=sys.stderr, flush=True)
+        results["macro"] = macro.run(args.quick)
+    if "failover" not in skip and FAILOVER.exists():
+        print("== failover (benchmarks/failover.py)", file=sys.stderr, flush=True)
+        results["failover"] = failover(args.quick)
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+
+    json_path = RESULTS / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    written = [json_path]
+    if "macro" in results:
+        markdown_path, png_path = RESULTS / f"{stem}.md", RESULTS / f"{stem}.png"
+        markdown_path.write_text(report.markdown(results))
+        report.chart(results, png_path)
+        written += [markdown_path, png_path]
+        if not args.quick and not args.no_readme:
+            files = f"benchmarks/results/{stem}.md, .json and .png"
+            report.update_readme(ROOT / "README.md", report.readme_section(results, files))
+            written.append(ROOT / "README.md")
+        print(markdown_path.read_text())
+    print(f"wrote {', '.join(str(path.relative_to(ROOT)) for path in written)} in {results['wall_seconds']:.0f} s")
+    return 0
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_before": " ".join(f"{value:.1f}" for value in os.getloadavg()),
+    }
+
+
+def micro(quick: bool) -> dict[str, object]:
+    """Run benchmarks/micro with pytest-benchmark; the medians of each benchmark."""
+    with tempfile.TemporaryDirectory(prefix="lbproxy-micro-") as folder:
+        output = Path(folder) / "micro.json"
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(HERE / "micro"),
+            "-o",
+            "python_files=bench_*.py",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            f"--benchmark-json={output}",
+            "--benchmark-columns=median,iqr,ops,rounds",
+            "--benchmark-sort=name",
+        ]
+        if quick:
+            command += ["--benchmark-max-time=0.1", "--benchmark-min-rounds=3", "--benchmark-warmup=off"]
+        else:
+            command += ["--benchmark-max-time=0.5", "--benchmark-warmup=on"]
+        done = subprocess.run(command, cwd=ROOT, check=False, timeout=900)
+        if done.returncode != 0 or not output.exists():
+            raise RuntimeError(f"the micro-benchmarks failed (pytest exit status {done.returncode})")
+        raw = json.loads(output.read_text())
+    return {
+        "benchmarks": [
+            {
+                "group": bench["group"],
+                "name": bench["name"],
+                "median_s": bench["stats"]["median"],
+                "mean_s": bench["stats"]["mean"],
+                "stddev_s": bench["stats"]["stddev"],
+                "iqr_s": bench["stats"]["iqr"],
+                "rounds": bench["stats"]["rounds"],
+            }
+            for bench in raw["benchmarks"]
+        ],
+        "python": raw["machine_info"]["python_version"],
+    }
+
+
+def failover(quick: bool) -> dict[str, object]:
+    """benchmarks/failover.py (issue #4's), run as it is; its table and output kept as they come."""
+    command = [sys.executable, str(FAILOVER), *(["--quick"] if quick else [])]
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=1200)
+    except BaseException as error:
+        # SIGTERM first: failover.py stops the back-ends and proxies it started in its finally blocks.
+        process.terminate()
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate(timeout=10)
+        if not isinstance(error, subprocess.TimeoutExpired):
+            raise
+        return {"returncode": None, "seconds": round(time.monotonic() - started, 1), "table": "", "output": "timeout"}
+    sys.stderr.write(stderr[-4000:])
+    table = "\n".join(line for line in stdout.splitlines() if line.startswith("|"))
+    return {
+        "command": " ".join(["python", "benchmarks/failover.py", *(["--quick"] if quick else [])]),
+        "returncode": process.returncode,
+        "seconds": round(time.monotonic() - started, 1),
+        "table": table,
+        "output": stdout,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
