@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
+from heapq import heapify, heapreplace
 from typing import Generic, Protocol, TypeVar
 
 
@@ -105,6 +106,9 @@ class RoundRobin(Generic[S]):
         pass
 
 
+SCHEDULE_BUDGET = 200_000  # steps of a precomputed period (its length x servers): ~20 ms of Python
+
+
 class Ratio(Generic[S]):
     """Smooth weighted round robin (nginx's algorithm): 5:1:1 gives `a a b a c a a`, interleaved.
 
@@ -112,12 +116,13 @@ class Ratio(Generic[S]):
     period, so any window of sum(weights) consecutive picks gives each server exactly its weight.
     The period is computed once per change of the available set or of a weight (lazily, at the next
     pick, so a burst of changes costs one rebuild) and then replayed: `pick()` is O(1). A rebuild costs
-    O(period x servers), with weights first divided by their common divisor.
+    O(period x servers), with weights first divided by their common divisor; past SCHEDULE_BUDGET
+    (hundreds of servers with fractional live weights) it switches to stride scheduling on a heap.
 
     Serves both `ratio` (configured weights) and `dynamic_ratio` (weights reported at run time).
     """
 
-    __slots__ = ("_order", "_members", "_schedule", "_next", "_dirty")
+    __slots__ = ("_order", "_members", "_schedule", "_next", "_dirty", "_heap", "_strides", "_stride_members")
 
     def __init__(self, servers: Sequence[S]) -> None:
         self._order = {server: index for index, server in enumerate(servers)}
@@ -125,10 +130,19 @@ class Ratio(Generic[S]):
         self._schedule: list[S] = []
         self._next = 0
         self._dirty = False
+        # Past SCHEDULE_BUDGET, stride scheduling instead of a precomputed period (see _rebuild).
+        self._heap: list[tuple[float, int]] = []
+        self._strides: list[float] = []
+        self._stride_members: list[S] = []
 
     def pick(self) -> S | None:
         if self._dirty:
             self._rebuild()
+        heap = self._heap
+        if heap:
+            passed, index = heap[0]
+            heapreplace(heap, (passed + self._strides[index], index))
+            return self._stride_members[index]
         schedule = self._schedule
         if not schedule:
             return None
@@ -162,8 +176,21 @@ class Ratio(Generic[S]):
     def _rebuild(self) -> None:
         self._dirty = False
         members = [server for server in self._members if server.weight > 0]
+        weights = [server.weight for server in members]
+        divisor = math.gcd(*weights) if weights else 1
+        if sum(weights) // divisor * len(members) > SCHEDULE_BUDGET:
+            # A period this long (many servers with fractional live weights: dynamic_ratio reports,
+            # slow starts) would take the event loop too long to compute. Stride scheduling gives
+            # the same long-run shares with at most one pick of lag per server, O(log n) a pick.
+            self._schedule = []
+            self._stride_members = members
+            self._strides = [1.0 / weight for weight in weights]
+            self._heap = [(stride / 2, index) for index, stride in enumerate(self._strides)]
+            heapify(self._heap)
+            return
+        self._heap = []
         before = len(self._schedule)
-        self._schedule = smooth_weighted_schedule(members, [server.weight for server in members])
+        self._schedule = smooth_weighted_schedule(members, weights)
         # Carry the cursor over in proportion, so that frequent changes do not keep restarting the
         # period and favour the servers at its beginning.
         self._next = self._next * len(self._schedule) // before if before else 0

@@ -627,3 +627,14 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_a_long_weighted_period_switches_to_stride_scheduling_and_keeps_shares() -> None:
+    """400 servers, one reporting 37%: a precomputed period would block the loop for seconds."""
+    servers = tuple(ServerConfig(f"s{i}", Address("10.0.0.1", 1000 + i), ratio=1 + i % 5) for i in range(400))
+    pool = Pool(PoolConfig("p", servers, policy="dynamic_ratio"))
+    pool.set_weight(pool.servers[0], 37)
+    total = sum(server.weight for server in pool.servers)
+    picks = Counter(server.name for server in (pool.pick() for _ in range(total)) if server is not None)
+    for server in pool.servers:
+        assert abs(picks[server.name] - server.weight) <= 1, server  # one period: each within one pick
