@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,73 +25,21 @@ import tempfile
 import time
 from pathlib import Path
 
-NGINX = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx.err;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 10000000;
-  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello world\\n"; }} }}
-}}
-"""
-
-LBPROXY = """
-listeners:
-  - {{name: web, bind: "127.0.0.1:{port}", pool: farm}}
-pools:
-  farm:
-    servers:
-      - {{name: s1, address: "127.0.0.1:{backend}"}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_listening(port: int, deadline: float = 20.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of `pid` and its children (the workers)."""
-    total = 0.0
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        pids += [int(child) for child in (task / "children").read_text().split()]
-    for each in pids:
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+from harness import cpu_seconds, free_port, lbproxy_command, missing_tools, parse_wrk, wait_listening
+from keepalive import LBPROXY, NGINX
 
 
 def run_wrk(port: int, seconds: int, connections: int, pid: int) -> tuple[float, float]:
-    before = tree_cpu_seconds(pid)
+    """Two wrk threads (the workers need both cores); CPU of the whole lbproxy process tree."""
+    before = cpu_seconds(pid)
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    after = tree_cpu_seconds(pid)
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return rps, (after - before) * 1e6 / max(requests, 1)
+    result = parse_wrk(out, cpu_seconds(pid) - before)
+    return result.rps, result.cpu_us
 
 
 def main() -> int:
@@ -102,10 +48,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=100)
     args = parser.parse_args()
-    for tool in ("nginx", "wrk"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"{tool} is not installed (Debian: apt-get install nginx-light wrk)", file=sys.stderr)
-            return 2
+    missing = missing_tools(("nginx", "wrk"))
+    if missing:
+        print(f"not installed: {', '.join(missing)} (Debian: apt-get install nginx-light wrk)", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="lbproxy-workers-"))
     backend = free_port()
     ports = {1: free_port(), 2: free_port()}
@@ -116,8 +62,8 @@ def main() -> int:
         for count, port in ports.items():
             path = work / f"lbproxy-{count}.yaml"
             path.write_text(LBPROXY.format(port=port, backend=backend))
-            command = [sys.executable, "-m", "lbproxy", "run", "-c", str(path), "--log-level", "warning"]
-            trees[count] = subprocess.Popen([*command, "--workers", str(count)], stdout=subprocess.DEVNULL)
+            command = [*lbproxy_command(path), "--workers", str(count)]
+            trees[count] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
             processes.append(trees[count])
         for port in (backend, *ports.values()):
             wait_listening(port)
