@@ -71,7 +71,7 @@ pools:
     policy: round_robin
     retries: 2
     timeouts: {{connect: 1s, response: 1s}}
-    passive: {{consecutive_failures: 3}}
+    passive: {{consecutive_failures: {passive}}}
     health: {{type: http, path: /health, interval: 1s, timeout: 500ms, rise: 2, fall: 2}}
     servers:
 {servers}
@@ -114,7 +114,8 @@ class Target:
                 for name, backend in zip(SERVERS, backends, strict=True)
             )
             path = work / "lbproxy.yaml"
-            path.write_text(LBPROXY.format(port=port, servers=servers))
+            passive = self.extra[0] if self.extra else "3"  # for lbproxy, extra is the passive threshold
+            path.write_text(LBPROXY.format(port=port, servers=servers, passive=passive))
             return [sys.executable, "-m", "lbproxy", "run", "-c", str(path), "--log-level", "warning"]
         servers = "".join(
             f"  server {name} 127.0.0.1:{backend}\n" for name, backend in zip(SERVERS, backends, strict=True)
@@ -127,6 +128,8 @@ class Target:
 
 TARGETS = (
     Target("lbproxy", "lbproxy", "lbproxy"),
+    # nginx's default (max_fails=1): the first refused connection takes the server out.
+    Target("lbproxy, passive 1", "lbproxy-passive1", "lbproxy", extra=("1",)),
     Target("HAProxy", "haproxy", "haproxy"),
     Target(
         "HAProxy, retries 2 + redispatch",
