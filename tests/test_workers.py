@@ -47,8 +47,9 @@ def children(pid: int) -> list[int]:
 
 
 class Tree:
-    def __init__(self, process: asyncio.subprocess.Process, port: int, admin: int) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, port: int, admin: int, path: Path) -> None:
         self.process = process
+        self.path = path
         self.port = port
         self.admin = f"http://{LOCALHOST}:{admin}"
 
@@ -90,7 +91,7 @@ async def tree(tmp_path: Path) -> AsyncIterator[tuple[Tree, Backend, Backend]]:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        running = Tree(process, port, admin)
+        running = Tree(process, port, admin, path)
         try:
             deadline = asyncio.get_running_loop().time() + 20
             while not await running.ready():
@@ -145,6 +146,26 @@ async def test_a_drain_through_the_api_reaches_every_worker(tree: tuple[Tree, Ba
     metrics = await running.metrics()
     assert metrics["lbproxy_worker_requests_total{worker=0}"] > 0
     assert metrics["lbproxy_worker_requests_total{worker=1}"] > 0
+
+
+async def test_a_reload_reaches_every_worker(tree: tuple[Tree, Backend, Backend]) -> None:
+    running, _a, b = tree
+    text = running.path.read_text()
+    running.path.write_text(text.replace(f'      - {{name: b, address: "{b.address}"}}\n', ""))
+    before = await running.metrics()
+    running.process.send_signal(signal.SIGHUP)
+    deadline = asyncio.get_running_loop().time() + 10
+    while b"b" in await requests_on_new_connections(running.port, 10):
+        assert asyncio.get_running_loop().time() < deadline, "b still gets traffic after the reload"
+    served_by_b = len(b.requests)
+    bodies = await requests_on_new_connections(running.port, 40)
+    assert set(bodies) == {b"a"}
+    assert len(b.requests) == served_by_b
+    after = await running.metrics()
+    assert after["lbproxy_config_reloads_total{result=success}"] == 1
+    for worker in ("0", "1"):  # both workers took part, and both have the new config
+        key = f"lbproxy_worker_requests_total{{worker={worker}}}"
+        assert after[key] > before[key]
 
 
 async def test_a_killed_worker_comes_back(tree: tuple[Tree, Backend, Backend]) -> None:
