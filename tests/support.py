@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +22,7 @@ from lbproxy import config
 from lbproxy.runtime import Runtime
 
 LOCALHOST = "127.0.0.1"
+KiB = 1024
 
 
 @contextlib.asynccontextmanager
@@ -227,6 +230,14 @@ class _ResponseReader:
         self.body = bytearray()
 
 
+def parse_responses(data: bytes) -> list[Response]:
+    """The complete responses in `data`; fails the test (a parser error) if anything else follows them."""
+    reader = _ResponseReader()
+    if data:
+        reader.parser.feed_data(data)
+    return reader.responses
+
+
 class Client:
     """A raw HTTP/1.1 client on one TCP connection: send exact bytes, read parsed responses."""
 
@@ -288,8 +299,74 @@ class Client:
         await self.close()
 
 
+async def ctl(*args: str) -> tuple[int, str, str]:
+    """`lbproxy ctl ARGS` as a subprocess: exit code, standard output, standard error."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lbproxy",
+        "ctl",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LBPROXY_ADMIN_TOKEN": ""},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 async def get(port: int, target: bytes = b"/", host: bytes = b"test") -> Response:
     """One GET on a new connection."""
     async with await Client.connect(port) as client:
         await client.send(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host))
         return await client.response()
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def rss() -> int:
+    """This process's resident set size in bytes (VmRSS in /proc/self/status)."""
+    with open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"VmRSS:"):
+                return int(line.split()[1]) * KiB
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class RssSampler:
+    """This process's RSS (lbproxy's: tests run it in-process), sampled every 100 ms while the block runs.
+
+    `growth` is the largest rise over the start.
+    """
+
+    def __init__(self) -> None:
+        self.start = rss()
+        self.peak = self.start
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+    def sample(self) -> int:
+        now = rss()
+        self.peak = max(self.peak, now)
+        return now
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(0.1)
+
+    async def __aenter__(self) -> RssSampler:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sample()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from lbproxy import admin
 from lbproxy.pool import AdminState
-from tests.support import LOCALHOST, Backend, get, port_of, running
+from tests.support import LOCALHOST, Backend, ctl, get, port_of, running
 
 CONFIG = """
 admin:
@@ -142,22 +141,6 @@ async def test_writes_without_a_token_are_refused_off_loopback(tmp_path: Path) -
 @pytest.mark.parametrize("bind", ["127.0.0.1", "::1", "localhost", "10.1.2.3", "0.0.0.0"])
 def test_loopback_detection(bind: str) -> None:
     assert admin.is_loopback(bind) is (bind in ("127.0.0.1", "::1", "localhost"))
-
-
-async def ctl(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "lbproxy",
-        "ctl",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LBPROXY_ADMIN_TOKEN": ""},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_ctl_status_drain_enable(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from typing import TypeVar
 import httptools
 
 from lbproxy.runtime import Runtime
-from tests.support import LOCALHOST, port_of, running
+from tests.support import LOCALHOST, RssSampler, port_of, running
 
 P = TypeVar("P", bound=asyncio.Protocol)
 
@@ -49,49 +49,6 @@ def expected_crc(size: int) -> int:
     for _ in range(whole):
         crc = zlib.crc32(BLOCK, crc)
     return zlib.crc32(BLOCK[:rest], crc)
-
-
-def rss() -> int:
-    """This process's resident set size in bytes (VmRSS in /proc/self/status)."""
-    with open("/proc/self/status", "rb") as status:
-        for line in status:
-            if line.startswith(b"VmRSS:"):
-                return int(line.split()[1]) * KiB
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-class RssSampler:
-    """The process's RSS sampled every 100 ms while it runs; `growth` is the largest rise over the start."""
-
-    def __init__(self) -> None:
-        self.start = rss()
-        self.peak = self.start
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
-
-    def sample(self) -> int:
-        now = rss()
-        self.peak = max(self.peak, now)
-        return now
-
-    async def _run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(0.1)
-
-    async def __aenter__(self) -> RssSampler:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self.sample()
 
 
 def lb_config(server: str) -> str:

@@ -23,11 +23,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httptools
 import pytest
 
 from lbproxy.runtime import TICK, Runtime
-from tests.support import LOCALHOST, Backend, Client, Request, Response, eventually, get, port_of, running
+from tests.support import (
+    LOCALHOST,
+    Backend,
+    Client,
+    Request,
+    eventually,
+    get,
+    parse_responses,
+    port_of,
+    running,
+)
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -74,35 +83,6 @@ async def proxied(tmp_path: Path, listener: str = "") -> AsyncIterator[tuple[Run
     """A recording back-end and lbproxy in front of it."""
     async with Backend("a") as backend, running(lb_config(backend.address, listener), tmp_path) as lb:
         yield lb, backend
-
-
-class _Responses:
-    """httptools callbacks collecting every complete response in a byte string."""
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.found: list[Response] = []
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body = bytearray()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.found.append(Response(self.parser.get_status_code(), self.headers, bytes(self.body)))
-        self.headers = []
-        self.body = bytearray()
-
-
-def parse_responses(data: bytes) -> list[Response]:
-    """The complete responses in `data`; fails the test if anything else follows them."""
-    collector = _Responses()
-    if data:
-        collector.parser.feed_data(data)
-    return collector.found
 
 
 async def read_until_close(client: Client, timeout: float) -> bytes:

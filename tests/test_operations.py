@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbproxy.admin import pool_state
 from lbproxy.pool import AdminState
 from lbproxy.runtime import Runtime
-from tests.support import LOCALHOST, Backend, Client, Request, Responder, eventually, get, port_of, running
+from tests.support import LOCALHOST, Backend, Client, Request, Responder, ctl, eventually, get, port_of, running
 
 GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 HEALTH = "{type: http, path: /health, interval: 100ms, timeout: 1s, rise: 1, fall: 1}"
@@ -572,23 +572,6 @@ async def test_an_unreadable_state_file_starts_every_server_enabled(tmp_path: Pa
         assert {server.admin for server in lb.pools["farm"].servers} == {AdminState.ENABLED}
         lb.drain(lb.server("farm", "c"))
         assert json.loads(state.read_text()) == {"version": 1, "servers": {"farm/c": "draining"}}
-
-
-async def ctl(*args: str) -> tuple[int, str, str]:
-    """`lbproxy ctl ARGS` as a subprocess: exit code, standard output, standard error."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "lbproxy",
-        "ctl",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LBPROXY_ADMIN_TOKEN": ""},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 # -- the process: signals -----------------------------------------------------------------------------

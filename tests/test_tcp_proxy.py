@@ -32,7 +32,7 @@ import pytest
 
 from lbproxy.runtime import Runtime
 from lbproxy.tcp_proxy import TcpListener
-from tests.support import LOCALHOST, Backend, Client, eventually, port_of, running
+from tests.support import LOCALHOST, Backend, Client, RssSampler, eventually, port_of, running
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -347,47 +347,6 @@ async def connections(serving: Serving, count: int) -> list[asyncio.Protocol]:
 async def received(record: Recorder, size: int) -> bytes:
     await eventually(lambda: len(record.data) >= size, what=f"{size} bytes at the back-end")
     return bytes(record.data)
-
-
-def rss() -> int:
-    """This process's resident set size in bytes (VmRSS in /proc/self/status): lbproxy's, since it runs here."""
-    with open("/proc/self/status", "rb") as status:
-        for line in status:
-            if line.startswith(b"VmRSS:"):
-                return int(line.split()[1]) * KiB
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-class RssSampler:
-    """The RSS sampled every 100 ms while it runs; `growth` is the largest rise over the start."""
-
-    def __init__(self) -> None:
-        self.start = rss()
-        self.peak = self.start
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
-
-    async def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, rss())
-            await asyncio.sleep(0.1)
-
-    async def __aenter__(self) -> RssSampler:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self.peak = max(self.peak, rss())
-
-
-# -- PROXY headers, from the specification ----------------------------------------------------------
 
 
 def proxy_v1(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
