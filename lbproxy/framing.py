@@ -61,9 +61,7 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
 
 
 # A response head carries one of these when its fields need more than a pass-through.
-_RESPONSE_HOP: Final = re.compile(
-    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade|http2-settings):"
-)
+_RESPONSE_HOP: Final = re.compile(rb"\r\n(" + b"|".join(sorted(HOP_BY_HOP)) + rb"):")
 
 
 def cut_field(head: bytes, lower: bytes, name: bytes) -> tuple[bytes, bytes, list[bytes]]:

@@ -45,23 +45,7 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b
 
 # Header names looked at are recognised by length first: most headers are then skipped without
 # lower-casing them (Content-Type 12, Accept 6, User-Agent 10 but also Connection 10...).
-_REQUEST_NAMES: Final = frozenset(
-    {
-        b"host",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"http2-settings",
-        b"content-length",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-    }
-)
+_REQUEST_NAMES: Final = framing.HOP_BY_HOP | framing.FORWARDED | {b"host", b"content-length"}
 _REQUEST_LENGTHS: Final = frozenset(len(name) for name in _REQUEST_NAMES)
 # How a relayed response head ends, by (chunked to the client, client kept alive, client HTTP/1.1).
 _HEAD_ENDS: Final = {
