@@ -31,7 +31,7 @@ CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})  # 
 FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 
 # Space, controls, '"', '#', '/', '<', '>', '?', '@', '\\', '^', '`', '{', '|', '}' and DEL never belong in a Host.
-_HOST: Final = re.compile(rb'[^\x00-\x20"#/<>?@\\^`{|}\x7f]*')
+_NOT_IN_HOST: Final = bytes(range(0x21)) + b'"#/<>?@\\^`{|}\x7f'
 
 # Body framing of a response, decided at its head (RFC 9112 §6.3).
 NO_BODY: Final = 0
@@ -60,8 +60,14 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
-# A response head carries one of these when its fields need more than a pass-through.
-_RESPONSE_HOP: Final = re.compile(rb"\r\n(" + b"|".join(sorted(HOP_BY_HOP)) + rb"):")
+# The response fields lbproxy acts on: the hop-by-hop ones, which it cuts, and two it reads. Matched
+# in the lower-cased head, with the value up to the line's end (its trailing whitespace included).
+_RESPONSE_FIELDS: Final = re.compile(
+    rb"\r\n(" + b"|".join(sorted(HOP_BY_HOP | {b"content-length", b"www-authenticate"})) + rb"):[ \t]*([^\r]*)"
+)
+# What servers nearly always send as Connection, parsed once.
+_COMMON_TOKENS: Final = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
+_NO_TOKENS: Final = frozenset[bytes]()
 
 
 def cut_field(head: bytes, lower: bytes, name: bytes) -> tuple[bytes, bytes, list[bytes]]:
@@ -82,59 +88,70 @@ def cut_field(head: bytes, lower: bytes, name: bytes) -> tuple[bytes, bytes, lis
 
 
 class ResponseHead:
-    """A server's response head as lbproxy relays it: hop-by-hop fields cut, facts noted."""
+    """A server's response head as lbproxy relays it: hop-by-hop fields cut, facts noted.
 
-    __slots__ = ("head", "server_11", "content_length", "chunked", "close", "pin")
+    One regular-expression pass over the lower-cased head finds every field of interest; the head is
+    then rebuilt from the slices between the fields cut, so a typical response costs two C-level scans.
+    """
+
+    __slots__ = ("head", "content_length", "chunked", "close", "pin")
 
     def __init__(self, head: bytes, upgrade: bool) -> None:
         """`head` runs from the status line to the CRLF of the last field (no blank line)."""
         lower = head.lower()
-        self.server_11 = head.startswith(b"HTTP/1.1 ")
-        if not self.server_11:
+        server_11 = head.startswith(b"HTTP/1.1 ")
+        content_length: int | None = None
+        chunked = False
+        pin = False
+        tokens = _NO_TOKENS
+        kept: list[bytes] = []  # the head between the fields cut
+        start = 0
+        for field in _RESPONSE_FIELDS.finditer(lower):
+            name = field[1]
+            if name == b"content-length":
+                content_length = int(field[2])  # llhttp let one value through, digits only
+                continue
+            if name == b"www-authenticate":
+                # NTLM and Negotiate authenticate the connection, not the request (RFC 4559).
+                pin = pin or field[2].startswith((b"ntlm", b"negotiate"))
+                continue
+            if name == b"upgrade" and upgrade:
+                continue  # a 101's Upgrade names the protocol switched to
+            kept.append(head[start : field.start()])
+            start = field.end()
+            if name == b"connection":
+                value = field[2].rstrip(b" \t")
+                found = _COMMON_TOKENS.get(value)
+                if found is None:
+                    found = frozenset(connection_tokens([value]))
+                tokens = tokens | found if tokens else found
+            elif name == b"transfer-encoding":
+                # the last coding of the last line decides (RFC 9112 §6.3); llhttp checked the rest
+                chunked = field[2].rsplit(b",", 1)[-1].strip() == b"chunked"
+        if kept:
+            kept.append(head[start:])
+            head = b"".join(kept)
+        if not server_11:
             head = b"HTTP/1.1" + head[8:]  # we speak HTTP/1.1 to the client whatever the server spoke
-        self.content_length = b"\r\ncontent-length:" in lower
-        self.chunked = False
-        tokens: set[bytes] = set()
-        found = _RESPONSE_HOP.findall(lower)
-        if found:
-            for name in set(found):
-                if name == b"upgrade" and upgrade:
-                    continue  # a 101's Upgrade names the protocol switched to
-                head, lower, values = cut_field(head, lower, name)
-                if name == b"connection":
-                    tokens = connection_tokens(values)
-                elif name == b"transfer-encoding":
-                    self.chunked = values[-1].lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-            for name in tokens - CONNECTION_OPTIONS:  # RFC 9110 §7.6.1
+        named = tokens - CONNECTION_OPTIONS
+        if named:  # RFC 9110 §7.6.1: the fields that Connection names are hop-by-hop too
+            lower = head.lower()
+            for name in named:
                 head, lower, _ = cut_field(head, lower, name)
-        self.close = b"close" in tokens or (not self.server_11 and b"keep-alive" not in tokens)
-        self.pin = False
-        if b"\r\nwww-authenticate:" in lower:
-            # NTLM and Negotiate authenticate the connection, not the request (RFC 4559).
-            for offset in _offsets(lower, b"\r\nwww-authenticate:"):
-                value = lower[offset : lower.find(b"\r\n", offset)].lstrip(b" \t")
-                if value.startswith((b"ntlm", b"negotiate")):
-                    self.pin = True
         self.head = head
+        self.content_length = content_length
+        self.chunked = chunked
+        self.close = b"close" in tokens or (not server_11 and b"keep-alive" not in tokens)
+        self.pin = pin
 
 
-def _offsets(text: bytes, key: bytes) -> list[int]:
-    """Where each value of the field `key` (`\r\nname:`) starts in `text`."""
-    found = []
-    start = text.find(key)
-    while start >= 0:
-        found.append(start + len(key))
-        start = text.find(key, start + 1)
-    return found
-
-
-def response_framing(request_method: bytes, status: int, content_length: bool, chunked: bool) -> int:
+def response_framing(request_method: bytes, status: int, content_length: int | None, chunked: bool) -> int:
     """How the body of a response is delimited (RFC 9112 §6.3, in its order of precedence)."""
     if request_method == b"HEAD" or status < 200 or status in (204, 304):
         return NO_BODY
     if chunked:
         return CHUNKED
-    if content_length:
+    if content_length is not None:
         return LENGTH
     return UNTIL_CLOSE
 
@@ -189,7 +206,7 @@ def _valid_host(host: bytes) -> bool:
 
     An empty Host is allowed (for targets with no authority).
     """
-    return _HOST.fullmatch(host) is not None
+    return len(host.translate(None, _NOT_IN_HOST)) == len(host)
 
 
 def absolute_form_authority(target: bytes) -> bytes | None:

@@ -1028,7 +1028,13 @@ class HttpProxy(asyncio.Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """The server side of the L7 proxy: one connection to one server, serving one exchange at a time."""
+    """The server side of the L7 proxy: one connection to one server, serving one exchange at a time.
+
+    llhttp is fed a response's head and, when the body is chunked, its body: it checks both and
+    calls back. A Content-Length body, or one the server's close delimits, is counted and relayed as
+    it comes, the bytes uvloop read passed on untouched, as the L4 proxy does; the parser is then
+    spent, and the next response on the connection gets a new one.
+    """
 
     __slots__ = (
         "server",
@@ -1036,10 +1042,13 @@ class UpstreamConnection(asyncio.Protocol):
         "transport",
         "gate",
         "parser",
+        "spent",
         "proxy",
         "exchange",
+        "in_head",
         "head_buffer",
-        "head_start",
+        "head",
+        "left",
         "response_started",
         "reused",
         "reusable",
@@ -1059,10 +1068,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.gate: flow.ReadGate | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.spent = False  # the parser stopped inside a body that was relayed without it
         self.proxy: HttpProxy | None = None
         self.exchange: Exchange | None = None
-        self.head_buffer = b""  # the bytes of a response head, until it is complete
-        self.head_start = 0  # where the current head starts in head_buffer; -1 in a body
+        self.in_head = True  # the next bytes from the server are a response head
+        self.head_buffer = b""  # the bytes of a head that has not all arrived
+        self.head = b""  # the head llhttp is being fed, status line to last CRLF, for on_headers_complete
+        self.left = 0  # bytes of a Content-Length body still to relay
         self.response_started = False
         self.reused = False  # served an exchange before this one
         self.reusable = True
@@ -1103,9 +1115,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.proxy = proxy
         self.exchange = exchange
         self.response_started = False
-        self.complete = False
-        self.head_buffer = b""
-        self.head_start = 0
+        if self.spent:
+            self.parser = httptools.HttpResponseParser(self)
+            self.spent = False
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -1143,7 +1155,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if proxy is None or exchange is None:
             return  # idle, or abandoned
-        if self.framing == framing.UNTIL_CLOSE and exchange.answered and not self.complete:
+        if self.framing == framing.UNTIL_CLOSE and exchange.answered and not self.in_head:
             self._finish()  # RFC 9112 §6.3: the close delimits the body
             return
         self.proxy = None
@@ -1169,23 +1181,41 @@ class UpstreamConnection(asyncio.Protocol):
             if proxy is not None and proxy.transport is not None:
                 proxy.transport.write(data)
             return
-        if proxy is None:
+        exchange = self.exchange
+        if proxy is None or exchange is None or self.complete:
             self.close()  # nothing was asked: a server talking out of turn is not reused
             return
         self.response_started = True
-        proxy.extend_response_deadline()
-        if self.head_start >= 0:  # a response head is (partly) in here: keep its bytes
-            self.head_buffer = self.head_buffer + data if self.head_buffer else data
         out = self.out
         try:
-            self.parser.feed_data(data)
+            if self.in_head:
+                data = self._read_head(data)
+            if data:
+                body = self.framing
+                if body == framing.LENGTH:
+                    left = self.left
+                    if len(data) >= left:
+                        if len(data) > left:  # more than the server announced: not one to reuse
+                            self.reusable = False
+                            data = data[:left]
+                        self.complete = True
+                    self.left = left - len(data)
+                    out.append(data)
+                    exchange.response_bytes += len(data)
+                elif body == framing.CHUNKED:
+                    self.parser.feed_data(data)  # on_body re-frames it, on_message_complete ends it
+                elif body == framing.UNTIL_CLOSE:
+                    out.append(data)
+                    exchange.response_bytes += len(data)
+                else:
+                    self.reusable = False  # bytes after a response that has no body
         except httptools.HttpParserUpgrade as upgrade:
             if out:
                 proxy.flush(out)
                 out.clear()
             self._switch(data[upgrade.args[0] :])
             return
-        except httptools.HttpParserError as error:
+        except (httptools.HttpParserError, ValueError) as error:
             cause = error.__context__
             out.clear()
             self._garbage(str(cause) if cause is not None else str(error))
@@ -1195,23 +1225,56 @@ class UpstreamConnection(asyncio.Protocol):
             out.clear()
         if self.complete:
             self._finish()
+        else:
+            proxy.extend_response_deadline()
+
+    def _read_head(self, data: bytes) -> bytes:
+        """Feed llhttp the response heads in `data`; returns the bytes that follow the final one."""
+        offset = 0  # where in `data` the head being read continues (after interim responses)
+        while True:
+            rest = data[offset:] if offset else data
+            buffer = self.head_buffer + rest if self.head_buffer else rest
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > self.listener.max_header_size:
+                    raise ValueError("response head too large")
+                self.head_buffer = buffer
+                self.head = b""
+                self.parser.feed_data(rest)  # llhttp sees garbage early; the head's end comes later
+                return b""
+            # In a strict llhttp head every line ends in CRLF, so the first blank line ends it.
+            self.head = buffer[: end + 2]
+            stop = offset + end + 4 - len(self.head_buffer)  # where the head ends in `data`
+            self.head_buffer = b""
+            try:
+                self.parser.feed_data(data[offset:stop] if offset or stop < len(data) else data)
+            except httptools.HttpParserUpgrade:
+                raise httptools.HttpParserUpgrade(stop) from None  # the new protocol's bytes follow the head
+            if self.head:
+                raise ValueError("response head not understood")  # llhttp did not see it end there
+            if not self.in_head or stop == len(data):
+                return data[stop:] if stop < len(data) else b""
+            offset = stop
 
     # -- httptools callbacks (the response parser) --
 
     def on_headers_complete(self) -> None:
         proxy = self.proxy
         exchange = self.exchange
-        if proxy is None or exchange is None or self.complete:
+        if proxy is None or exchange is None:
             return
+        if not self.in_head:
+            self.reusable = False  # a second response after a chunked one, unasked for
+            return
+        head_bytes = self.head
+        if not head_bytes:
+            raise ValueError("response head not understood")  # llhttp saw it end where we did not
+        self.head = b""
         status = self.parser.get_status_code()
         if status == 101 and not exchange.upgrade:
             raise ValueError("101 Switching Protocols to a request that asked for no upgrade")
         # llhttp has checked the head; we relay its bytes, cut where hop-by-hop fields stand.
-        buffer = self.head_buffer
-        start = self.head_start
-        end = buffer.find(b"\r\n\r\n", start) + 2
-        self.head_start = end + 2
-        head = framing.ResponseHead(buffer[start:end], upgrade=status == 101)
+        head = framing.ResponseHead(head_bytes, upgrade=status == 101)
         if head.close:
             self.reusable = False
         if status < 200:
@@ -1222,21 +1285,30 @@ class UpstreamConnection(asyncio.Protocol):
                 self.out += (head.head, _CRLF)  # an interim response (100 Continue); the final one follows
             exchange.answered = True
             return
-        self.head_buffer = b""
-        self.head_start = -1
+        self.in_head = False
         exchange.status = status
         body = framing.response_framing(exchange.method, status, head.content_length, head.chunked)
         self.framing = body
         keep_client = exchange.keep_alive and not proxy.client_eof and not proxy.listener.draining
         self.chunked_out = False
-        if body == framing.CHUNKED:
+        if body == framing.LENGTH:
+            self.spent = True  # llhttp waits for the body we relay ourselves
+            self.left = head.content_length  # type: ignore[assignment]
+            if not self.left:
+                self.complete = True
+        elif body == framing.CHUNKED:
             if exchange.client_11:
                 self.chunked_out = True
             else:
                 keep_client = False  # an HTTP/1.0 client: the close delimits the body
         elif body == framing.UNTIL_CLOSE:
+            self.spent = True
             keep_client = False
             self.reusable = False
+        else:
+            self.complete = True
+            if exchange.method == b"HEAD":
+                self.spent = True  # llhttp cannot be told the request was HEAD: it waits for a body
         if exchange.upgrade:
             keep_client = False  # the server declined to switch: the client's next bytes are not HTTP
         self.pin = head.pin
@@ -1244,11 +1316,6 @@ class UpstreamConnection(asyncio.Protocol):
         if not keep_client:
             exchange.keep_alive = False
         self.out += (head.head, _HEAD_ENDS[self.chunked_out, keep_client, exchange.client_11])
-        if body == framing.NO_BODY:
-            self.complete = True
-            if exchange.method == b"HEAD":
-                # llhttp cannot be told the request was HEAD and would wait for Content-Length bytes.
-                self.parser = httptools.HttpResponseParser(self)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange
@@ -1262,10 +1329,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         exchange = self.exchange
-        if exchange is None or self.complete:
-            return
-        if exchange.status < 200:
-            return  # the end of an interim response
+        if exchange is None or self.complete or self.in_head:
+            return  # the end of an interim response, or of one with no body
         if self.chunked_out:
             self.out.append(_CHUNK_END)
         self.complete = True
@@ -1280,6 +1345,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.proxy = None
         self.exchange = None
         self.complete = False
+        self.in_head = True
         self.served += 1
         gate = self.gate
         if gate is not None and gate.reasons:
