@@ -340,6 +340,7 @@ class HttpProxy(asyncio.Protocol):
         "fields",
         "field_count",
         "field_bytes",
+        "unusual",
         "host",
         "hosts",
         "te",
@@ -348,7 +349,6 @@ class HttpProxy(asyncio.Protocol):
         "upgrade",
         "xff",
         "content_length",
-        "in_head",
         "head_size",
         "reading",
         "active",
@@ -376,6 +376,7 @@ class HttpProxy(asyncio.Protocol):
         self.fields: list[bytes] = []  # the head to forward, flat: name, b": ", value, CRLF, name, ...
         self.field_count = 0
         self.field_bytes = 0
+        self.unusual = False  # a field below other than Host and Content-Length was seen
         self.host: bytes | None = None
         self.hosts = 0
         self.te: bytes | None = None
@@ -384,8 +385,7 @@ class HttpProxy(asyncio.Protocol):
         self.upgrade: bytes | None = None
         self.xff: list[bytes] | None = None
         self.content_length: bytes | None = None
-        self.in_head = False
-        self.head_size = 0
+        self.head_size = 0  # bytes read since the last head ended, while no body is being read
         self.reading: Exchange | None = None  # the request whose head or body is being received
         self.active: Exchange | None = None  # the request being served; later ones wait in `queue`
         self.queue: deque[Exchange] = deque()
@@ -470,6 +470,10 @@ class HttpProxy(asyncio.Protocol):
                 return
         if self.reading is None:  # between bodies, every byte is head: bound it before llhttp buffers it
             self.head_size += len(data)
+            if not self.got_bytes:  # the first bytes of a request
+                self.got_bytes = True
+                if self.deadline_kind == IDLE:  # it has header_timeout to arrive whole
+                    self._arm(HEADER, self.listener.header_timeout)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -486,7 +490,7 @@ class HttpProxy(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._refuse_in_turn(400, str(error))
             return
-        if self.in_head and self.head_size > self.listener.max_header_size:
+        if self.head_size > self.listener.max_header_size and self.reading is None:
             self._refuse_in_turn(431, "header block too large")
 
     def _read_proxy_header(self, data: bytes) -> bytes:
@@ -510,41 +514,21 @@ class HttpProxy(asyncio.Protocol):
         return buffered[consumed:]
 
     # -- httptools callbacks (the request parser) --
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.fields = []
-        self.field_count = 0
-        self.field_bytes = 0
-        self.host = None
-        self.hosts = 0
-        self.te = None
-        self.tes = 0
-        self.connection = None
-        self.upgrade = None
-        self.xff = None
-        self.content_length = None
-        self.in_head = True
-        self.got_bytes = True
-        if self.active is None:
-            self._arm(HEADER, self.listener.header_timeout)
+    # llhttp calls on_url and on_header as a head arrives, on_headers_complete at its end, on_body
+    # for each piece of a body and on_message_complete at its end. The fields of a head gather in
+    # attributes that on_headers_complete reads, then resets for the next head.
 
     def on_url(self, url: bytes) -> None:
         # httptools may deliver the target in pieces
         self.url = self.url + url if self.url else url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
+        if self.reading is not None:
             return  # a chunked body's trailer section: not forwarded
         if value and value[-1] in (32, 9):
             value = value.rstrip(b" \t")  # trailing whitespace is not part of a field value
-        listener = self.listener
         self.field_count += 1
         self.field_bytes += len(name) + len(value)
-        if self.field_count > listener.max_header_count:
-            raise BadRequest(431, "too many header fields")
-        if self.field_bytes > listener.max_header_size:
-            raise BadRequest(431, "header block too large")
         if len(name) in _REQUEST_LENGTHS:
             lname = name.lower()
             if lname in _REQUEST_NAMES and self._special_header(lname, value):
@@ -560,6 +544,7 @@ class HttpProxy(asyncio.Protocol):
         if lname == b"content-length":
             self.content_length = value
             return False
+        self.unusual = True
         if lname == b"transfer-encoding":
             self.tes += 1
             self.te = value
@@ -580,43 +565,56 @@ class HttpProxy(asyncio.Protocol):
         return True  # hop-by-hop
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
         self.head_size = 0
         parser = self.parser
         listener = self.listener
         method = parser.get_method()
-        version = parser.get_http_version()
-        framing.check_request(method, version, self.url, self.host, self.hosts, self.te, self.tes, listener.max_target)
-        tokens = framing.connection_tokens(self.connection) if self.connection else None
-        client_11 = version == "1.1"
-        if client_11:
-            keep_alive = tokens is None or b"close" not in tokens
-        else:
-            keep_alive = tokens is not None and b"keep-alive" in tokens
+        # llhttp keeps a request alive by default only in HTTP/1.1; without a Connection field that
+        # tells the version apart without get_http_version(), which formats a string.
+        version = "1.1" if not self.unusual and parser.should_keep_alive() else parser.get_http_version()
+        url = self.url
+        host = self.host
+        te = self.te
+        framing.check_request(method, version, url, host, self.hosts, te, self.tes, listener.max_target)
+        if self.field_count > listener.max_header_count:
+            raise BadRequest(431, "too many header fields")
+        if self.field_bytes > listener.max_header_size:
+            raise BadRequest(431, "header block too large")
+        content_length = self.content_length
         max_body = listener.max_body
-        if max_body is not None and self.content_length is not None and int(self.content_length) > max_body:
+        if max_body is not None and content_length is not None and int(content_length) > max_body:
             raise BadRequest(413, "request body too large")
-
+        client_11 = version == "1.1"
         fields = self.fields
-        if tokens:
-            named = tokens - framing.CONNECTION_OPTIONS
-            if named:  # RFC 9110 §7.6.1: headers that Connection names are hop-by-hop too
-                fields = [
-                    part
-                    for index in range(0, len(fields), 4)
-                    if fields[index].lower() not in named
-                    for part in fields[index : index + 4]
-                ]
-        parts = [method, b" ", self.url, b" HTTP/1.1\r\n", *fields]
-        upgrade = self.upgrade is not None and tokens is not None and b"upgrade" in tokens
-        if upgrade and self.upgrade is not None and b"h2c" in self.upgrade.lower():
-            upgrade = False  # h2c would tunnel HTTP/2 past every check here: strip it, answer in HTTP/1.1
-        if upgrade and self.upgrade is not None:
-            parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, _CRLF)
-        if self.te is not None:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        if self.host is None:
-            parts += (b"Host: ", str(self.listener.pool.servers[0].address).encode(), _CRLF)
+        parts = [method, b" ", url, b" HTTP/1.1\r\n", *fields]
+        upgrade = False
+        if self.unusual:  # a Connection, Transfer-Encoding, Upgrade or X-Forwarded-* field
+            upgrade_to = self.upgrade
+            tokens = framing.connection_tokens(self.connection) if self.connection else None
+            if client_11:
+                keep_alive = tokens is None or b"close" not in tokens
+            else:
+                keep_alive = tokens is not None and b"keep-alive" in tokens
+            if tokens:
+                named = tokens - framing.CONNECTION_OPTIONS
+                if named:  # RFC 9110 §7.6.1: headers that Connection names are hop-by-hop too
+                    parts[4:] = [
+                        part
+                        for index in range(0, len(fields), 4)
+                        if fields[index].lower() not in named
+                        for part in fields[index : index + 4]
+                    ]
+                if upgrade_to is not None and b"upgrade" in tokens:
+                    # h2c would tunnel HTTP/2 past every check here: strip it, answer in HTTP/1.1
+                    upgrade = b"h2c" not in upgrade_to.lower()
+            if upgrade and upgrade_to is not None:
+                parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade_to, _CRLF)
+            if te is not None:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            keep_alive = client_11  # no Connection field: the version's default
+        if host is None:
+            parts += (b"Host: ", str(listener.pool.servers[0].address).encode(), _CRLF)
         if listener.forwarded:
             client_ip = self.client_ip
             if self.xff is not None:
@@ -624,18 +622,37 @@ class HttpProxy(asyncio.Protocol):
             else:
                 parts += (b"X-Forwarded-For: ", client_ip, _CRLF)
             parts += (b"X-Forwarded-Proto: ", listener.scheme, _CRLF)
-            if self.host is not None:
-                parts += (b"X-Forwarded-Host: ", self.host, _CRLF)
+            if host is not None:
+                parts += (b"X-Forwarded-Host: ", host, _CRLF)
         parts.append(_CRLF)
-
-        exchange = Exchange(method, b"".join(parts), self.url, client_11, keep_alive)
-        exchange.chunked = self.te is not None
+        exchange = Exchange(method, b"".join(parts), url, client_11, keep_alive)
+        exchange.chunked = te is not None
         exchange.upgrade = upgrade
-        self.reading = exchange
+        has_body = te is not None or (content_length is not None and content_length != b"0")
+
+        # the next head starts from nothing
+        self.url = b""
+        self.fields = []
+        self.field_count = 0
+        self.field_bytes = 0
+        self.host = None
+        self.hosts = 0
+        self.content_length = None
+        if self.unusual:
+            self.unusual = False
+            self.te = None
+            self.tes = 0
+            self.connection = None
+            self.upgrade = None
+            self.xff = None
+
         listener.requests += 1
-        has_body = exchange.chunked or (self.content_length is not None and self.content_length != b"0")
         if has_body:
+            self.reading = exchange  # until on_message_complete
             self._arm(BODY, listener.body_timeout)
+        else:
+            exchange.request_done = True
+            self.got_bytes = False
         if self.active is None:
             self.active = exchange
             if not has_body:
@@ -703,7 +720,8 @@ class HttpProxy(asyncio.Protocol):
         exchange.server = server
         server.pool.taken(server)
         if not fresh:
-            upstream = self.listener.idle_for(server).get(self.loop.time())
+            idle = self.listener.idle.get(server)
+            upstream = idle.get(self.loop.time()) if idle is not None else None
             if upstream is not None:
                 self._attach(exchange, upstream)
                 return
@@ -839,7 +857,9 @@ class HttpProxy(asyncio.Protocol):
             elif server.consecutive_failures:
                 server.consecutive_failures = 0
         listener.responses[_STATUS_CLASS[exchange.status]] += 1
-        listener.observe(exchange)
+        duration = time.monotonic() - exchange.started  # HttpListener.observe, inlined
+        listener.duration_sum += duration
+        listener.durations[bisect_left(DURATION_BOUNDS, duration)] += 1
         if listener.access_log is not None:
             self._access_log(exchange)
         if pin:
@@ -867,8 +887,9 @@ class HttpProxy(asyncio.Protocol):
         if self.refusal is not None:
             self._refuse(*self.refusal)
             return
-        assert self.gate is not None
-        self.gate.resume(flow.WAITING)
+        gate = self.gate
+        if gate is not None and gate.reasons:
+            gate.resume(flow.WAITING)
         if self.reading is None:
             if self.got_bytes:
                 self._arm(HEADER, listener.header_timeout)
@@ -986,7 +1007,7 @@ class HttpProxy(asyncio.Protocol):
         if kind == IDLE:
             self._close()
         elif kind == HEADER:
-            if self.got_bytes or self.in_head:
+            if self.got_bytes:
                 self._refuse(408, "request header timeout")
             else:
                 self._close()

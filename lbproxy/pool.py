@@ -163,6 +163,7 @@ class Pool:
         "_primaries",
         "_primaries_available",
         "_rotation",
+        "_counting",
     )
 
     def __init__(self, config: PoolConfig, previous: Pool | None = None, reloading: bool = False) -> None:
@@ -201,6 +202,7 @@ class Pool:
         # Priority-group activation: with min_up > 1 the backups may serve beside the primaries.
         self._all: Policy[Server] | None = make_policy(config.policy, self.servers) if self.min_up > 1 else None
         self._rotation = config.policy == "round_robin"
+        self._counting = config.policy == "least_connections"  # its policies follow in-flight counts
         start = config.health.start
         if config.health.type == "none":
             start = "up"  # nothing would ever bring it up
@@ -227,7 +229,7 @@ class Pool:
             server = self._backup.pick()
         if server is None:
             return self.backup_pool.pick() if self.backup_pool is not None else None
-        if self._rotation and server.weight < server.full_weight:
+        if self._rotation and server.weight < server.ratio * WEIGHT_SCALE:
             server = self._ramped_turn(server)
         return server
 
@@ -255,16 +257,18 @@ class Pool:
         """A request or connection was sent to `server` (a server of this pool)."""
         server.inflight += 1
         server.requests += 1
-        self._group(server).taken(server)
-        if self._all is not None:
-            self._all.taken(server)
+        if self._counting:
+            self._group(server).taken(server)
+            if self._all is not None:
+                self._all.taken(server)
 
     def released(self, server: Server) -> None:
         """A request or connection to `server` ended, whatever its outcome."""
         server.inflight -= 1
-        self._group(server).released(server)
-        if self._all is not None:
-            self._all.released(server)
+        if self._counting:
+            self._group(server).released(server)
+            if self._all is not None:
+                self._all.released(server)
 
     # -- what real traffic tells (passive detection) --
 
