@@ -101,6 +101,7 @@ class HttpListener:
         "accept_proxy",
         "bad_proxy_headers",
         "draining",
+        "outbox",
     )
 
     # What a reload may change in place (the rest are counters and live state).
@@ -183,6 +184,7 @@ class HttpListener:
         self.accept_proxy = accept_proxy
         self.bad_proxy_headers = 0
         self.draining = False  # shutting down: answer what is in flight, then close each connection
+        self.outbox = flow.Outbox(loop)  # every write of this listener's connections, client and server side
         self.durations = [0] * (len(DURATION_BOUNDS) + 1)  # histogram buckets, not cumulative; last: +Inf
         self.duration_sum = 0.0
 
@@ -840,9 +842,12 @@ class HttpProxy(asyncio.Protocol):
         """Write what one read from the server produced, in one system call."""
         transport = self.transport
         if transport is not None and not self.closed:
-            # uvloop writes a single buffer at once but defers writelines() to the end of the loop
-            # iteration; a small response is cheaper joined.
-            transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            self.listener.outbox.write(transport, parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            self.listener.outbox.write(transport, data)
 
     def exchange_done(self, exchange: Exchange, upstream: UpstreamConnection, pin: bool) -> None:
         """The response to `exchange` has been relayed whole."""
@@ -958,13 +963,14 @@ class HttpProxy(asyncio.Protocol):
             self._release(exchange)
             self.active = None
         if self.transport is not None and not self.closed:
-            self.transport.write(framing.error_response(status, body, extra))
+            self.listener.outbox.write(self.transport, framing.error_response(status, body, extra))
         self._close()
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True
             self.deadline = 0.0
+            self.listener.outbox.flush()
             self.transport.close()  # after the write buffer is flushed
         self.listener.connections.discard(self)
         active = self.active
@@ -1121,6 +1127,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
+            self.listener.outbox.flush()
             self.transport.close()
 
     def abandon(self) -> None:
@@ -1143,14 +1150,13 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         assert self.transport is not None
         self.server.sent_bytes += len(data)
-        self.transport.write(data)
+        self.listener.outbox.write(self.transport, data)
 
     def send_parts(self, parts: list[bytes]) -> None:
         assert self.transport is not None
-        server = self.server
-        for part in parts:
-            server.sent_bytes += len(part)
-        self.transport.writelines(parts)
+        data = b"".join(parts)
+        self.server.sent_bytes += len(data)
+        self.listener.outbox.write(self.transport, data)
 
     def send_body(self, exchange: Exchange, body: bytes) -> None:
         if exchange.chunked:
@@ -1199,8 +1205,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.server.received_bytes += len(data)
         proxy = self.proxy
         if self.tunnel:
-            if proxy is not None and proxy.transport is not None:
-                proxy.transport.write(data)
+            if proxy is not None:
+                proxy.write(data)
             return
         exchange = self.exchange
         if proxy is None or exchange is None or self.complete:
@@ -1390,8 +1396,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.tunnel = True
         proxy.start_tunnel(self)
-        if rest and proxy.transport is not None:
-            proxy.transport.write(rest)
+        if rest:
+            proxy.write(rest)
 
     def _garbage(self, reason: str) -> None:
         proxy = self.proxy
