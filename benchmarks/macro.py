@@ -206,12 +206,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 4; 2 with --quick)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--only", help="comma-separated scenario keys (bulk included), e.g. keepalive-c50,1m")
     args = parser.parse_args()
     missing = missing_tools()
     if missing:
         print(f"not installed: {', '.join(missing)} (Debian: {DEBIAN_PACKAGES})", file=sys.stderr)
         return 2
-    results = run(args.quick, args.rounds, args.seconds)
+    results = run(args.quick, args.rounds, args.seconds, args.only.split(",") if args.only else None)
     text = json.dumps(results, indent=2)
     if args.json is not None:
         args.json.write_text(text + "\n")
@@ -220,8 +221,14 @@ def main() -> int:
     return 0
 
 
-def run(quick: bool, rounds: int | None = None, seconds: float | None = None) -> dict[str, object]:
-    """Start everything, run every scenario over every target, stop everything; the results as a dict."""
+def run(
+    quick: bool, rounds: int | None = None, seconds: float | None = None, only: list[str] | None = None
+) -> dict[str, object]:
+    """Start everything, run every scenario over every target, stop everything; the results as a dict.
+
+    `only` names the scenarios to run (keys of SCENARIOS, and "bulk"); None runs them all.
+    """
+    scenarios = [s for s in SCENARIOS if only is None or s.key in only]
     rounds = rounds or (1 if quick else 3)
     seconds = seconds or (2.0 if quick else 4.0)
     bulk_size = GIB // 4 if quick else GIB
@@ -237,14 +244,15 @@ def run(quick: bool, rounds: int | None = None, seconds: float | None = None) ->
             runs: dict[str, dict[str, list[dict[str, object]]]] = {}
             started = time.monotonic()
             for round_index in range(rounds):
-                for scenario in SCENARIOS:
+                for scenario in scenarios:
                     order = rotated(targets, round_index)
                     for target in order:
                         processes.check_alive()
                         result = measure(processes, target, scenario, seconds, load_core, proxy_core)
                         runs.setdefault(scenario.key, {}).setdefault(target.key, []).append(result.as_dict())
                         log(round_index, rounds, scenario.key, target, result)
-                for target in rotated([t for t in targets if t.bulk_port is not None], round_index):
+                bulk_targets = [t for t in targets if t.bulk_port is not None and (only is None or BULK in only)]
+                for target in rotated(bulk_targets, round_index):
                     measured = measure_bulk(processes, target, bulk_size)
                     runs.setdefault(BULK, {}).setdefault(target.key, []).append(measured)
                     print(
@@ -259,7 +267,7 @@ def run(quick: bool, rounds: int | None = None, seconds: float | None = None) ->
                 "wall_seconds": round(time.monotonic() - started, 1),
                 "targets": [{"key": t.key, "name": t.name, "mode": t.mode} for t in targets],
                 "scenarios": [
-                    {"key": s.key, "title": s.title, "connections": s.connections, "path": s.path} for s in SCENARIOS
+                    {"key": s.key, "title": s.title, "connections": s.connections, "path": s.path} for s in scenarios
                 ]
                 + [{"key": BULK, "title": BULK_TITLE.format(size=_size(bulk_size)), "connections": 1, "path": ""}],
                 "versions": versions(),

@@ -720,6 +720,84 @@ async def test_connection_close_from_the_server(tmp_path: Path, server_closes: b
         await eventually(lambda: all(t.is_closing() for t in a.transports), 2.0, "server connections closed")
 
 
+# -- response framing at the edges: llhttp reads the head, lbproxy counts a Content-Length body ------
+
+
+async def test_response_trickling_in_byte_by_byte_is_relayed_whole(tmp_path: Path) -> None:
+    body = b"x" * 3000
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3000\r\n\r\n" + body
+
+    async def respond(request: Request, transport: asyncio.Transport) -> None:
+        if request.target == b"/after":
+            transport.write(answer(body=b"after"))
+            return
+        head_end = response.index(b"\r\n\r\n") + 4
+        pieces = [response[i : i + 1] for i in range(head_end)]  # the head, a byte a segment
+        pieces += [response[i : i + 700] for i in range(head_end, len(response), 700)]
+        for piece in pieces:
+            transport.write(piece)
+            await asyncio.sleep(0)  # one write a loop turn: separate reads at lbproxy
+
+    async with Backend("a", respond) as a, running(farm(a), tmp_path) as lb:
+        async with await Client.connect(port_of(lb)) as client:
+            await client.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+            relayed = await client.response()
+            assert (relayed.status, relayed.body) == (200, body)
+            await client.send(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert (await client.response()).body == b"after"
+        assert a.accepted == 1  # counted to its end, the connection was fit to reuse
+
+
+async def test_bytes_past_the_content_length_are_not_relayed_and_the_connection_not_reused(tmp_path: Path) -> None:
+    def respond(request: Request, transport: asyncio.Transport) -> None:
+        if request.target == b"/after":
+            transport.write(answer(body=b"after"))
+        else:
+            transport.write(answer(body=b"exact") + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmugl")
+
+    async with Backend("a", respond) as a, running(farm(a), tmp_path) as lb:
+        async with await Client.connect(port_of(lb)) as client:
+            await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert (await client.response()).body == b"exact"
+            await client.send(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+            after = await client.response()
+            assert after.body == b"after"  # not the unasked-for response the server sent
+        assert a.accepted == 2
+
+
+async def test_response_head_over_the_limit_is_a_502(tmp_path: Path) -> None:
+    def respond(request: Request, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"y" * 4096 + b"\r\n")  # and never ends
+
+    async with (
+        Backend("a", respond) as a,
+        running(farm(a, listener="limits: {header_size: 2k}"), tmp_path) as lb,
+    ):
+        response = await get(port_of(lb))
+        assert response.status == 502
+        assert lb.listeners["web"].errors == {502: 1}
+
+
+async def test_interim_and_final_response_in_one_segment_then_a_head_request(tmp_path: Path) -> None:
+    def respond(request: Request, transport: asyncio.Transport) -> None:
+        if request.method == b"HEAD":
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n")
+        else:
+            transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + answer(body=b"final"))
+
+    async with Backend("a", respond) as a, running(farm(a), tmp_path) as lb:
+        async with await Client.connect(port_of(lb)) as client:
+            await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            hint, final = await client.responses(2)
+            assert (hint.status, final.status, final.body) == (103, 200, b"final")
+            await client.send(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
+            head = await read_head(client)
+            assert b"\r\nContent-Length: 5000\r\n" in head
+            await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert [r.body for r in await client.responses(2)] == [b"", b"final"]
+        assert a.accepted == 1
+
+
 # -- 11. errors: 502, 503, 504 ---------------------------------------------------------------------
 
 
