@@ -1,9 +1,10 @@
-"""Back-pressure between the two legs of a relay, shared by the L4 and L7 proxies.
+"""How bytes move between the two legs of a relay: back-pressure, and when writes are made.
 
 When one leg's transport says its write buffer is above the high-water mark (`pause_writing`), the
 other leg stops reading until it drains (`resume_writing`). Reading on a leg can be paused for
 several reasons at once (the peer is slow, a pipelined request waits its turn, a server connection is
-being opened); a `ReadGate` resumes only when the last reason is gone. Nothing here buffers data.
+being opened); a `ReadGate` resumes only when the last reason is gone. An `Outbox` holds the small
+writes of one event-loop iteration and makes them together at its end. Nothing here holds data longer.
 """
 
 from __future__ import annotations
