@@ -35,8 +35,11 @@ class Cycle:
         self.listener.idle_for(self.server).put(self.upstream, loop.time())
 
     def __call__(self) -> None:
+        outbox = self.listener.outbox  # writes wait for the end of a loop iteration: one per read here
         self.proxy.data_received(BROWSER_REQUEST)  # parse, check, rebuild, pick, write to the server
+        outbox.flush()
         self.upstream.data_received(RESPONSE)  # parse, cut hop-by-hop, relay, back to the idle stack
+        outbox.flush()
 
 
 @pytest.mark.benchmark(group="http: request + response through HttpProxy")
