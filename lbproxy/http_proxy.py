@@ -862,9 +862,7 @@ class HttpProxy(asyncio.Protocol):
             elif server.consecutive_failures:
                 server.consecutive_failures = 0
         listener.responses[_STATUS_CLASS[exchange.status]] += 1
-        duration = time.monotonic() - exchange.started  # HttpListener.observe, inlined
-        listener.duration_sum += duration
-        listener.durations[bisect_left(DURATION_BOUNDS, duration)] += 1
+        listener.observe(exchange)
         if listener.access_log is not None:
             self._access_log(exchange)
         if pin:
