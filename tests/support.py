@@ -12,9 +12,10 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import httptools
 
@@ -81,6 +82,17 @@ Responder = Callable[["Request", asyncio.Transport], Awaitable[None] | None]
 def ok(body: bytes = b"ok") -> Responder:
     def respond(request: Request, transport: asyncio.Transport) -> None:
         transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    return respond
+
+
+def answers_when(release: asyncio.Event, body: bytes = b"slow") -> Responder:
+    """A responder that holds every request until `release` is set, then answers 200 with `body`."""
+
+    async def respond(request: Request, transport: asyncio.Transport) -> None:
+        await release.wait()
+        if not transport.is_closing():
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
     return respond
 
@@ -370,3 +382,27 @@ class RssSampler:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self.sample()
+
+
+class Pausable(Protocol):
+    """A test server that records whether its transport asked it to stop writing."""
+
+    paused: bool
+    paused_event: asyncio.Event
+
+
+async def held_back(server: Pausable, timeout: float = 5.0) -> None:
+    """Wait until back-pressure reaches `server` (its transport paused it); fail after `timeout`."""
+    server.paused_event.clear()
+    try:
+        async with asyncio.timeout(timeout):
+            while not server.paused:
+                await server.paused_event.wait()
+                server.paused_event.clear()
+    except TimeoutError:
+        raise AssertionError("the client stopped reading, but the server was never held back") from None
+
+
+def buffered_for_clients(connections: Iterable[Any]) -> int:
+    """Bytes a listener's client connections hold in their transports' write buffers."""
+    return sum(c.transport.get_write_buffer_size() for c in connections if c.transport is not None)

@@ -27,7 +27,7 @@ from typing import TypeVar
 import httptools
 
 from lbproxy.runtime import Runtime
-from tests.support import LOCALHOST, RssSampler, port_of, running
+from tests.support import LOCALHOST, RssSampler, buffered_for_clients, held_back, port_of, running
 
 P = TypeVar("P", bound=asyncio.Protocol)
 
@@ -351,23 +351,12 @@ async def test_reader_pausing_mid_download_holds_the_server_back(tmp_path: Path)
                 (server,) = servers
                 assert isinstance(server, StreamingServer)
                 # back-pressure must reach the server: its transport fills and tells it to stop
-                server.paused_event.clear()
-                try:
-                    async with asyncio.timeout(5.0):
-                        while not server.paused:
-                            await server.paused_event.wait()
-                            server.paused_event.clear()
-                except TimeoutError:
-                    raise AssertionError("the client stopped reading, but the server was never held back") from None
+                await held_back(server)
                 # the client keeps not reading for a second in all
                 await asyncio.sleep(max(0.0, paused_at + 1.0 - loop.time()))
                 assert server.paused, "the server writes on while the client reads nothing"
                 assert server.remaining > 0
-                buffered = sum(
-                    connection.transport.get_write_buffer_size()
-                    for connection in lb.listeners["web"].connections
-                    if connection.transport is not None
-                )
+                buffered = buffered_for_clients(lb.listeners["web"].connections)
                 assert buffered <= 1 * MiB, f"lbproxy holds {buffered} bytes for the client"
                 assert transport.is_reading() is False
                 transport.resume_reading()

@@ -30,7 +30,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbproxy.admin import pool_state
 from lbproxy.pool import AdminState
 from lbproxy.runtime import Runtime
-from tests.support import LOCALHOST, Backend, Client, Request, Responder, ctl, eventually, get, port_of, running
+from tests.support import (
+    LOCALHOST,
+    Backend,
+    Client,
+    Request,
+    Responder,
+    answers_when,
+    ctl,
+    eventually,
+    get,
+    port_of,
+    running,
+)
 
 GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 HEALTH = "{type: http, path: /health, interval: 100ms, timeout: 1s, rise: 1, fall: 1}"
@@ -184,16 +196,11 @@ pools:
 
 async def test_reload_adds_and_removes_servers_and_listeners_under_load(tmp_path: Path) -> None:
     release = asyncio.Event()
-
-    async def slow(request: Request, transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
-
     async with (
         Backend("a") as a,
         Backend("b") as b,
         Backend("c") as c,
-        Backend("s", respond=slow) as s,
+        Backend("s", respond=answers_when(release)) as s,
         running(BEFORE, tmp_path, a=a.address, b=b.address, s=s.address) as lb,
     ):
         web, old = port_of(lb, "web"), port_of(lb, "old")
@@ -243,16 +250,11 @@ async def test_a_removed_listener_lets_go_of_its_server_connections(tmp_path: Pa
     # The in-flight request of a removed listener finishes; the connection to its server must then be
     # closed, not left in the idle stack of a listener nobody sweeps any more.
     release = asyncio.Event()
-
-    async def slow(request: Request, transport: asyncio.Transport) -> None:
-        await release.wait()
-        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
-
     async with (
         Backend("a") as a,
         Backend("b") as b,
         Backend("c") as c,
-        Backend("s", respond=slow) as s,
+        Backend("s", respond=answers_when(release)) as s,
         running(BEFORE, tmp_path, a=a.address, b=b.address, s=s.address) as lb,
     ):
         async with await Client.connect(port_of(lb, "old")) as pending:
@@ -754,13 +756,10 @@ async def test_sighup_reloads_the_config_and_refuses_an_invalid_one(tmp_path: Pa
 
 async def test_a_sighup_during_the_graceful_shutdown_does_not_cut_it_short(tmp_path: Path) -> None:
     release = asyncio.Event()
-
-    async def slow(request: Request, transport: asyncio.Transport) -> None:
-        await release.wait()
-        if not transport.is_closing():
-            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
-
-    async with Backend("a", respond=slow) as a, lbproxy_process(tmp_path, SIGNALLED, a=a.address) as lb:
+    async with (
+        Backend("a", respond=answers_when(release)) as a,
+        lbproxy_process(tmp_path, SIGNALLED, a=a.address) as lb,
+    ):
         async with await Client.connect(lb.ports["web"]) as busy:
             await busy.send(GET)
             await eventually(lambda: len(a.requests) == 1, what="the slow request at its server")

@@ -32,7 +32,17 @@ import pytest
 
 from lbproxy.runtime import Runtime
 from lbproxy.tcp_proxy import TcpListener
-from tests.support import LOCALHOST, Backend, Client, RssSampler, eventually, port_of, running
+from tests.support import (
+    LOCALHOST,
+    Backend,
+    Client,
+    RssSampler,
+    buffered_for_clients,
+    eventually,
+    held_back,
+    port_of,
+    running,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -512,23 +522,12 @@ async def test_slow_reader_holds_the_server_back_and_memory_flat(tmp_path: Path)
                 (firehose,) = await connections(backend, 1)
                 assert isinstance(firehose, Firehose)
                 # back-pressure reaches the server: its transport fills and tells it to stop
-                firehose.paused_event.clear()
-                try:
-                    async with asyncio.timeout(5.0):
-                        while not firehose.paused:
-                            await firehose.paused_event.wait()
-                            firehose.paused_event.clear()
-                except TimeoutError:
-                    raise AssertionError("the client stopped reading, but the server was never held back") from None
+                await held_back(firehose)
                 # The slow reader: it reads nothing for a second in all.
                 await asyncio.sleep(max(0.0, paused_at + 1.0 - loop.time()))
                 assert firehose.paused, "the server writes on while the client reads nothing"
                 assert firehose.remaining > 0
-                held = sum(
-                    connection.transport.get_write_buffer_size()
-                    for connection in tcp_listener(lb).connections
-                    if connection.transport is not None
-                )
+                held = buffered_for_clients(tcp_listener(lb).connections)
                 assert held <= 1 * MiB, f"lbproxy holds {held} bytes for the client"
                 transport.resume_reading()
                 await client.done
