@@ -61,12 +61,10 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
 
 
 # The response fields lbproxy acts on: the hop-by-hop ones, which it cuts, and two it reads. Found as
-# `\r\nname:` in the lower-cased head (no capture groups: sre is markedly slower with them).
+# `\r\nname:` in the lower-cased head, with the rest of the line: one C-level pass yields every name
+# and value of interest, where a search per field would cost as much each.
 _RESPONSE_NAMES: Final = frozenset(HOP_BY_HOP | {b"content-length", b"www-authenticate"})
-_RESPONSE_FIELD: Final = re.compile(rb"\r\n(?:" + b"|".join(sorted(_RESPONSE_NAMES)) + rb"):")
-# What servers nearly always send as Connection, parsed once.
-_COMMON_TOKENS: Final = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
-_NO_TOKENS: Final = frozenset[bytes]()
+_RESPONSE_FIELD: Final = re.compile(rb"\r\n(" + b"|".join(sorted(_RESPONSE_NAMES)) + rb"):([^\r]*)")
 
 
 def cut_field(head: bytes, lower: bytes, name: bytes) -> tuple[bytes, bytes, list[bytes]]:
@@ -89,63 +87,56 @@ def cut_field(head: bytes, lower: bytes, name: bytes) -> tuple[bytes, bytes, lis
 class ResponseHead:
     """A server's response head as lbproxy relays it: hop-by-hop fields cut, facts noted.
 
-    One regular-expression pass over the lower-cased head finds every field of interest; the head is
-    then rebuilt from the slices between the fields cut, so a typical response costs two C-level scans.
+    Whether the server keeps the connection open is llhttp's to say (`should_keep_alive()`): it has
+    read the version and every Connection field already.
     """
 
-    __slots__ = ("head", "content_length", "chunked", "close", "pin")
+    __slots__ = ("head", "content_length", "chunked", "pin")
 
     def __init__(self, head: bytes, upgrade: bool) -> None:
         """`head` runs from the status line to the CRLF of the last field (no blank line)."""
-        lower = head.lower()
-        server_11 = head.startswith(b"HTTP/1.1 ")
         content_length: int | None = None
         chunked = False
         pin = False
-        tokens = _NO_TOKENS
-        found = _RESPONSE_FIELD.findall(lower)  # e.g. [b"\r\ncontent-length:", b"\r\nconnection:"]
+        lower = head.lower()
+        found = _RESPONSE_FIELD.findall(lower)  # e.g. [(b"content-length", b" 12"), (b"connection", b" close")]
         if found:
             kept: list[bytes] = []  # the head between the fields cut
             start = 0  # the head from here on is not yet in `kept`
-            seek = 0  # where the next field is looked for
-            for key in found:
-                at = lower.find(key, seek)
-                end = lower.find(b"\r\n", at + 2)
-                seek = end
-                value = lower[at + len(key) : end].strip(b" \t")
-                if key == b"\r\ncontent-length:":
-                    content_length = int(value)  # llhttp let one value through, digits only
+            named: set[bytes] | None = None  # the fields that Connection names
+            for name, value in found:
+                if name == b"content-length":
+                    content_length = int(value)  # llhttp let one value through: digits and whitespace
                     continue
-                if key == b"\r\nwww-authenticate:":
+                value = value.strip(b" \t")
+                if name == b"www-authenticate":
                     # NTLM and Negotiate authenticate the connection, not the request (RFC 4559).
                     pin = pin or value.startswith((b"ntlm", b"negotiate"))
                     continue
-                if key == b"\r\nupgrade:" and upgrade:
+                if name == b"upgrade" and upgrade:
                     continue  # a 101's Upgrade names the protocol switched to
+                at = lower.find(b"\r\n" + name + b":", start)
                 kept.append(head[start:at])
-                start = end
-                if key == b"\r\nconnection:":
-                    more = _COMMON_TOKENS.get(value)
-                    if more is None:
-                        more = frozenset(connection_tokens([value]))
-                    tokens = tokens | more if tokens else more
-                elif key == b"\r\ntransfer-encoding:":
+                start = lower.find(b"\r\n", at + 2)
+                if name == b"connection":
+                    if value != b"keep-alive" and value != b"close":
+                        tokens = connection_tokens([value]) - CONNECTION_OPTIONS
+                        named = tokens if named is None else named | tokens
+                elif name == b"transfer-encoding":
                     # the last coding of the last line decides (RFC 9112 §6.3); llhttp checked the rest
                     chunked = value.rsplit(b",", 1)[-1].strip(b" \t") == b"chunked"
             if kept:
                 kept.append(head[start:])
                 head = b"".join(kept)
-        if not server_11:
+            if named:  # RFC 9110 §7.6.1: the fields that Connection names are hop-by-hop too
+                lower = head.lower()
+                for field in named:
+                    head, lower, _ = cut_field(head, lower, field)
+        if not head.startswith(b"HTTP/1.1 "):
             head = b"HTTP/1.1" + head[8:]  # we speak HTTP/1.1 to the client whatever the server spoke
-        named = tokens - CONNECTION_OPTIONS
-        if named:  # RFC 9110 §7.6.1: the fields that Connection names are hop-by-hop too
-            lower = head.lower()
-            for name in named:
-                head, lower, _ = cut_field(head, lower, name)
         self.head = head
         self.content_length = content_length
         self.chunked = chunked
-        self.close = b"close" in tokens or (not server_11 and b"keep-alive" not in tokens)
         self.pin = pin
 
 
@@ -173,6 +164,7 @@ def check_request(
     """Raise BadRequest for a request that lbproxy refuses to forward; llhttp has checked the rest.
 
     `host` and `transfer_encoding` are the last values seen, the counts how many header lines there were.
+    The characters of the Host value are `check_host`'s to judge.
     """
     if version not in ("1.1", "1.0"):
         raise BadRequest(505, "HTTP version not supported")
@@ -184,8 +176,6 @@ def check_request(
         raise BadRequest(400, "missing Host header")  # RFC 9112 §3.2
     if host_count > 1:
         raise BadRequest(400, "more than one Host header")
-    if host is not None and not _valid_host(host):
-        raise BadRequest(400, "invalid Host header")
     if transfer_encoding is not None:
         # RFC 9112 §6.1: chunked must be the final coding. We accept it only alone, since we
         # re-frame the body and would otherwise have to pass on codings we cannot see into.
@@ -205,12 +195,13 @@ def check_request(
             raise BadRequest(400, "absolute-form target names another host")
 
 
-def _valid_host(host: bytes) -> bool:
+def check_host(host: bytes) -> None:
     """RFC 9110 §7.2: uri-host [":" port]; refuses what could confuse a server's virtual hosting.
 
     An empty Host is allowed (for targets with no authority).
     """
-    return len(host.translate(None, _NOT_IN_HOST)) == len(host)
+    if len(host.translate(None, _NOT_IN_HOST)) != len(host):
+        raise BadRequest(400, "invalid Host header")
 
 
 def absolute_form_authority(target: bytes) -> bytes | None:

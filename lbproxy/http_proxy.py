@@ -74,7 +74,7 @@ class HttpListener:
         "idle",
         "max_idle",
         "idle_timeout",
-        "scheme",
+        "proto_field",
         "forwarded",
         "maintenance",
         "retry_after",
@@ -107,7 +107,7 @@ class HttpListener:
     # What a reload may change in place (the rest are counters and live state).
     SETTINGS = (
         "pool",
-        "scheme",
+        "proto_field",
         "forwarded",
         "maintenance",
         "retry_after",
@@ -158,7 +158,7 @@ class HttpListener:
         self.idle: dict[Server, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.scheme = b"https" if tls else b"http"
+        self.proto_field = b"X-Forwarded-Proto: https\r\n" if tls else b"X-Forwarded-Proto: http\r\n"
         self.forwarded = forwarded
         self.maintenance = maintenance
         self.retry_after = b"Retry-After: %d\r\n" % round(retry_after)
@@ -338,6 +338,7 @@ class HttpProxy(asyncio.Protocol):
         "gate",
         "parser",
         "client_ip",
+        "forwarded_for",
         "url",
         "fields",
         "field_count",
@@ -345,6 +346,7 @@ class HttpProxy(asyncio.Protocol):
         "unusual",
         "host",
         "hosts",
+        "checked_host",
         "te",
         "tes",
         "connection",
@@ -374,6 +376,7 @@ class HttpProxy(asyncio.Protocol):
         self.gate: flow.ReadGate | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b"unknown"
+        self.forwarded_for = b"X-Forwarded-For: unknown\r\n"  # the field for a request that has none
         self.url = b""
         self.fields: list[bytes] = []  # the head to forward, flat: name, b": ", value, CRLF, name, ...
         self.field_count = 0
@@ -381,6 +384,7 @@ class HttpProxy(asyncio.Protocol):
         self.unusual = False  # a field below other than Host and Content-Length was seen
         self.host: bytes | None = None
         self.hosts = 0
+        self.checked_host = b""  # the last Host value found valid
         self.te: bytes | None = None
         self.tes = 0
         self.connection: list[bytes] | None = None
@@ -419,7 +423,7 @@ class HttpProxy(asyncio.Protocol):
         self.gate = flow.ReadGate(transport)
         peer = transport.get_extra_info("peername")
         if peer:
-            self.client_ip = str(peer[0]).encode()
+            self._client_is(str(peer[0]).encode())
         self._arm(HEADER, listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -511,9 +515,13 @@ class HttpProxy(asyncio.Protocol):
             return b""
         consumed, client, _ = parsed
         if client is not None:
-            self.client_ip = client[0].encode()
+            self._client_is(client[0].encode())
         self.proxy_header = None
         return buffered[consumed:]
+
+    def _client_is(self, address: bytes) -> None:
+        self.client_ip = address
+        self.forwarded_for = b"X-Forwarded-For: " + address + _CRLF
 
     # -- httptools callbacks (the request parser) --
     # llhttp calls on_url and on_header as a head arrives, on_headers_complete at its end, on_body
@@ -578,6 +586,9 @@ class HttpProxy(asyncio.Protocol):
         host = self.host
         te = self.te
         framing.check_request(method, version, url, host, self.hosts, te, self.tes, listener.max_target)
+        if host is not None and host != self.checked_host:  # a client sends the same Host again and again
+            framing.check_host(host)
+            self.checked_host = host
         if self.field_count > listener.max_header_count:
             raise BadRequest(431, "too many header fields")
         if self.field_bytes > listener.max_header_size:
@@ -618,12 +629,11 @@ class HttpProxy(asyncio.Protocol):
         if host is None:
             parts += (b"Host: ", str(listener.pool.servers[0].address).encode(), _CRLF)
         if listener.forwarded:
-            client_ip = self.client_ip
             if self.xff is not None:
-                parts += (b"X-Forwarded-For: ", b", ".join(self.xff), b", ", client_ip, _CRLF)
+                parts += (b"X-Forwarded-For: ", b", ".join(self.xff), b", ", self.client_ip, _CRLF)
             else:
-                parts += (b"X-Forwarded-For: ", client_ip, _CRLF)
-            parts += (b"X-Forwarded-Proto: ", listener.scheme, _CRLF)
+                parts.append(self.forwarded_for)
+            parts.append(listener.proto_field)
             if host is not None:
                 parts += (b"X-Forwarded-Host: ", host, _CRLF)
         parts.append(_CRLF)
@@ -853,15 +863,17 @@ class HttpProxy(asyncio.Protocol):
         """The response to `exchange` has been relayed whole."""
         listener = self.listener
         server = exchange.server
+        status = exchange.status
+        kind = _STATUS_CLASS[status]
         if server is not None:
             pool = server.pool
             pool.released(server)
-            server.responses[_STATUS_CLASS[exchange.status]] += 1
-            if exchange.status >= 500 and pool.passive_5xx:
-                pool.report_failure(server, f"HTTP {exchange.status}")
+            server.responses[kind] += 1
+            if status >= 500 and pool.passive_5xx:
+                pool.report_failure(server, f"HTTP {status}")
             elif server.consecutive_failures:
                 server.consecutive_failures = 0
-        listener.responses[_STATUS_CLASS[exchange.status]] += 1
+        listener.responses[kind] += 1
         listener.observe(exchange)
         if listener.access_log is not None:
             self._access_log(exchange)
@@ -1087,6 +1099,10 @@ class UpstreamConnection(asyncio.Protocol):
         "out",
     )
 
+    # httptools looks up every callback when it makes a parser, as it does once per response here:
+    # those we leave out are found as None, not searched for through the class hierarchy in vain.
+    on_message_begin = on_status = on_header = on_chunk_header = on_chunk_complete = None
+
     def __init__(self, server: Server, listener: HttpListener) -> None:
         self.server = server
         self.listener = listener
@@ -1299,8 +1315,8 @@ class UpstreamConnection(asyncio.Protocol):
         if status == 101 and not exchange.upgrade:
             raise ValueError("101 Switching Protocols to a request that asked for no upgrade")
         # llhttp has checked the head; we relay its bytes, cut where hop-by-hop fields stand.
-        head = framing.ResponseHead(head_bytes, upgrade=status == 101)
-        if head.close:
+        head = framing.ResponseHead(head_bytes, status == 101)
+        if not self.parser.should_keep_alive():  # HTTP/1.0 without keep-alive, Connection: close, or no length
             self.reusable = False
         if status < 200:
             if status == 101:

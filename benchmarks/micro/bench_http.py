@@ -70,4 +70,3 @@ def test_response_head(benchmark: Any) -> None:
     head = benchmark(framing.ResponseHead, RESPONSE_HEAD, False)
     assert b"Connection" not in head.head
     assert head.content_length
-    assert not head.close
