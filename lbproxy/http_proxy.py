@@ -476,10 +476,7 @@ class HttpProxy(asyncio.Protocol):
                 return
         if self.reading is None:  # between bodies, every byte is head: bound it before llhttp buffers it
             self.head_size += len(data)
-            if not self.got_bytes:  # the first bytes of a request
-                self.got_bytes = True
-                if self.deadline_kind == IDLE:  # it has header_timeout to arrive whole
-                    self._arm(HEADER, self.listener.header_timeout)
+            self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -496,8 +493,11 @@ class HttpProxy(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._refuse_in_turn(400, str(error))
             return
-        if self.head_size > self.listener.max_header_size and self.reading is None:
-            self._refuse_in_turn(431, "header block too large")
+        if self.reading is None and self.got_bytes:  # a head has begun and not ended
+            if self.head_size > self.listener.max_header_size:
+                self._refuse_in_turn(431, "header block too large")
+            elif self.deadline_kind == IDLE:  # it has header_timeout to arrive whole, from its first bytes
+                self._arm(HEADER, self.listener.header_timeout)
 
     def _read_proxy_header(self, data: bytes) -> bytes:
         """Take the PROXY header off the connection's first bytes; returns what follows it."""
@@ -541,16 +541,15 @@ class HttpProxy(asyncio.Protocol):
         self.field_bytes += len(name) + len(value)
         if len(name) in _REQUEST_LENGTHS:
             lname = name.lower()
-            if lname in _REQUEST_NAMES and self._special_header(lname, value):
+            if lname == b"host":
+                self.hosts += 1
+                self.host = value
+            elif lname in _REQUEST_NAMES and self._special_header(lname, value):
                 return
         self.fields += (name, b": ", value, _CRLF)
 
     def _special_header(self, lname: bytes, value: bytes) -> bool:
-        """Note a header the proxy acts on; True when it must not be forwarded as it is."""
-        if lname == b"host":
-            self.hosts += 1
-            self.host = value
-            return False
+        """Note a header the proxy acts on, other than Host; True when it must not be forwarded as it is."""
         if lname == b"content-length":
             self.content_length = value
             return False
