@@ -379,6 +379,33 @@ async def test_slowloris_head_gets_408_after_request_header_timeout(tmp_path: Pa
         assert backend.requests == []
 
 
+async def test_slow_head_after_a_kept_alive_request_gets_408_after_request_header_timeout(tmp_path: Path) -> None:
+    # The connection is idle under the long keep-alive timeout when the next head begins: its first
+    # bytes, left incomplete by their read, must start the shorter request-header deadline.
+    listener = "    timeouts:\n      request_header: 1s\n      keepalive: 10s\n"
+    async with proxied(tmp_path, listener) as (lb, backend), await Client.connect(port_of(lb)) as client:
+        await client.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await client.response()).status == 200
+        started = time.monotonic()
+        await client.send(b"GET /second HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        received, closed_at = await _read_until_close(client, timeout=4.0)
+        assert [response.status for response in parse_responses(received)] == [408], received
+        assert 1.0 - 0.05 <= closed_at - started <= 1.0 + SLACK
+        assert [request.target for request in backend.requests] == [b"/first"]
+
+
+async def test_host_is_checked_on_every_request_of_a_connection(tmp_path: Path) -> None:
+    # lbproxy checks a Host value once per connection while the client repeats it: a new value is checked.
+    async with proxied(tmp_path) as (lb, backend):
+        port = port_of(lb)
+        received = await send_until_close(
+            port, b"GET /a HTTP/1.1\r\nHost: good\r\n\r\nGET /b HTTP/1.1\r\nHost: good evil\r\n\r\n"
+        )
+        assert [response.status for response in parse_responses(received)] == [200, 400], received
+        assert [request.target for request in backend.requests] == [b"/a"]
+        assert lb.listeners["web"].errors == {400: 1}
+
+
 async def test_idle_keepalive_connection_is_closed_silently(tmp_path: Path) -> None:
     listener = "    timeouts:\n      keepalive: 500ms\n"
     async with proxied(tmp_path, listener) as (lb, _backend), await Client.connect(port_of(lb)) as client:

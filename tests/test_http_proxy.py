@@ -748,6 +748,24 @@ async def test_response_trickling_in_byte_by_byte_is_relayed_whole(tmp_path: Pat
         assert a.accepted == 1  # counted to its end, the connection was fit to reuse
 
 
+@pytest.mark.parametrize(("connection", "reused"), [(b"", False), (b"Connection: Keep-Alive\r\n", True)])
+async def test_http10_server_connection_is_reused_only_when_it_says_keep_alive(
+    tmp_path: Path, connection: bytes, reused: bool
+) -> None:
+    # HTTP/1.0 closes after each response unless the server says keep-alive (RFC 9112 §9.3); the server
+    # here never closes, so only lbproxy's reading of the head decides whether the connection is reused.
+    def respond(request: Request, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n" + connection + b"\r\nbye")
+
+    async with Backend("a", respond) as a, running(farm(a), tmp_path) as lb:
+        async with await Client.connect(port_of(lb)) as client:
+            for index in range(3):
+                await client.send(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % index)
+                response = await client.response()
+                assert (response.status, response.body) == (200, b"bye")
+        assert a.accepted == (1 if reused else 3)
+
+
 async def test_bytes_past_the_content_length_are_not_relayed_and_the_connection_not_reused(tmp_path: Path) -> None:
     def respond(request: Request, transport: asyncio.Transport) -> None:
         if request.target == b"/after":
