@@ -65,6 +65,7 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
 # and value of interest, where a search per field would cost as much each.
 _RESPONSE_NAMES: Final = frozenset(HOP_BY_HOP | {b"content-length", b"www-authenticate"})
 _RESPONSE_FIELD: Final = re.compile(rb"\r\n(" + b"|".join(sorted(_RESPONSE_NAMES)) + rb"):([^\r]*)")
+_RESPONSE_KEYS: Final = {name: b"\r\n" + name + b":" for name in _RESPONSE_NAMES}  # what the pattern matched
 
 
 def cut_field(head: bytes, lower: bytes, name: bytes) -> tuple[bytes, bytes, list[bytes]]:
@@ -104,20 +105,21 @@ class ResponseHead:
             kept: list[bytes] = []  # the head between the fields cut
             start = 0  # the head from here on is not yet in `kept`
             named: set[bytes] | None = None  # the fields that Connection names
-            for name, value in found:
+            for name, rest in found:
                 if name == b"content-length":
-                    content_length = int(value)  # llhttp let one value through: digits and whitespace
+                    content_length = int(rest)  # llhttp let one value through: digits and whitespace
                     continue
-                value = value.strip(b" \t")
+                value = rest.strip(b" \t")
                 if name == b"www-authenticate":
                     # NTLM and Negotiate authenticate the connection, not the request (RFC 4559).
                     pin = pin or value.startswith((b"ntlm", b"negotiate"))
                     continue
                 if name == b"upgrade" and upgrade:
                     continue  # a 101's Upgrade names the protocol switched to
-                at = lower.find(b"\r\n" + name + b":", start)
+                key = _RESPONSE_KEYS[name]
+                at = lower.find(key, start)
                 kept.append(head[start:at])
-                start = lower.find(b"\r\n", at + 2)
+                start = at + len(key) + len(rest)  # the CRLF that ends the line
                 if name == b"connection":
                     if value != b"keep-alive" and value != b"close":
                         tokens = connection_tokens([value]) - CONNECTION_OPTIONS
