@@ -20,7 +20,7 @@ import pytest
 
 from lbproxy.pool import AdminState
 from lbproxy.runtime import Runtime
-from tests.support import LOCALHOST, Backend, Client, Request, Responder, eventually, get, port_of, running
+from tests.support import LOCALHOST, Backend, Client, Request, Responder, Response, eventually, get, port_of, running
 
 # -- helpers --------------------------------------------------------------------------------------
 
@@ -701,6 +701,16 @@ async def test_connection_close_from_the_client(tmp_path: Path) -> None:
         assert a.accepted == 1
 
 
+async def _three_requests(port: int) -> list[Response]:
+    """Three GETs, one after the other, on one client connection."""
+    responses = []
+    async with await Client.connect(port) as client:
+        for index in range(3):
+            await client.send(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % index)
+            responses.append(await client.response())
+    return responses
+
+
 @pytest.mark.parametrize("server_closes", [True, False])
 async def test_connection_close_from_the_server(tmp_path: Path, server_closes: bool) -> None:
     def respond(request: Request, transport: asyncio.Transport) -> None:
@@ -709,12 +719,9 @@ async def test_connection_close_from_the_server(tmp_path: Path, server_closes: b
             transport.close()
 
     async with Backend("a", respond) as a, running(farm(a), tmp_path) as lb:
-        async with await Client.connect(port_of(lb)) as client:
-            for index in range(3):
-                await client.send(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % index)
-                response = await client.response()
-                assert (response.status, response.body) == (200, b"bye")
-                assert response.header(b"connection") != b"close"
+        for response in await _three_requests(port_of(lb)):
+            assert (response.status, response.body) == (200, b"bye")
+            assert response.header(b"connection") != b"close"
         assert [r.connection for r in a.requests] == [0, 1, 2]
         assert a.accepted == 3
         await eventually(lambda: all(t.is_closing() for t in a.transports), 2.0, "server connections closed")
@@ -758,11 +765,8 @@ async def test_http10_server_connection_is_reused_only_when_it_says_keep_alive(
         transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n" + connection + b"\r\nbye")
 
     async with Backend("a", respond) as a, running(farm(a), tmp_path) as lb:
-        async with await Client.connect(port_of(lb)) as client:
-            for index in range(3):
-                await client.send(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % index)
-                response = await client.response()
-                assert (response.status, response.body) == (200, b"bye")
+        for response in await _three_requests(port_of(lb)):
+            assert (response.status, response.body) == (200, b"bye")
         assert a.accepted == (1 if reused else 3)
 
 
