@@ -318,7 +318,7 @@ class Exchange:
         self.request_done = False
         self.sent = False  # some of the request was written to the current server connection
         self.server: Server | None = None
-        self.tried: list[Server] = []
+        self.tried: tuple[Server, ...] = ()  # servers that failed it, for a retry elsewhere (rare)
         self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.timed_out = False  # the last server failed by staying silent
@@ -818,7 +818,7 @@ class HttpProxy(asyncio.Protocol):
                 return
             sent_nothing = upstream is None and not exchange.maybe_sent
             if len(exchange.tried) < self.listener.pool.retries and (sent_nothing or exchange.method in IDEMPOTENT):
-                exchange.tried.append(server)
+                exchange.tried += (server,)
                 listener.retries += 1
                 self.listener.pool.retried += 1
                 self._redispatch(exchange, None, fresh=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from lbproxy.balancing import Policy, make_policy
@@ -242,7 +242,7 @@ class Pool:
         other = self._group(server).pick()
         return other if other is not None else server
 
-    def pick_other(self, tried: list[Server]) -> Server | None:
+    def pick_other(self, tried: Collection[Server]) -> Server | None:
         """A server for a retry: available and not in `tried`, or None. Retries are rare: this may scan."""
         server = self.pick()
         if server is None or server not in tried:
