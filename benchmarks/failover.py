@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httptools
+from harness import cpu_model
 
 HERE = Path(__file__).resolve().parent
 BACKEND = HERE / "backend.py"
@@ -576,14 +577,7 @@ def haproxy_version() -> str:
 
 
 def report(runs: list[Run], args: argparse.Namespace, command: str) -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"""# Failover, {time.strftime("%Y-%m-%d %H:%M")}
 
 `{command}` on {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {haproxy_version()}.

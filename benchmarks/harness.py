@@ -4,8 +4,7 @@ Every process a benchmark starts goes through `Processes`, which stops them all 
 SIGKILL after a grace time) when its `with` block ends, whatever happened inside it. CPU time is read
 from /proc for a process and its children (nginx's worker), so that the cost of a request is measured
 on the proxy itself, not inferred from a load generator's view of a shared machine. Nothing here
-listens anywhere but 127.0.0.1. Standard library only: `benchmarks/keepalive.py` runs without the
-bench extra.
+listens anywhere but 127.0.0.1. Standard library only.
 """
 
 from __future__ import annotations
@@ -37,6 +36,35 @@ def find_tool(name: str) -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
+
+
+# One http listener balancing over `servers` (see lbproxy_servers): the keep-alive setting of the
+# scripts that measure lbproxy alone.
+LBPROXY_HTTP = """
+listeners:
+  - {{name: web, bind: "127.0.0.1:{port}", pool: farm}}
+pools:
+  farm:
+    servers:
+{servers}
+"""
+
+
+def lbproxy_servers(backends: Sequence[int]) -> str:
+    """The `servers:` entries of a pool of back-ends on 127.0.0.1, named s1, s2, ..."""
+    entries = (f'      - {{name: s{index}, address: "127.0.0.1:{port}"}}' for index, port in enumerate(backends, 1))
+    return "\n".join(entries)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def missing_tools(tools: Iterable[str] = TOOLS) -> list[str]:

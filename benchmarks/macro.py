@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from harness import (
     find_tool,
     free_port,
     lbproxy_command,
+    lbproxy_servers,
     missing_tools,
     run_wrk,
     set_affinity,
@@ -76,6 +78,14 @@ BACKEND_SERVER = """  server {{
     root {dir}/files;
     location = / {{ return 200 "{body}"; }}
   }}"""
+
+
+def backend_nginx(work: Path, backends: Sequence[int]) -> str:
+    """The nginx config of the back-ends: one server a port, the small body at `/`, files under work/files."""
+    body = SMALL_BODY.replace("\n", "\\n")
+    servers = "\n".join(BACKEND_SERVER.format(port=port, dir=work, body=body) for port in backends)
+    return BACKEND_NGINX.format(dir=work, servers=servers)
+
 
 PROXY_NGINX = """
 worker_processes 1;
@@ -294,10 +304,7 @@ def start(processes: Processes, work: Path, load_core: int | None, proxy_core: i
     ports = {name: free_port() for name in ("haproxy-http", "haproxy-tcp", "haproxy-bulk", "nginx", "aiohttp")}
     ports |= {name: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
 
-    servers = "\n".join(
-        BACKEND_SERVER.format(port=port, dir=work, body=SMALL_BODY.replace("\n", "\\n")) for port in backends
-    )
-    (work / "backend.conf").write_text(BACKEND_NGINX.format(dir=work, servers=servers))
+    (work / "backend.conf").write_text(backend_nginx(work, backends))
     upstreams = "\n".join(f"    server 127.0.0.1:{port};" for port in backends)
     (work / "proxy.conf").write_text(PROXY_NGINX.format(dir=work, servers=upstreams, port=ports["nginx"]))
     haproxy_servers = "\n".join(f"  server s{index} 127.0.0.1:{port}" for index, port in enumerate(backends, 1))
@@ -310,15 +317,12 @@ def start(processes: Processes, work: Path, load_core: int | None, proxy_core: i
             source=source,
         )
     )
-    lbproxy_servers = "\n".join(
-        f'      - {{name: s{index}, address: "127.0.0.1:{port}"}}' for index, port in enumerate(backends, 1)
-    )
     (work / "lbproxy.yaml").write_text(
         LBPROXY.format(
             http_port=ports["lbproxy-http"],
             tcp_port=ports["lbproxy-tcp"],
             bulk_port=ports["lbproxy-bulk"],
-            servers=lbproxy_servers,
+            servers=lbproxy_servers(backends),
             source=source,
         )
     )

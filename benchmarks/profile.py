@@ -25,32 +25,25 @@ from pathlib import Path
 
 from harness import (
     DEBIAN_PACKAGES,
+    LBPROXY_HTTP,
     Processes,
     cores,
     cpu_seconds,
     find_tool,
     free_port,
     lbproxy_command,
+    lbproxy_servers,
     missing_tools,
     parse_wrk,
     pinned,
     run_wrk,
     wait_listening,
 )
-from macro import BACKEND_NGINX, BACKEND_SERVER, SMALL_BODY
+from macro import backend_nginx
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TOP = 25
-
-LBPROXY = """
-listeners:
-  - {{name: web, bind: "127.0.0.1:{port}", pool: farm}}
-pools:
-  farm:
-    servers:
-{servers}
-"""
 
 
 def main() -> int:
@@ -78,20 +71,9 @@ def main() -> int:
     try:
         backends = [free_port() for _ in range(4)]
         port = free_port()
-        servers = "\n".join(
-            BACKEND_SERVER.format(port=backend, dir=work, body=SMALL_BODY.replace("\n", "\\n")) for backend in backends
-        )
         (work / "files").mkdir()
-        (work / "backend.conf").write_text(BACKEND_NGINX.format(dir=work, servers=servers))
-        (work / "lbproxy.yaml").write_text(
-            LBPROXY.format(
-                port=port,
-                servers="\n".join(
-                    f'      - {{name: s{index}, address: "127.0.0.1:{backend}"}}'
-                    for index, backend in enumerate(backends, 1)
-                ),
-            )
-        )
+        (work / "backend.conf").write_text(backend_nginx(work, backends))
+        (work / "lbproxy.yaml").write_text(LBPROXY_HTTP.format(port=port, servers=lbproxy_servers(backends)))
         with Processes() as processes:
             processes.start(
                 "backend",

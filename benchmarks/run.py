@@ -22,7 +22,7 @@ from pathlib import Path
 
 import macro
 import report
-from harness import DEBIAN_PACKAGES, missing_tools
+from harness import DEBIAN_PACKAGES, cpu_model, missing_tools
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -82,17 +82,9 @@ def main() -> int:
 
 
 def machine() -> dict[str, object]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "load_before": " ".join(f"{value:.1f}" for value in os.getloadavg()),

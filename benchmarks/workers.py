@@ -25,8 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import cpu_seconds, free_port, lbproxy_command, missing_tools, parse_wrk, wait_listening
-from keepalive import LBPROXY, NGINX
+from harness import (
+    LBPROXY_HTTP,
+    cpu_seconds,
+    free_port,
+    lbproxy_command,
+    lbproxy_servers,
+    missing_tools,
+    parse_wrk,
+    wait_listening,
+)
+from macro import backend_nginx
 
 
 def run_wrk(port: int, seconds: int, connections: int, pid: int) -> tuple[float, float]:
@@ -53,15 +62,17 @@ def main() -> int:
         print(f"not installed: {', '.join(missing)} (Debian: apt-get install nginx-light wrk)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="lbproxy-workers-"))
+    work.chmod(0o755)  # nginx's workers run as another user when started by root: they read the files
+    (work / "files").mkdir()
     backend = free_port()
     ports = {1: free_port(), 2: free_port()}
-    (work / "nginx.conf").write_text(NGINX.format(dir=work, port=backend))
+    (work / "nginx.conf").write_text(backend_nginx(work, [backend]))
     processes = [subprocess.Popen(["nginx", "-c", str(work / "nginx.conf")])]
     trees: dict[int, subprocess.Popen[bytes]] = {}
     try:
         for count, port in ports.items():
             path = work / f"lbproxy-{count}.yaml"
-            path.write_text(LBPROXY.format(port=port, backend=backend))
+            path.write_text(LBPROXY_HTTP.format(port=port, servers=lbproxy_servers([backend])))
             command = [*lbproxy_command(path), "--workers", str(count)]
             trees[count] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
             processes.append(trees[count])
