@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 import textwrap
 import time
@@ -41,6 +42,13 @@ async def running(yaml_text: str, directory: Path, **substitutions: object) -> A
 
 def port_of(runtime: Runtime, listener: str = "web") -> int:
     return runtime.bound[listener].port
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a process that binds it itself."""
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        return int(sock.getsockname()[1])
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

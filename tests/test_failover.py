@@ -653,6 +653,15 @@ async def test_maintenance_page_when_the_pool_and_its_backup_pool_are_down(tmp_p
 # -- 7. drain and disable --------------------------------------------------------------------------
 
 
+async def _new_requests_go_to(lb: Runtime, other: Node, slow: Node, count: int) -> None:
+    """`count` requests, each on a new connection, are all answered by `other`; `slow` serves none."""
+    served = len(slow.served)
+    for index in range(count):
+        response = await get(port_of(lb), b"/new%d" % index)
+        assert (response.status, response.body) == (200, other.name.encode())
+    assert len(slow.served) == served
+
+
 async def _slow_request(client: Client, nodes: tuple[Node, ...]) -> Node:
     """Send GET /slow on `client`; the node that receives it."""
     await client.send(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -676,11 +685,7 @@ async def test_drain_lets_the_slow_request_finish_and_sends_nothing_new(tmp_path
         lb.drain(server)
         assert server.admin is AdminState.DRAINING
         assert server.inflight == 1
-        served = len(slow.served)
-        for index in range(10):
-            response = await get(port_of(lb), b"/new%d" % index)
-            assert (response.status, response.body) == (200, other.name.encode())
-        assert len(slow.served) == served
+        await _new_requests_go_to(lb, other, slow, 10)
         response = await client.response(timeout=3.0)
         assert (response.status, response.body) == (200, slow.name.encode())
         assert loop.time() - started >= 0.9
@@ -704,11 +709,7 @@ async def test_disable_cuts_what_outlives_the_grace_time(tmp_path: Path) -> None
         disabled = loop.time()
         lb.disable(server)
         assert server.admin is AdminState.DISABLED
-        served = len(slow.served)
-        for index in range(5):
-            response = await get(port_of(lb), b"/new%d" % index)
-            assert (response.status, response.body) == (200, other.name.encode())
-        assert len(slow.served) == served
+        await _new_requests_go_to(lb, other, slow, 5)
         rest = await client.closed(timeout=3.0)
         cut_after = loop.time() - disabled
         assert rest == b"", f"a response came before the cut: {rest!r}"

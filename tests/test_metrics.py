@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbproxy.runtime import Runtime
-from tests.support import LOCALHOST, Backend, eventually, get, port_of, running
+from tests.support import LOCALHOST, Backend, eventually, free_port, get, port_of, running
 
 CONFIG = """
 admin:
@@ -118,12 +117,6 @@ async def scrape_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def binary(name: str) -> str:

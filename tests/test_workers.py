@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import LOCALHOST, Backend, eventually, get
+from tests.support import LOCALHOST, Backend, eventually, free_port, get
 
 CONFIG = """\
 admin:
@@ -30,12 +29,6 @@ pools:
       - {{name: a, address: "{a}"}}
       - {{name: b, address: "{b}"}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def children(pid: int) -> list[int]:
@@ -111,6 +104,17 @@ async def requests_on_new_connections(port: int, count: int) -> list[bytes]:
     return [(await get(port)).body for _ in range(count)]
 
 
+async def only_a_serves(port: int, b: Backend, seconds: float, what: str) -> None:
+    """Wait (at most `seconds`) until a round of requests avoids b, then check that 40 more all go to a."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while b"b" in await requests_on_new_connections(port, 10):
+        assert asyncio.get_running_loop().time() < deadline, what
+    before = len(b.requests)
+    bodies = await requests_on_new_connections(port, 40)
+    assert set(bodies) == {b"a"}
+    assert len(b.requests) == before
+
+
 async def test_both_workers_serve_and_metrics_are_summed(tree: tuple[Tree, Backend, Backend]) -> None:
     running, a, b = tree
     assert len(children(running.process.pid)) == 2
@@ -136,13 +140,7 @@ async def test_a_drain_through_the_api_reaches_every_worker(tree: tuple[Tree, Ba
         async with session.post(url) as response:
             assert response.status == 200
     # The supervisor pushes state every 0.1 s: wait until a round of requests avoids b on both workers.
-    deadline = asyncio.get_running_loop().time() + 5
-    while b"b" in await requests_on_new_connections(running.port, 10):
-        assert asyncio.get_running_loop().time() < deadline, "b still gets traffic"
-    before = len(b.requests)
-    bodies = await requests_on_new_connections(running.port, 40)
-    assert set(bodies) == {b"a"}
-    assert len(b.requests) == before
+    await only_a_serves(running.port, b, 5, "b still gets traffic")
     metrics = await running.metrics()
     assert metrics["lbproxy_worker_requests_total{worker=0}"] > 0
     assert metrics["lbproxy_worker_requests_total{worker=1}"] > 0
@@ -154,13 +152,7 @@ async def test_a_reload_reaches_every_worker(tree: tuple[Tree, Backend, Backend]
     running.path.write_text(text.replace(f'      - {{name: b, address: "{b.address}"}}\n', ""))
     before = await running.metrics()
     running.process.send_signal(signal.SIGHUP)
-    deadline = asyncio.get_running_loop().time() + 10
-    while b"b" in await requests_on_new_connections(running.port, 10):
-        assert asyncio.get_running_loop().time() < deadline, "b still gets traffic after the reload"
-    served_by_b = len(b.requests)
-    bodies = await requests_on_new_connections(running.port, 40)
-    assert set(bodies) == {b"a"}
-    assert len(b.requests) == served_by_b
+    await only_a_serves(running.port, b, 10, "b still gets traffic after the reload")
     after = await running.metrics()
     assert after["lbproxy_config_reloads_total{result=success}"] == 1
     for worker in ("0", "1"):  # both workers took part, and both have the new config
