@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httptools
-from harness import cpu_model
+from harness import cpu_model, wait_listening
 
 HERE = Path(__file__).resolve().parent
 BACKEND = HERE / "backend.py"
@@ -163,18 +163,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes], lines: Lines, deadline: float = START_TIMEOUT) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            said = " / ".join(line for _, line in lines.snapshot()[-5:])
-            raise RuntimeError(f"the proxy exited with {process.returncode} before listening on {port}: {said}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
+def proxy_listening(port: int, process: subprocess.Popen[bytes], lines: Lines) -> None:
+    """Wait until the proxy listens on `port`; fail at once, with its last words, if it exits first."""
+
+    def gone() -> str | None:
+        if process.poll() is None:
+            return None
+        said = " / ".join(line for _, line in lines.snapshot()[-5:])
+        return f"the proxy exited with {process.returncode} before listening on {port}: {said}"
+
+    wait_listening(port, START_TIMEOUT, gone)
 
 
 # -- processes ---------------------------------------------------------------------------------------
@@ -479,7 +477,7 @@ def run_once(target: Target, scenario: str, args: argparse.Namespace, work: Path
         for _, lines in backends.values():
             lines.wait_for("ready ", START_TIMEOUT)
         proxy, proxy_lines = processes.start(target.command(work, proxy_port, ports))
-        wait_listening(proxy_port, proxy, proxy_lines)
+        proxy_listening(proxy_port, proxy, proxy_lines)
         time.sleep(SETTLE)
 
         victim, _ = backends[VICTIM]

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -77,9 +77,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_listening(port: int, deadline: float = 10.0) -> None:
+def wait_listening(port: int, deadline: float = 10.0, gone: Callable[[], str | None] | None = None) -> None:
+    """Wait until 127.0.0.1:`port` accepts; `gone()`, when given, says why to stop waiting (a process died)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
+        why = gone() if gone is not None else None
+        if why is not None:
+            raise RuntimeError(why)
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
