@@ -35,6 +35,9 @@ S = TypeVar("S", bound=Candidate)
 class Policy(Protocol[S]):
     """The interface every policy implements; `servers` given at construction fix each one's place."""
 
+    # Whether picks depend on in-flight counts: only then need `taken` and `released` be called.
+    follows_inflight: bool
+
     def pick(self) -> S | None:
         """The server for the next request, or None when no server is available."""
 
@@ -64,6 +67,7 @@ class RoundRobin(Generic[S]):
     """
 
     __slots__ = ("_order", "_ring", "_positions", "_last")
+    follows_inflight = False
 
     def __init__(self, servers: Sequence[S]) -> None:
         self._order = {server: index for index, server in enumerate(servers)}
@@ -123,6 +127,7 @@ class Ratio(Generic[S]):
     """
 
     __slots__ = ("_order", "_members", "_schedule", "_next", "_dirty", "_heap", "_strides", "_stride_members")
+    follows_inflight = False
 
     def __init__(self, servers: Sequence[S]) -> None:
         self._order = {server: index for index, server in enumerate(servers)}
@@ -230,6 +235,7 @@ class LeastConnections(Generic[S]):
     """
 
     __slots__ = ("_servers", "_index", "_live", "_stamp", "_clock", "_tree", "_size")
+    follows_inflight = True
 
     def __init__(self, servers: Sequence[S]) -> None:
         self._servers = list(servers)

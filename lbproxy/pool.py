@@ -202,7 +202,7 @@ class Pool:
         # Priority-group activation: with min_up > 1 the backups may serve beside the primaries.
         self._all: Policy[Server] | None = make_policy(config.policy, self.servers) if self.min_up > 1 else None
         self._rotation = config.policy == "round_robin"
-        self._counting = config.policy == "least_connections"  # its policies follow in-flight counts
+        self._counting = self._primary.follows_inflight  # else taken/released are not the policy's business
         start = config.health.start
         if config.health.type == "none":
             start = "up"  # nothing would ever bring it up
@@ -229,7 +229,7 @@ class Pool:
             server = self._backup.pick()
         if server is None:
             return self.backup_pool.pick() if self.backup_pool is not None else None
-        if self._rotation and server.weight < server.ratio * WEIGHT_SCALE:
+        if self._rotation and server.weight < server.full_weight:
             server = self._ramped_turn(server)
         return server
 
