@@ -849,9 +849,7 @@ class HttpProxy(asyncio.Protocol):
 
     def flush(self, parts: list[bytes]) -> None:
         """Write what one read from the server produced, in one system call."""
-        transport = self.transport
-        if transport is not None and not self.closed:
-            self.listener.outbox.write(transport, parts[0] if len(parts) == 1 else b"".join(parts))
+        self.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -971,8 +969,7 @@ class HttpProxy(asyncio.Protocol):
                 self._access_log(exchange)
             self._release(exchange)
             self.active = None
-        if self.transport is not None and not self.closed:
-            self.listener.outbox.write(self.transport, framing.error_response(status, body, extra))
+        self.write(framing.error_response(status, body, extra))
         self._close()
 
     def _close(self) -> None:
@@ -1166,10 +1163,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener.outbox.write(self.transport, data)
 
     def send_parts(self, parts: list[bytes]) -> None:
-        assert self.transport is not None
-        data = b"".join(parts)
-        self.server.sent_bytes += len(data)
-        self.listener.outbox.write(self.transport, data)
+        self.send(b"".join(parts))
 
     def send_body(self, exchange: Exchange, body: bytes) -> None:
         if exchange.chunked:
