@@ -29,6 +29,13 @@ HOP_BY_HOP: Final = frozenset(
 )
 CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})  # not header names
 FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# RFC 9110 §7.6.1 lets a sender name more hop-by-hop fields in Connection, but these are end-to-end by
+# meaning, and a message without them is framed, routed or vouched for differently: a request whose
+# Connection names Content-Length would reach the server with its body read as the next request. A
+# Connection token naming one of them is ignored (as HAProxy ignores every token but close,
+# keep-alive and upgrade); the field is kept, or rewritten by lbproxy as it would be anyway.
+END_TO_END: Final = frozenset({b"host", b"content-length", b"transfer-encoding"}) | FORWARDED
+NOT_NAMEABLE: Final = CONNECTION_OPTIONS | END_TO_END  # Connection tokens that never remove a field
 
 # Space, controls, '"', '#', '/', '<', '>', '?', '@', '\\', '^', '`', '{', '|', '}' and DEL never belong in a Host.
 _NOT_IN_HOST: Final = bytes(range(0x21)) + b'"#/<>?@\\^`{|}\x7f'
@@ -122,7 +129,7 @@ class ResponseHead:
                 start = at + len(key) + len(rest)  # the CRLF that ends the line
                 if name == b"connection":
                     if value != b"keep-alive" and value != b"close":
-                        tokens = connection_tokens([value]) - CONNECTION_OPTIONS
+                        tokens = connection_tokens([value]) - NOT_NAMEABLE
                         named = tokens if named is None else named | tokens
                 elif name == b"transfer-encoding":
                     # the last coding of the last line decides (RFC 9112 §6.3); llhttp checked the rest
@@ -169,6 +176,8 @@ def check_request(
     The characters of the Host value are `check_host`'s to judge.
     """
     if version not in ("1.1", "1.0"):
+        # llhttp reads a request line without a version (HTTP/0.9's `GET /x`) as version 0.9 too:
+        # the caller, which has the bytes, tells the two apart with `versionless` and answers 400.
         raise BadRequest(505, "HTTP version not supported")
     if len(target) > max_target:
         raise BadRequest(414, "request-target too long")
@@ -195,6 +204,25 @@ def check_request(
             raise BadRequest(400, "malformed request-target")
         if host is None or authority.lower() != host.lower():
             raise BadRequest(400, "absolute-form target names another host")
+
+
+# A whole line `METHOD SP target` and its end: a request line with no version, HTTP/0.9's form.
+_VERSIONLESS: Final = re.compile(rb"(?:^|\n)[A-Z-]+ [^ \r\n]+\r?\n")
+
+
+def versionless(data: bytes) -> bool:
+    """Whether `data` holds a request line without an HTTP version (`GET /x` CRLF).
+
+    llhttp takes such a line for HTTP/0.9 and waits for header lines after it; lbproxy answers 400
+    at once instead (HTTP/0.9 has no headers, so its client waits in silence otherwise).
+    """
+    return _VERSIONLESS.search(data) is not None
+
+
+def last_line(data: bytes) -> bytes:
+    """The last complete line of `data`, with its line end; empty when there is none."""
+    end = data.rfind(b"\n")
+    return data[data.rfind(b"\n", 0, end) + 1 : end + 1] if end >= 0 else b""
 
 
 def check_host(host: bytes) -> None:

@@ -450,6 +450,20 @@ class HttpProxy(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.close()
             return False
+        reading = self.reading
+        if reading is not None:
+            # The body still owed can never come: give up on the request now (HAProxy and nginx do)
+            # rather than hold a server connection until the body deadline.
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "listener %s: %s closed its side with the body of %s %s unfinished",
+                    self.listener.name,
+                    self.client_ip.decode(),
+                    reading.method.decode("latin-1"),
+                    reading.target.decode("latin-1"),
+                )
+            self.cut()
+            return False
         return self.active is not None or bool(self.queue)
 
     def pause_writing(self) -> None:
@@ -475,6 +489,11 @@ class HttpProxy(asyncio.Protocol):
             if not data:
                 return
         if self.reading is None:  # between bodies, every byte is head: bound it before llhttp buffers it
+            if not self.got_bytes and (data[0] == 13 or data[0] == 10):
+                # RFC 9112 §2.2 lets a server skip empty lines before a request line, and llhttp
+                # skips any CR or LF there: lbproxy refuses bare CRs everywhere, so here too.
+                self._refuse_in_turn(400, "line break before the request line")
+                return
             self.head_size += len(data)
             self.got_bytes = True
         try:
@@ -485,7 +504,10 @@ class HttpProxy(asyncio.Protocol):
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, BadRequest):
-                self._refuse_in_turn(cause.status, cause.reason)
+                if cause.status == 505 and framing.versionless(data):
+                    self._refuse_in_turn(400, "request line without an HTTP version")
+                else:
+                    self._refuse_in_turn(cause.status, cause.reason)
             else:
                 log.exception("internal error while parsing a request", exc_info=cause)
                 self._refuse_in_turn(400, "bad request")
@@ -496,6 +518,8 @@ class HttpProxy(asyncio.Protocol):
         if self.reading is None and self.got_bytes:  # a head has begun and not ended
             if self.head_size > self.listener.max_header_size:
                 self._refuse_in_turn(431, "header block too large")
+            elif self.field_count == 0 and self.url and framing.versionless(framing.last_line(data)):
+                self._refuse_in_turn(400, "request line without an HTTP version")  # HTTP/0.9
             elif self.deadline_kind == IDLE:  # it has header_timeout to arrive whole, from its first bytes
                 self._arm(HEADER, self.listener.header_timeout)
 
@@ -608,7 +632,7 @@ class HttpProxy(asyncio.Protocol):
             else:
                 keep_alive = tokens is not None and b"keep-alive" in tokens
             if tokens:
-                named = tokens - framing.CONNECTION_OPTIONS
+                named = tokens - framing.NOT_NAMEABLE
                 if named:  # RFC 9110 §7.6.1: headers that Connection names are hop-by-hop too
                     parts[4:] = [
                         part

@@ -188,9 +188,16 @@ SMUGGLING: dict[str, Case] = {
     "host-with-space": Case(_get_with(b"Host: good evil\r\n")),
     "host-with-slash": Case(_get_with(b"Host: good/evil\r\n")),
     "host-with-at": Case(_get_with(b"Host: user@evil\r\n")),
-    # versions: 505 (RFC 9110 §15.6.6, the major version is not served) is as correct as 400 here
-    "http-0.9-request": Case(b"GET /\r\n\r\n" + SMUGGLED, statuses=(400, 505)),
-    "http-2.0-request-line": Case(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n" + SMUGGLED, statuses=(400, 505)),
+    # versions: a line without one is malformed (400); a well-formed HTTP/x.y not served is 505
+    "http-0.9-request": Case(b"GET /\r\n\r\n" + SMUGGLED),
+    "no-version-then-header-lines": Case(b"GET /x\r\nHost: a\r\n\r\n" + SMUGGLED),
+    "http-2.0-request-line": Case(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n" + SMUGGLED, statuses=(505,)),
+    "explicit-http-0.9-version": Case(b"GET / HTTP/0.9\r\nHost: x\r\n\r\n" + SMUGGLED, statuses=(505,)),
+    # RFC 9112 §2.2 allows skipping empty lines before a request line: lbproxy refuses them, as bare CRs
+    "crlf-before-request-line": Case(b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED),
+    "crlf-run-before-request-line": Case(b"\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED),
+    "bare-cr-before-request-line": Case(b"\rGET / HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED),
+    "bare-lf-before-request-line": Case(b"\nGET / HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED),
     "h2-preface": Case(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SMUGGLED),
     # a reverse proxy, never an open one
     "absolute-form-naming-another-host": Case(b"GET http://evil.example/ HTTP/1.1\r\nHost: good\r\n\r\n" + SMUGGLED),
@@ -221,6 +228,51 @@ async def test_lbproxy_keeps_serving_after_every_refusal(tmp_path: Path) -> None
         listener = lb.listeners["web"]
         assert sum(listener.errors.values()) == len(SMUGGLING)
         await eventually(lambda: not listener.connections, what="every refused connection forgotten")
+
+
+async def test_http09_request_gets_400_and_a_close_at_once(tmp_path: Path) -> None:
+    """HTTP/0.9 (`GET /x` and nothing more) waits for no header lines: 400 now, not at the header deadline."""
+    async with proxied(tmp_path, "    timeouts:\n      request_header: 10s\n") as (lb, backend):
+        async with await Client.connect(port_of(lb)) as client:
+            await client.send(b"GET /x\r\n")
+            received = await read_until_close(client, timeout=2.0)
+        assert [response.status for response in parse_responses(received)] == [400], received
+        assert lb.listeners["web"].errors == {400: 1}
+        assert backend.requests == []
+
+
+async def test_line_break_before_a_kept_alive_request_gets_400(tmp_path: Path) -> None:
+    async with proxied(tmp_path) as (lb, backend), await Client.connect(port_of(lb)) as client:
+        await client.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await client.response()).status == 200
+        await client.send(b"\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = await read_until_close(client, timeout=2.0)
+        assert [response.status for response in parse_responses(received)] == [400], received
+        assert [request.target for request in backend.requests] == [b"/first"]
+
+
+@pytest.mark.parametrize(
+    ("framing", "partial"),
+    [(b"Content-Length: 100\r\n", b"x" * 10), (b"Transfer-Encoding: chunked\r\n", b"64\r\n" + b"x" * 10)],
+    ids=["content-length", "chunked"],
+)
+async def test_half_close_with_the_body_unfinished_gives_up_at_once(
+    tmp_path: Path, framing: bytes, partial: bytes
+) -> None:
+    """A client's FIN while its body is short: the server connection and the client's close now (HAProxy, nginx)."""
+    listener = "    timeouts:\n      request_body: 30s\n"
+    async with proxied(tmp_path, listener) as (lb, backend), await Client.connect(port_of(lb)) as client:
+        await client.send(b"POST /upload HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n" + partial)
+        await eventually(lambda: len(backend.raw) == 1 and b"x" * 10 in backend.raw[0], 2.0, "the body streaming")
+        started = time.monotonic()
+        client.writer.write_eof()
+        received = await read_until_close(client, timeout=2.0)
+        assert received == b""
+        await eventually(lambda: backend.transports[0].is_closing(), 2.0, "the server connection closed")
+        assert time.monotonic() - started < 2.0
+        assert backend.requests == []  # never a complete request
+        await eventually(lambda: not lb.listeners["web"].connections, 2.0, "the client connection forgotten")
+        assert all(not server.inflight for server in lb.pools["farm"].servers)
 
 
 async def test_absolute_form_naming_the_host_is_forwarded_byte_for_byte(tmp_path: Path) -> None:
