@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector as CollectorBase
 
 from lbproxy.http_proxy import DURATION_BOUNDS
-from lbproxy.pool import AdminState, Pool
+from lbproxy.pool import AdminState, Pool, Tier
 
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -49,6 +49,9 @@ class Source(Protocol):
     @property
     def reloads(self) -> Mapping[str, int]: ...
 
+    @property
+    def last_reload_ok(self) -> bool: ...
+
 
 class Collector(CollectorBase):
     """Builds every lbproxy metric family from the runtime's objects, once per scrape."""
@@ -64,6 +67,12 @@ class Collector(CollectorBase):
         for result in ("success", "failure"):
             reloads.add_metric([result], self.source.reloads.get(result, 0))
         yield reloads
+        last = GaugeMetricFamily(
+            "lbproxy_config_last_reload_successful",
+            "1 when the last reload was applied (or none was tried), 0 when it was refused.",
+        )
+        last.add_metric([], 1 if self.source.last_reload_ok else 0)
+        yield last
         workers: Mapping[str, int] | None = getattr(self.source, "worker_requests", None)
         if workers is not None:  # with --workers: the supervisor's view
             per_worker = CounterMetricFamily(
@@ -145,7 +154,7 @@ class Collector(CollectorBase):
         servers_up = GaugeMetricFamily("lbproxy_pool_servers_up", "Servers of the pool that are up.", labels=["pool"])
         failovers = CounterMetricFamily(
             "lbproxy_pool_failovers",
-            "Times the pool went from its primaries to backups or its backup pool.",
+            "Times the pool's new requests moved to a backup tier: its backup servers or its backup pool.",
             labels=["pool"],
         )
         retries = CounterMetricFamily(
@@ -156,12 +165,20 @@ class Collector(CollectorBase):
             "Servers the depool guard kept in rotation although their probes failed.",
             labels=["pool"],
         )
+        tiers = GaugeMetricFamily(
+            "lbproxy_pool_tier",
+            "Where the pool's new requests go: 1 for the tier in use (primaries, primaries+backups, backups,"
+            " backup_pool, none: 503 or the maintenance page).",
+            labels=["pool", "tier"],
+        )
         for pool in self.source.pools.values():
+            for tier in Tier:
+                tiers.add_metric([pool.name, tier.value], 1 if pool.tier is tier else 0)
             servers_up.add_metric([pool.name], sum(1 for server in pool.servers if server.up))
             failovers.add_metric([pool.name], pool.failovers)
             retries.add_metric([pool.name], pool.retried)
             refusals.add_metric([pool.name], pool.depool_refusals)
-        yield from (servers_up, failovers, retries, refusals)
+        yield from (servers_up, tiers, failovers, retries, refusals)
 
     def _listeners(self) -> Iterator[Metric]:
         labels = ["listener"]

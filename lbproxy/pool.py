@@ -28,6 +28,20 @@ log = logging.getLogger("lbproxy.pool")
 WEIGHT_SCALE = 100
 
 
+class Tier(enum.Enum):
+    """Where a pool's new requests go: its failover order, one step at a time."""
+
+    PRIMARIES = "primaries"
+    WITH_BACKUPS = "primaries+backups"  # fewer than min_up primaries: the backups serve beside them
+    BACKUPS = "backups"
+    BACKUP_POOL = "backup_pool"
+    NONE = "none"  # the maintenance page, or 503
+
+    @property
+    def failed_over(self) -> bool:
+        return self in (Tier.WITH_BACKUPS, Tier.BACKUPS, Tier.BACKUP_POOL)
+
+
 class AdminState(enum.Enum):
     ENABLED = "enabled"
     DRAINING = "draining"  # no new requests; in-flight ones finish
@@ -154,6 +168,8 @@ class Pool:
         "slow_start",
         "disable_grace",
         "failovers",
+        "tier",
+        "fronted",
         "retried",
         "depool_refusals",
         "on_down",
@@ -188,7 +204,8 @@ class Pool:
         self.disable_grace = config.disable_grace
         # counters
         self.on_down: Callable[[Server, str], None] | None = None  # a worker tells its supervisor
-        self.failovers = 0  # times the pool went from serving on its primaries to anything else
+        self.failovers = 0  # times new requests moved to another backup tier (never to none)
+        self.fronted: list[Pool] = []  # pools whose backup pool this is: they hear of its tier
         self.retried = 0  # requests sent again to another server
         self.depool_refusals = 0  # downs the depool guard refused
         if previous is not None:  # counters only ever go up, across reloads too
@@ -216,6 +233,13 @@ class Pool:
                 if self._all is not None:
                     self._all.add(server)
         self._primaries_available = sum(1 for s in primaries if s.available)
+        self.tier = self._tier()
+
+    def fail_over_to(self, backup_pool: Pool) -> None:
+        """Link the pool that takes this pool's requests when it has no server left (runtime, at build)."""
+        self.backup_pool = backup_pool
+        backup_pool.fronted.append(self)
+        self.tier = self._tier()
 
     # -- picking --
 
@@ -392,17 +416,51 @@ class Pool:
             else:
                 self._all.remove(server)
         if not server.backup:
-            before = self._primaries_available
             self._primaries_available = sum(1 for s in self._primaries if s.available)
-            if before >= self.min_up > self._primaries_available and (self._primaries_available == 0 or self._all):
-                self.failovers += 1
-                log.warning(
-                    "pool %s: %d of %d primaries available, below min_up %d: failing over",
-                    self.name,
-                    self._primaries_available,
-                    len(self._primaries),
-                    self.min_up,
-                )
+        self._tier_changed()
+
+    def _tier(self) -> Tier:
+        """Where `pick` sends new requests now, in the order it tries them."""
+        primaries = self._primaries_available
+        if primaries >= self.min_up:
+            return Tier.PRIMARIES
+        backups = any(s.available for s in self.servers if s.backup)
+        if primaries and self._all is not None:
+            return Tier.WITH_BACKUPS if backups else Tier.PRIMARIES
+        if backups:
+            return Tier.BACKUPS
+        if self.backup_pool is not None and self.backup_pool.tier is not Tier.NONE:
+            return Tier.BACKUP_POOL
+        return Tier.NONE
+
+    def _tier_changed(self) -> None:
+        """Log where new requests go when that changes, and count failovers: only real moves."""
+        before, tier = self.tier, self._tier()
+        if tier is before:
+            return
+        self.tier = tier
+        available = f"{self._primaries_available} of {len(self._primaries)} primaries available"
+        if tier is Tier.PRIMARIES:
+            log.warning("pool %s: failback: %s, the primaries serve again", self.name, available)
+        elif tier is Tier.NONE:
+            dr = f", none in backup pool {self.backup_pool.name}" if self.backup_pool is not None else ""
+            log.error(
+                "pool %s: no server left (%s, no backup server%s): requests get 503, with the maintenance page if set",
+                self.name,
+                available,
+                dr,
+            )
+        else:
+            self.failovers += 1
+            if tier is Tier.WITH_BACKUPS:
+                to = "the backup servers serve beside the primaries"
+            elif tier is Tier.BACKUPS:
+                to = "failing over to the backup servers"
+            else:
+                to = f"failing over to backup pool {self.backup_pool.name if self.backup_pool else '?'}"
+            log.warning("pool %s: %s, below min_up %d: %s", self.name, available, self.min_up, to)
+        for pool in self.fronted:
+            pool._tier_changed()
 
     def _group(self, server: Server) -> Policy[Server]:
         return self._backup if server.backup else self._primary

@@ -10,11 +10,9 @@ admin state in the state file, and shuts down gracefully.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import os
-import socket
 import ssl
 import sys
 import tempfile
@@ -74,6 +72,7 @@ class Runtime:
         self.listeners: dict[str, Listener] = {}
         self.bound: dict[str, Bound] = {}
         self.reloads: dict[str, int] = {"success": 0, "failure": 0}
+        self.last_reload_ok = True
         self.registry = metrics.registry(self)
         self._sockets: dict[str, asyncio.Server] = {}
         self._grace: dict[Server, asyncio.TimerHandle] = {}
@@ -255,6 +254,7 @@ class Runtime:
         self.config = new
         self._save_state()  # servers gone from the config leave the state file too
         self.reloads["success"] += 1
+        self.last_reload_ok = True
         log.info("reload: %s", new.summary())
         return []
 
@@ -262,6 +262,7 @@ class Runtime:
         for server, state in saved:
             server.restore(state)
         self.reloads["failure"] += 1
+        self.last_reload_ok = False
         for problem in problems:
             log.error("reload refused, the running config stays: %s", problem)
         return problems
@@ -539,7 +540,7 @@ def _build_pools(config: Config, previous: Mapping[str, Pool] | None) -> dict[st
     pools = {name: Pool(pool, old.get(name), reloading) for name, pool in config.pools.items()}
     for name, pool in config.pools.items():
         if pool.backup_pool is not None:
-            pools[name].backup_pool = pools[pool.backup_pool]
+            pools[name].fail_over_to(pools[pool.backup_pool])
     return pools
 
 
@@ -549,17 +550,15 @@ def _socket_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
 
 
 async def _resolve(loop: asyncio.AbstractEventLoop, pools: Mapping[str, Pool]) -> None:
-    """Replace server host names by an address, at start and on reload (as HAProxy's init-addr)."""
+    """Replace server host names by an address, at start and on reload, with `config.resolve` (which
+    `lbproxy check` uses too), in a thread: the system resolver blocks."""
     for pool in pools.values():
         for server in pool.servers:
             host = server.address.host
             try:
-                ipaddress.ip_address(host)
-                continue
-            except ValueError:
-                pass
-            try:
-                infos = await loop.getaddrinfo(host, server.address.port, type=socket.SOCK_STREAM)
+                server.connect_host = await loop.run_in_executor(None, config.resolve, server.address)
             except OSError as error:
-                raise StartError(f"pools.{pool.name}: server {server.name}: cannot resolve {host!r}: {error}") from None
-            server.connect_host = str(infos[0][4][0])
+                reason = error.strerror or error
+                raise StartError(
+                    f"pools.{pool.name}: server {server.name}: cannot resolve {host!r}: {reason}"
+                ) from None

@@ -386,6 +386,10 @@ class Supervisor:
         return self.runtime.reloads
 
     @property
+    def last_reload_ok(self) -> bool:
+        return self.runtime.last_reload_ok
+
+    @property
     def worker_requests(self) -> dict[str, int]:
         return {str(worker.index): worker.requests for worker in self.workers}
 

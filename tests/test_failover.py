@@ -596,6 +596,65 @@ async def test_backup_servers_then_backup_pool_take_over_and_hand_back(tmp_path:
             assert (len(c.served), len(d.served)) == (served_by_c, served_by_d)
 
 
+def tier_logs(caplog: pytest.LogCaptureFixture, pool_name: str) -> list[str]:
+    """The messages that say where the pool's new requests go, in order (issue #13: logs that tell the truth)."""
+    marks = ("failing over", "failback", "no server left", "serve beside")
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith(f"pool {pool_name}: ") and any(mark in r.getMessage() for mark in marks)
+    ]
+
+
+async def test_failover_is_logged_and_counted_only_when_traffic_moves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="lbproxy.pool")
+    async with Node("a") as a, Node("b") as b, Node("c") as c, Node("d") as d:
+        pools = {"farm": pool(a, backups=(b,), backup_pool="dr"), "dr": pool(c), "alone": pool(d)}
+        async with running(lbconfig(pools), tmp_path) as lb:
+            await lb.health.first_round()
+            farm, dr, alone = lb.pools["farm"], lb.pools["dr"], lb.pools["alone"]
+            assert tier_logs(caplog, "farm") == []
+
+            # A pool with no backup of any kind has nowhere to fail over to: it says so, and counts nothing.
+            d.health = "500"
+            await eventually(lambda: alone.tier.value == "none", 2.0, "alone out of servers")
+            assert tier_logs(caplog, "alone") == [
+                "pool alone: no server left (0 of 1 primaries available, no backup server): "
+                "requests get 503, with the maintenance page if set"
+            ]
+            assert alone.failovers == 0
+            d.health = "ok"
+            await eventually(lambda: alone.tier.value == "primaries", 2.0, "alone serving again")
+            assert tier_logs(caplog, "alone")[1:] == [
+                "pool alone: failback: 1 of 1 primaries available, the primaries serve again"
+            ]
+            assert alone.failovers == 0
+
+            # Primaries, then the backup server, then the backup pool, then nothing, and back.
+            a.health = "500"
+            await eventually(lambda: farm.tier.value == "backups", 2.0, "farm on its backup server")
+            b.health = "500"
+            await eventually(lambda: farm.tier.value == "backup_pool", 2.0, "farm on its backup pool")
+            c.health = "500"
+            await eventually(lambda: farm.tier.value == "none" and dr.tier.value == "none", 2.0, "nothing left")
+            assert farm.failovers == 2
+            c.health = "ok"
+            await eventually(lambda: farm.tier.value == "backup_pool", 2.0, "the backup pool back")
+            a.health = "ok"
+            await eventually(lambda: farm.tier.value == "primaries", 2.0, "farm on its primaries")
+            assert tier_logs(caplog, "farm") == [
+                "pool farm: 0 of 1 primaries available, below min_up 1: failing over to the backup servers",
+                "pool farm: 0 of 1 primaries available, below min_up 1: failing over to backup pool dr",
+                "pool farm: no server left (0 of 1 primaries available, no backup server, none in backup pool dr): "
+                "requests get 503, with the maintenance page if set",
+                "pool farm: 0 of 1 primaries available, below min_up 1: failing over to backup pool dr",
+                "pool farm: failback: 1 of 1 primaries available, the primaries serve again",
+            ]
+            assert farm.failovers == 3
+
+
 async def test_min_up_brings_the_backup_in_beside_the_remaining_primaries(tmp_path: Path) -> None:
     nodes = [Node(f"p{index}") for index in range(1, 5)]
     async with contextlib.AsyncExitStack() as stack:

@@ -54,6 +54,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "lbproxy_server_transitions_total": ("counter", (*SERVER, "to")),
     "lbproxy_server_last_transition_timestamp_seconds": ("gauge", SERVER),
     "lbproxy_pool_servers_up": ("gauge", ("pool",)),
+    "lbproxy_pool_tier": ("gauge", ("pool", "tier")),
     "lbproxy_pool_failovers_total": ("counter", ("pool",)),
     "lbproxy_pool_retries_total": ("counter", ("pool",)),
     "lbproxy_listener_active_connections": ("gauge", ("listener",)),
@@ -63,6 +64,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "lbproxy_listener_request_duration_seconds_count": ("histogram", ("listener",)),
     "lbproxy_listener_request_duration_seconds_sum": ("histogram", ("listener",)),
     "lbproxy_config_reloads_total": ("counter", ("result",)),
+    "lbproxy_config_last_reload_successful": ("gauge", ()),
     "process_cpu_seconds_total": ("counter", ()),
     "process_resident_memory_bytes": ("gauge", ()),
     "process_open_fds": ("gauge", ()),
@@ -180,6 +182,9 @@ async def test_counters_after_known_traffic(tmp_path: Path) -> None:
         assert counts == sorted(counts)  # cumulative
         assert metrics("lbproxy_config_reloads_total", result="success") == 0
         assert metrics("lbproxy_config_reloads_total", result="failure") == 0
+        assert metrics("lbproxy_config_last_reload_successful") == 1
+        tiers = ("primaries", "primaries+backups", "backups", "backup_pool", "none")
+        assert [metrics("lbproxy_pool_tier", pool="farm", tier=tier) for tier in tiers] == [1, 0, 0, 0, 0]
         assert metrics("process_open_fds") > 0
         assert metrics("process_resident_memory_bytes") > 0
 
@@ -195,6 +200,9 @@ async def test_counters_after_known_traffic(tmp_path: Path) -> None:
                 assert value == (1 if state == current else 0), (server, state)
             assert metrics("lbproxy_server_up", pool="farm", server=server) == 1  # health is apart
         assert metrics("lbproxy_pool_servers_up", pool="farm") == 2
+        # Nothing left to serve, and no backup: the tier says so, and it is no failover.
+        assert [metrics("lbproxy_pool_tier", pool="farm", tier=tier) for tier in tiers] == [0, 0, 0, 0, 1]
+        assert metrics("lbproxy_pool_failovers_total", pool="farm") == 0
 
 
 async def test_health_checks_and_transitions_after_a_server_goes_down(tmp_path: Path) -> None:

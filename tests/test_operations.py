@@ -145,7 +145,7 @@ def admin_url(runtime: Runtime) -> str:
 
 
 async def reload_counts(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
-    """`lbproxy_config_reloads_total` by result, scraped from /metrics."""
+    """`lbproxy_config_reloads_total` by result, and `last_ok`: lbproxy_config_last_reload_successful."""
     async with session.get(f"{base}/metrics") as response:
         assert response.status == 200
         text = await response.text()
@@ -155,6 +155,8 @@ async def reload_counts(session: aiohttp.ClientSession, base: str) -> dict[str, 
             for sample in family.samples:
                 if sample.name == "lbproxy_config_reloads_total":
                     counts[sample.labels["result"]] = sample.value
+        elif family.name == "lbproxy_config_last_reload_successful":
+            counts["last_ok"] = family.samples[0].value
     return counts
 
 
@@ -327,14 +329,14 @@ async def test_an_invalid_reload_keeps_the_running_config_and_is_counted(tmp_pat
             body = await response.json()
         assert body["error"] == "the config was refused; the running one stays"
         assert body["problems"] == problems
-        assert await reload_counts(session, base) == {"success": 0.0, "failure": 2.0}
+        assert await reload_counts(session, base) == {"success": 0.0, "failure": 2.0, "last_ok": 0.0}
         assert (await get(port_of(lb))).status == 200
 
         write_config(tmp_path, WITH_ADMIN.replace('"{b}"', '"{c}"'), a=a.address, c=c.address)
         async with session.post(f"{base}/api/v1/reload") as response:
             assert response.status == 200
             assert await response.json() == {"result": "reloaded"}
-        assert await reload_counts(session, base) == {"success": 1.0, "failure": 2.0}
+        assert await reload_counts(session, base) == {"success": 1.0, "failure": 2.0, "last_ok": 1.0}
         assert sorted([(await get(port_of(lb))).body for _ in range(4)]) == [b"a", b"a", b"c", b"c"]
 
 
@@ -722,7 +724,7 @@ async def test_sighup_reloads_the_config_and_refuses_an_invalid_one(tmp_path: Pa
             return await servers() == ["a", "b"]
 
         await wait_until(reloaded, what="the reload to add server b")
-        assert await reload_counts(session, lb.admin) == {"success": 1.0, "failure": 0.0}
+        assert await reload_counts(session, lb.admin) == {"success": 1.0, "failure": 0.0, "last_ok": 1.0}
         assert {(await get(lb.ports["web"])).body for _ in range(4)} == {b"a", b"b"}
 
         write_config(
@@ -735,6 +737,7 @@ async def test_sighup_reloads_the_config_and_refuses_an_invalid_one(tmp_path: Pa
 
         await wait_until(refused_once, what="the invalid reload to be counted")
         assert "reload refused, the running config stays" in lb.log_text()
+        assert (await reload_counts(session, lb.admin))["last_ok"] == 0.0
         assert await servers() == ["a", "b"]
         assert (await get(lb.ports["web"])).status == 200
 
@@ -747,7 +750,7 @@ async def test_sighup_reloads_the_config_and_refuses_an_invalid_one(tmp_path: Pa
         code, out, err = await ctl("--admin", lb.admin, "reload")
         assert (code, out.strip()) == (0, "reloaded"), err
         assert await servers() == ["a"]
-        assert await reload_counts(session, lb.admin) == {"success": 2.0, "failure": 2.0}
+        assert await reload_counts(session, lb.admin) == {"success": 2.0, "failure": 2.0, "last_ok": 1.0}
 
         lb.process.send_signal(signal.SIGTERM)
         await eventually(lambda: lb.process.returncode is not None, timeout=10.0, what="lbproxy to exit")
