@@ -4,7 +4,9 @@ This module owns the schema, `${ENV}` interpolation, defaults and validation, an
 that name the file, the line and the key path (`lbproxy.yaml:14: pools.farm.servers[2].address: ...`).
 It reads the YAML node tree rather than plain Python values so that every value keeps its line.
 It must not touch sockets, the event loop or runtime state: the runtime builds its objects from a
-`Config`, never the other way round.
+`Config`, never the other way round. The one lookup it makes is `resolve`, a server name through the
+system resolver: the runtime calls it at start and on reload, and `load(resolve=True)` (what
+`lbproxy check` does) calls it for every server so that a name that would stop `run` is an error here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Final, Literal, TypeVar
 import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import ReaderError
 from yaml.resolver import Resolver
 
 Mode = Literal["http", "tcp"]
@@ -34,7 +38,7 @@ MAX_RATIO: Final = 256  # as HAProxy's weight: enough range, and keeps weighted 
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A HOST:PORT pair as written; names are resolved by the runtime, not here."""
+    """A HOST:PORT pair as written; a server's host name is looked up by `resolve`."""
 
     host: str
     port: int
@@ -180,6 +184,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        if not self.line:  # the file itself (it cannot be read): the message names it
+            return self.message
         where = f"{self.key}: " if self.key else ""
         return f"{self.file}:{self.line}: {where}{self.message}"
 
@@ -192,27 +198,40 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read, interpolate and validate the config file at `path`; raise ConfigError listing all errors."""
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, resolve: bool = False) -> Config:
+    """Read, interpolate and validate the config file at `path`; raise ConfigError listing all errors.
+
+    `resolve`: also look up every server's host name (with `resolve`), as `lbproxy check` does.
+    """
     shown = os.fspath(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(shown, 0, "", f"cannot read the file: {exc}")]) from None
-    return parse(text, shown, os.environ if environ is None else environ)
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem(shown, 0, "", f"cannot read {shown}: {exc.strerror or exc}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        message = f"the file is not UTF-8 text: byte 0x{data[exc.start]:02x} cannot be read as UTF-8"
+        raise ConfigError([Problem(shown, line, "", message)]) from None
+    return parse(text, shown, os.environ if environ is None else environ, resolve=resolve)
 
 
-def parse(text: str, filename: str, environ: Mapping[str, str]) -> Config:
+def parse(text: str, filename: str, environ: Mapping[str, str], *, resolve: bool = False) -> Config:
     """Validate YAML `text`; `filename` is used in messages and to resolve relative paths."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        raise ConfigError([Problem(filename, line, "", f"invalid YAML: {exc.problem}")]) from None
+        line, message = _yaml_problem(exc, text.splitlines())
+        raise ConfigError([Problem(filename, line, "", f"invalid YAML: {message}")]) from None
+    except ReaderError as exc:  # a character YAML does not allow anywhere
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        message = f"invalid YAML: the control character #x{exc.character:04x} (column {column}) is not allowed"
+        raise ConfigError([Problem(filename, line, "", message)]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([Problem(filename, 0, "", f"invalid YAML: {exc}")]) from None
-    reader = _Reader(filename, environ)
+        raise ConfigError([Problem(filename, 1, "", f"invalid YAML: {exc}")]) from None
+    reader = _Reader(filename, environ, resolve)
     if root is None:
         reader.problem(None, "", "the file is empty: it needs 'listeners' and 'pools'")
         raise ConfigError(reader.problems)
@@ -222,26 +241,151 @@ def parse(text: str, filename: str, environ: Mapping[str, str]) -> Config:
     return config
 
 
+# -- YAML syntax errors in words -------------------------------------------------------------------
+
+_FLOW_ERROR = re.compile(r"expected ',' or '([\]}])', but got (.*)")
+_KEY_LINE = re.compile(r"\s*(?:- +)?[^\s#'\"][^#]*?:(?:\s|$)")  # `key:` or `- key:`, value or not
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError, lines: list[str]) -> tuple[int, str]:
+    """The line of a YAML syntax error and what is wrong there, in words rather than the parser's.
+
+    Covers the mistakes people make by hand: indentation, tabs, a missing or a second ':', a list item
+    at the wrong level, an unclosed quote or bracket. Anything else keeps PyYAML's words.
+    """
+    problem, context = error.problem or "", error.context or ""
+    mark = error.problem_mark or error.context_mark
+    line = mark.line + 1 if mark is not None else 1
+    column = mark.column + 1 if mark is not None else 1
+    opened = error.context_mark  # where the quote, bracket, key or block being read began
+    text = lines[line - 1] if line <= len(lines) else ""
+    if problem == "found character '\\t' that cannot start any token":
+        if not text[: column - 1].strip():
+            return line, f"this line is indented with a tab (column {column}): YAML indents with spaces only"
+        return line, f"a tab character in column {column}: YAML takes spaces here, not tabs"
+    if problem.startswith("found character ") and problem.endswith(" that cannot start any token"):
+        char = problem.removeprefix("found character ").removesuffix(" that cannot start any token")
+        return line, f"a value cannot start with {char} (column {column}): put the value in quotes"
+    if problem.startswith("expected the node content, but found "):
+        found = problem.removeprefix("expected the node content, but found ")
+        if found == "'-'" and context == "while parsing a flow node":
+            return line, "a '- ' list item inside [...] or {...}: separate their items with ',' instead"
+        return line, f"a value was expected in column {column}, not {found} (quote a value that starts with it)"
+    if problem == "mapping values are not allowed here":
+        if re.search(r":(?:\s|$)", text[: column - 1]):
+            return line, f"a second ': ' on this line (column {column}): put a value that contains ': ' in quotes"
+        above = next((n for n in range(line - 1, 0, -1) if lines[n - 1].strip()[:1] not in ("", "#")), None)
+        if above is not None and not _KEY_LINE.match(lines[above - 1]):
+            return line, f"line {above} has no ':' after its key, so this line continues it; add the ':' there"
+        return line, "this line is indented more than the key above it, so it continues that key's value"
+    if problem == "could not find expected ':'" and opened is not None:
+        return opened.line + 1, "this line has no ': ' between its key and its value (write `key: value`)"
+    if problem == "sequence entries are not allowed here":
+        return line, f"a list item ('- ', column {column}) cannot start on its key's line: put it on the next line"
+    if problem.startswith("expected <block end>, but found "):
+        found = problem.removeprefix("expected <block end>, but found ")
+        if found == "'-'":
+            return line, (
+                "a list item ('-') where a mapping key was expected; check the indentation "
+                "(the items of one list start in the same column)"
+            )
+        if found == "'<scalar>'" and text[: column - 1].strip():
+            return line, f"unexpected text after the value (column {column}): put the whole value in quotes"
+        return line, "the indentation of this line does not match the lines above it"
+    flow = _FLOW_ERROR.fullmatch(problem)
+    if flow is not None and opened is not None:
+        closer = flow.group(1)
+        opener, what = ("[", "list") if closer == "]" else ("{", "mapping")
+        if flow.group(2) == "'<stream end>'":
+            return opened.line + 1, f"the '{opener}' in column {opened.column + 1} is never closed with '{closer}'"
+        return line, (
+            f"expected ',' or '{closer}' in column {column}: the {what} opened with '{opener}' on line "
+            f"{opened.line + 1} is not closed, or two of its items have no ',' between them"
+        )
+    if context == "while scanning a quoted scalar" and opened is not None:
+        text = lines[opened.line] if opened.line < len(lines) else ""
+        quote = text[opened.column : opened.column + 1] or '"'
+        return opened.line + 1, f"the quote {quote} in column {opened.column + 1} is never closed"
+    if problem.startswith("found unknown escape character "):
+        char = problem.removeprefix("found unknown escape character ").strip("'")
+        return line, (
+            f"'\\{char}' is not an escape sequence in a double-quoted value (column {column - 1}): "
+            "use single quotes around a value with backslashes"
+        )
+    if problem.startswith("found undefined alias "):
+        name = problem.removeprefix("found undefined alias ").strip("'")
+        return line, f"the alias *{name} refers to no anchor: define &{name} before it"
+    if context == "expected a single document in the stream":
+        return line, "a second YAML document starts here: a config file holds one"
+    if context.startswith("found duplicate anchor ") and opened is not None:
+        name = context.removeprefix("found duplicate anchor ").split("'")[1]
+        return line, f"the anchor &{name} is defined a second time (first on line {opened.line + 1})"
+    return line, problem or context
+
+
 # -- validation -------------------------------------------------------------------------------------
 
 _MERGE: Final = "tag:yaml.org,2002:merge"
 _WILDCARDS: Final = ("", "0.0.0.0", "::", "*")
-_LISTENER_KEYS: Final = (
-    "name",
-    "mode",
-    "bind",
-    "pool",
-    "maintenance_page",
-    "retry_after",
-    "forwarded_headers",
-    "max_connections",
-    "tls",
-    "access_log",
-    "timeouts",
-    "limits",
-    "accept_proxy",
-    "idle_timeout",
-)
+# The keys each place in the file takes, the places named as the docs' headings name them. The reader
+# checks every mapping against its place, and an unknown key is looked up here in the other places to
+# say where it belongs ("unknown key 'retries' here; it belongs under pools.<name>").
+_TOP: Final = "the top level"
+_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
+    _TOP: ("admin", "listeners", "pools", "state_file", "shutdown_timeout", "log_format"),
+    "admin": ("bind", "token"),
+    "listeners[]": (
+        "name",
+        "mode",
+        "bind",
+        "pool",
+        "maintenance_page",
+        "retry_after",
+        "forwarded_headers",
+        "max_connections",
+        "tls",
+        "access_log",
+        "timeouts",
+        "limits",
+        "accept_proxy",
+        "idle_timeout",
+    ),
+    "listeners[].timeouts": ("request_header", "keepalive", "request_body"),
+    "listeners[].limits": ("header_size", "header_count", "target_size", "max_body_size"),
+    "listeners[].tls": ("cert", "key"),
+    "pools.<name>": (
+        "policy",
+        "retries",
+        "backup_pool",
+        "servers",
+        "health",
+        "timeouts",
+        "keepalive",
+        "passive",
+        "min_up",
+        "max_down_fraction",
+        "slow_start",
+        "disable_grace",
+        "send_proxy",
+    ),
+    "pools.<name>.servers[]": ("name", "address", "ratio", "backup"),
+    "pools.<name>.health": (
+        "type",
+        "path",
+        "method",
+        "host",
+        "expect_status",
+        "expect_body",
+        "interval",
+        "timeout",
+        "rise",
+        "fall",
+        "start",
+    ),
+    "pools.<name>.passive": ("consecutive_failures", "on_5xx"),
+    "pools.<name>.timeouts": ("connect", "response"),
+    "pools.<name>.keepalive": ("max_idle", "idle_timeout"),
+}
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|m|g)?")
 _SIZE_UNITS: Final = {
     None: 1,
@@ -274,10 +418,12 @@ class _Invalid(Exception):
 class _Reader:
     """Walks the YAML node tree, recording every problem instead of stopping at the first."""
 
-    def __init__(self, filename: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, filename: str, environ: Mapping[str, str], resolve: bool = False) -> None:
         self.filename = filename
         self.base = Path(filename).resolve().parent
         self.environ = environ
+        self.resolve = resolve  # look up server names (`lbproxy check`)
+        self._lookups: dict[str, str | None] = {}  # host name: why it does not resolve, or None
         self.problems: list[Problem] = []
         self._constructor = SafeConstructor()
         self._resolver = Resolver()
@@ -289,11 +435,12 @@ class _Reader:
     # -- structure --
 
     def mapping(
-        self, node: Node, key: str, allowed: tuple[str, ...] | None, required: tuple[str, ...] = ()
+        self, node: Node, key: str, place: str | None, required: tuple[str, ...] = ()
     ) -> dict[str, Node] | None:
         """The entries of a mapping node, with unknown, duplicate and missing keys reported.
 
-        `allowed=None` admits any string key: the pools mapping is keyed by the user's names.
+        `place` names the node's keys in `_KEYS`; None admits any string key: the pools mapping is
+        keyed by the user's names.
         """
         if not isinstance(node, MappingNode):
             self.problem(node, key, f"expected a mapping, got {self._shown(node)}")
@@ -305,9 +452,8 @@ class _Reader:
         for key_node, value_node in node.value:
             name = key_node.value if isinstance(key_node, ScalarNode) else None
             where = _join(key, str(name))
-            if name is None or (allowed is not None and name not in allowed):
-                expected = f" (expected one of: {', '.join(allowed)})" if allowed else ""
-                self.problem(key_node, where, f"unknown key{expected}")
+            if name is None or (place is not None and name not in _KEYS[place]):
+                self.problem(key_node, where, _unknown_key(name, place))
             elif name in entries and name not in merged and id(key_node) in own:
                 self.problem(key_node, where, "duplicate key")
             else:
@@ -375,12 +521,7 @@ class _Reader:
     # -- the schema --
 
     def config(self, root: Node) -> Config | None:
-        entries = self.mapping(
-            root,
-            "",
-            ("admin", "listeners", "pools", "state_file", "shutdown_timeout", "log_format"),
-            ("listeners", "pools"),
-        )
+        entries = self.mapping(root, "", _TOP, ("listeners", "pools"))
         if entries is None:
             return None
         admin = self.admin(entries["admin"]) if "admin" in entries else None
@@ -416,7 +557,7 @@ class _Reader:
         )
 
     def admin(self, node: Node) -> AdminConfig:
-        entries = self.mapping(node, "admin", ("bind", "token"))
+        entries = self.mapping(node, "admin", "admin")
         if entries is None:
             return AdminConfig()
         token = self.value(entries, "token", "admin", _optional_string, None)
@@ -436,7 +577,7 @@ class _Reader:
         binds: dict[Address, str] = {}
         for index, item in enumerate(items):
             key = f"listeners[{index}]"
-            entries = self.mapping(item, key, _LISTENER_KEYS, ("name", "bind", "pool"))
+            entries = self.mapping(item, key, "listeners[]", ("name", "bind", "pool"))
             if entries is None or not {"name", "bind", "pool"} <= entries.keys():
                 continue
             name = self.value(entries, "name", key, _name, "")
@@ -498,7 +639,7 @@ class _Reader:
         return tuple(listeners)
 
     def tls(self, node: Node, key: str) -> TlsConfig | None:
-        entries = self.mapping(node, key, ("cert", "key"), ("cert", "key"))
+        entries = self.mapping(node, key, "listeners[].tls", ("cert", "key"))
         if entries is None or len(entries) < 2:
             return None
         cert = self.value(entries, "cert", key, self._file, None)
@@ -509,7 +650,7 @@ class _Reader:
         if "timeouts" not in entries:
             return ListenerTimeouts()
         key = _join(key, "timeouts")
-        found = self.mapping(entries["timeouts"], key, ("request_header", "keepalive", "request_body"))
+        found = self.mapping(entries["timeouts"], key, "listeners[].timeouts")
         if found is None:
             return ListenerTimeouts()
         default = ListenerTimeouts()
@@ -523,7 +664,7 @@ class _Reader:
         if "limits" not in entries:
             return ListenerLimits()
         key = _join(key, "limits")
-        found = self.mapping(entries["limits"], key, ("header_size", "header_count", "target_size", "max_body_size"))
+        found = self.mapping(entries["limits"], key, "listeners[].limits")
         if found is None:
             return ListenerLimits()
         default = ListenerLimits()
@@ -536,35 +677,24 @@ class _Reader:
 
     def pool(self, node: Node, name: str) -> PoolConfig | None:
         key = _join("pools", name)
-        allowed = (
-            "policy",
-            "retries",
-            "backup_pool",
-            "servers",
-            "health",
-            "timeouts",
-            "keepalive",
-            "passive",
-            "min_up",
-            "max_down_fraction",
-            "slow_start",
-            "disable_grace",
-            "send_proxy",
-        )
-        entries = self.mapping(node, key, allowed, ("servers",))
+        if not isinstance(node, MappingNode) and name in _KEYS["pools.<name>"]:
+            # `pools: {servers: [...]}`: a pool's key written where the pool's name goes
+            self.problem(node, key, f"'{name}' is not a pool: it belongs under pools.<name> (a pool is named first)")
+            return None
+        entries = self.mapping(node, key, "pools.<name>", ("servers",))
         if entries is None:
             return None
         timeouts, keepalive = PoolTimeouts(), KeepaliveConfig()
         if "timeouts" in entries:
             where = _join(key, "timeouts")
-            found = self.mapping(entries["timeouts"], where, ("connect", "response")) or {}
+            found = self.mapping(entries["timeouts"], where, "pools.<name>.timeouts") or {}
             timeouts = PoolTimeouts(
                 connect=self.value(found, "connect", where, _duration, timeouts.connect),
                 response=self.value(found, "response", where, _duration, timeouts.response),
             )
         if "keepalive" in entries:
             where = _join(key, "keepalive")
-            found = self.mapping(entries["keepalive"], where, ("max_idle", "idle_timeout")) or {}
+            found = self.mapping(entries["keepalive"], where, "pools.<name>.keepalive") or {}
             keepalive = KeepaliveConfig(
                 max_idle=self.value(found, "max_idle", where, _integer(0, 100_000), keepalive.max_idle),
                 idle_timeout=self.value(found, "idle_timeout", where, _duration, keepalive.idle_timeout),
@@ -618,38 +748,40 @@ class _Reader:
         names: set[str] = set()
         for index, item in enumerate(items):
             where = f"{key}[{index}]"
-            entries = self.mapping(item, where, ("name", "address", "ratio", "backup"), ("name", "address"))
+            entries = self.mapping(item, where, "pools.<name>.servers[]", ("name", "address"))
             if entries is None or not {"name", "address"} <= entries.keys():
                 continue
             name = self.value(entries, "name", where, _name, "")
             if name in names:
                 self.problem(entries["name"], _join(where, "name"), f"duplicate server name '{name}' in this pool")
             names.add(name)
+            address = self.value(entries, "address", where, _server_address, Address("", 0))
+            if self.resolve and address.host:
+                self.check_resolves(entries["address"], _join(where, "address"), address)
             servers.append(
                 ServerConfig(
                     name=name,
-                    address=self.value(entries, "address", where, _server_address, Address("", 0)),
+                    address=address,
                     ratio=self.value(entries, "ratio", where, _integer(1, MAX_RATIO), 1),
                     backup=self.value(entries, "backup", where, _boolean, False),
                 )
             )
         return tuple(servers)
 
+    def check_resolves(self, node: Node, key: str, address: Address) -> None:
+        """A problem if the server name in `address` does not resolve: it would stop `lbproxy run`."""
+        if address.host not in self._lookups:
+            try:
+                resolve(address)
+                self._lookups[address.host] = None
+            except OSError as exc:
+                self._lookups[address.host] = f"cannot resolve {address.host!r}: {exc.strerror or exc}"
+        failure = self._lookups[address.host]
+        if failure is not None:
+            self.problem(node, key, failure)
+
     def health(self, node: Node, key: str) -> HealthConfig:
-        allowed = (
-            "type",
-            "path",
-            "method",
-            "host",
-            "expect_status",
-            "expect_body",
-            "interval",
-            "timeout",
-            "rise",
-            "fall",
-            "start",
-        )
-        entries = self.mapping(node, key, allowed)
+        entries = self.mapping(node, key, "pools.<name>.health")
         if entries is None:
             return HealthConfig()
         # A health block without a type is a TCP check, as HAProxy's bare `check` is.
@@ -675,7 +807,7 @@ class _Reader:
         return health
 
     def passive(self, node: Node, key: str) -> PassiveConfig | None:
-        entries = self.mapping(node, key, ("consecutive_failures", "on_5xx"))
+        entries = self.mapping(node, key, "pools.<name>.passive")
         if entries is None:
             return None
         default = PassiveConfig()
@@ -736,6 +868,15 @@ def _entry(node: Node, name: str) -> Node:
             if isinstance(key_node, ScalarNode) and key_node.value == name:
                 return value_node  # type: ignore[no-any-return]
     return node
+
+
+def _unknown_key(name: str | None, place: str | None) -> str:
+    """What to say of a key that `place` does not take: where it belongs if another place takes it."""
+    elsewhere = [other for other, keys in _KEYS.items() if other != place and name in keys]
+    if elsewhere:
+        where = " or ".join("at the top level" if other == _TOP else f"under {other}" for other in elsewhere)
+        return f"unknown key '{name}' here; it belongs {where}"
+    return f"unknown key (expected one of: {', '.join(_KEYS[place])})" if place else "unknown key"
 
 
 def _join(key: str, name: str) -> str:
@@ -905,9 +1046,26 @@ def _address(value: object, min_port: int) -> Address:
             raise _Invalid(f"{expected}, got {value!r}: put an IPv6 address in brackets")
         if sep and not _HOSTNAME.fullmatch(host):
             raise _Invalid(f"{expected}, got {value!r}: {host!r} is not an IPv4 address or host name")
-    if not sep or not port.isdigit() or not min_port <= int(port) <= 65535:
+    if not sep or not port.isdigit():
         raise _Invalid(f"{expected}, got {value!r}")
+    if not min_port <= int(port) <= 65535:
+        raise _Invalid(f"port {int(port)} is out of range {min_port}-65535")
     return Address(host, int(port))
+
+
+def resolve(address: Address) -> str:
+    """The IP address lbproxy connects to for a server at `address` (as HAProxy's init-addr): the host as
+    written if it is an IP address, else the first address the system resolver returns for the name.
+
+    The one place a server name is looked up: the runtime calls it (in a thread: it blocks) at start
+    and on each reload, `load(resolve=True)` for `lbproxy check`. Raises OSError (socket.gaierror).
+    """
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        return str(infos[0][4][0])
+    return address.host
 
 
 def _server_address(value: object) -> Address:
@@ -930,4 +1088,5 @@ __all__ = [
     "ServerConfig",
     "load",
     "parse",
+    "resolve",
 ]

@@ -6,6 +6,8 @@ Sans-IO: `parse()` on YAML texts and `load()` on files in tmp_path, except the C
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +25,7 @@ from lbproxy.config import (
     ServerConfig,
     load,
     parse,
+    resolve,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,11 +71,107 @@ def test_minimal_config_parses() -> None:
     assert config.summary() == "lbproxy.yaml: OK: 1 listener, 1 pool, 1 server"
 
 
-def test_yaml_syntax_error_reports_its_line() -> None:
-    text = MINIMAL + "       ratio: 2\n"  # line 10: indented under nothing
-    assert errors(text) == [
-        "lbproxy.yaml:10: invalid YAML: expected <block end>, but found '<block mapping start>'",
-    ]
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            MINIMAL + "       ratio: 2\n",
+            "10: invalid YAML: the indentation of this line does not match the lines above it",
+            id="key indented less than its siblings",
+        ),
+        pytest.param(
+            MINIMAL.replace("    pool: farm", "   pool: farm"),
+            "4: invalid YAML: the indentation of this line does not match the lines above it",
+            id="key indented less, in a list item",
+        ),
+        pytest.param(
+            MINIMAL.replace("    bind: ", "\tbind: "),
+            "3: invalid YAML: this line is indented with a tab (column 1): YAML indents with spaces only",
+            id="tab indentation",
+        ),
+        pytest.param(
+            MINIMAL.replace("pool: farm", "pool:\tfarm"),
+            "4: invalid YAML: a tab character in column 10: YAML takes spaces here, not tabs",
+            id="tab after a key",
+        ),
+        pytest.param(
+            MINIMAL.replace("name: a", 'name: "a'),
+            '8: invalid YAML: the quote " in column 15 is never closed',
+            id="unclosed quote",
+        ),
+        pytest.param(
+            MINIMAL + "    health: {type: http, path: /\n",
+            "10: invalid YAML: the '{' in column 13 is never closed with '}'",
+            id="unclosed brace at the end",
+        ),
+        pytest.param(
+            MINIMAL.split("    servers:")[0] + "    servers: [{name: a, address: 10.0.0.1:80}\n    retries: 2\n",
+            "8: invalid YAML: expected ',' or ']' in column 5: the list opened with '[' on line 7 is not closed, "
+            "or two of its items have no ',' between them",
+            id="unclosed bracket before more lines",
+        ),
+        pytest.param(
+            MINIMAL.replace("    servers:\n", "    servers: [\n"),
+            "8: invalid YAML: a '- ' list item inside [...] or {...}: separate their items with ',' instead",
+            id="block list item in a bracket",
+        ),
+        pytest.param(
+            MINIMAL.replace("pool: farm", "pool: farm: other"),
+            "4: invalid YAML: a second ': ' on this line (column 15): put a value that contains ': ' in quotes",
+            id="key: value: value",
+        ),
+        pytest.param(
+            MINIMAL.replace("    pool: farm", "    pool farm"),
+            "4: invalid YAML: this line has no ': ' between its key and its value (write `key: value`)",
+            id="key without a colon",
+        ),
+        pytest.param(
+            MINIMAL.replace("  - name: web", "  - name web"),
+            "3: invalid YAML: line 2 has no ':' after its key, so this line continues it; add the ':' there",
+            id="first key without a colon",
+        ),
+        pytest.param(
+            MINIMAL.replace("    pool: farm", "    pool: farm\n      mode: http"),
+            "5: invalid YAML: this line is indented more than the key above it, so it continues that key's value",
+            id="key indented under a value",
+        ),
+        pytest.param(
+            MINIMAL + "    - name: b\n      address: 10.0.0.2:80\n",
+            "10: invalid YAML: a list item ('-') where a mapping key was expected; check the indentation "
+            "(the items of one list start in the same column)",
+            id="list item at the wrong level",
+        ),
+        pytest.param(
+            MINIMAL + "        - name: b\n",
+            "10: invalid YAML: a list item ('-') where a mapping key was expected; check the indentation "
+            "(the items of one list start in the same column)",
+            id="list item inside a list item",
+        ),
+        pytest.param(
+            MINIMAL.replace("    servers:\n", "    servers: - name: a\n"),
+            "7: invalid YAML: a list item ('- ', column 14) cannot start on its key's line: put it on the next line",
+            id="list item on its key's line",
+        ),
+        pytest.param(
+            MINIMAL.replace("pool: farm", 'pool: "farm" x'),
+            "4: invalid YAML: unexpected text after the value (column 18): put the whole value in quotes",
+            id="text after a quoted value",
+        ),
+        pytest.param(
+            MINIMAL + '    health: {type: http, path: "C:\\path"}\n',
+            "10: invalid YAML: '\\p' is not an escape sequence in a double-quoted value (column 35): "
+            "use single quotes around a value with backslashes",
+            id="backslash in double quotes",
+        ),
+    ],
+)
+def test_yaml_syntax_errors_say_what_is_wrong_in_words(text: str, expected: str) -> None:
+    assert errors(text) == [f"lbproxy.yaml:{expected}"]
+
+
+def test_a_control_character_is_located() -> None:
+    text = MINIMAL.replace("name: a", "name: a\x07")
+    assert errors(text) == ["lbproxy.yaml:8: invalid YAML: the control character #x0007 (column 16) is not allowed"]
 
 
 def test_empty_file() -> None:
@@ -103,6 +202,53 @@ def test_unknown_key_in_health_block() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            MINIMAL.replace("    pool: farm\n", "    pool: farm\n    retries: 3\n"),
+            "5: listeners[0].retries: unknown key 'retries' here; it belongs under pools.<name>",
+            id="retries under a listener",
+        ),
+        pytest.param(
+            MINIMAL + "        health: {type: tcp}\n",
+            "10: pools.farm.servers[0].health: unknown key 'health' here; it belongs under pools.<name>",
+            id="health under a server",
+        ),
+        pytest.param(
+            MINIMAL + "        timeouts: {connect: 1s}\n",
+            "10: pools.farm.servers[0].timeouts: unknown key 'timeouts' here; "
+            "it belongs under listeners[] or under pools.<name>",
+            id="a key two places take",
+        ),
+        pytest.param(
+            MINIMAL + "    health:\n      connect: 1s\n",
+            "11: pools.farm.health.connect: unknown key 'connect' here; it belongs under pools.<name>.timeouts",
+            id="a nested block's key",
+        ),
+        pytest.param(
+            MINIMAL.replace("pools:\n", "shutdown_timeout: 5s\npools:\n").replace(
+                "    pool: farm\n", "    pool: farm\n    log_format: json\n"
+            ),
+            "5: listeners[0].log_format: unknown key 'log_format' here; it belongs at the top level",
+            id="a top-level key under a listener",
+        ),
+        pytest.param(
+            MINIMAL.replace("pools:\n", "servers: []\npools:\n"),
+            "5: servers: unknown key 'servers' here; it belongs under pools.<name>",
+            id="a pool's key at the top level",
+        ),
+        pytest.param(
+            MINIMAL.replace("pools:\n  farm:\n    servers:\n", "pools:\n  servers:\n").replace("pool: farm", "pool: x"),
+            "7: pools.servers: 'servers' is not a pool: it belongs under pools.<name> (a pool is named first)",
+            id="a pool's key where its name goes",
+        ),
+    ],
+)
+def test_a_key_at_the_wrong_level_says_where_it_belongs(text: str, expected: str) -> None:
+    assert f"lbproxy.yaml:{expected}" in errors(text)
+
+
 def test_missing_required_key() -> None:
     text = MINIMAL.replace("    pool: farm\n", "")
     assert errors(text) == ["lbproxy.yaml:2: listeners[0]: missing required key 'pool'"]
@@ -127,8 +273,6 @@ def test_address_without_port_names_file_line_and_key_path() -> None:
         ("'2001:db8::1:80'", "got '2001:db8::1:80': put an IPv6 address in brackets"),
         ("'[::1]80'", "got '[::1]80': '::1]80' is not an IPv6 address"),
         ("'[not:v6]:80'", "got '[not:v6]:80': 'not:v6' is not an IPv6 address"),
-        ("10.0.0.1:99999", "got '10.0.0.1:99999'"),
-        ("10.0.0.1:0", "got '10.0.0.1:0'"),
         ("10.0.0.1:http", "got '10.0.0.1:http'"),
         ("10.0.0.1:-1", "got '10.0.0.1:-1'"),
         ("'bad_host!:80'", "got 'bad_host!:80': 'bad_host!' is not an IPv4 address or host name"),
@@ -138,6 +282,48 @@ def test_address_without_port_names_file_line_and_key_path() -> None:
 def test_bad_server_address(address: str, message: str) -> None:
     text = with_servers("      - name: a", f"        address: {address}")
     assert errors(text) == [f"lbproxy.yaml:9: pools.farm.servers[0].address: {ADDRESS_EXPECTED}, {message}"]
+
+
+@pytest.mark.parametrize(
+    ("written", "replaced", "expected"),
+    [
+        ("10.0.0.1:80", "10.0.0.1:80800", "9: pools.farm.servers[0].address: port 80800 is out of range 1-65535"),
+        ("10.0.0.1:80", "10.0.0.1:0", "9: pools.farm.servers[0].address: port 0 is out of range 1-65535"),
+        ("10.0.0.1:80", "'[::1]:65536'", "9: pools.farm.servers[0].address: port 65536 is out of range 1-65535"),
+        # a bind may say port 0: the kernel picks one
+        ("127.0.0.1:8080", "127.0.0.1:80800", "3: listeners[0].bind: port 80800 is out of range 0-65535"),
+        ("pools:", "admin: {bind: 127.0.0.1:99999}\npools:", "5: admin.bind: port 99999 is out of range 0-65535"),
+    ],
+)
+def test_a_port_out_of_range_says_so(written: str, replaced: str, expected: str) -> None:
+    assert errors(MINIMAL.replace(written, replaced)) == [f"lbproxy.yaml:{expected}"]
+
+
+def test_a_server_name_that_does_not_resolve_is_an_error_when_asked() -> None:
+    # RFC 6761 §6.4: names under .invalid never resolve.
+    text = with_servers(
+        "      - {name: a, address: srv.example.invalid:80}",
+        "      - {name: b, address: localhost:80}",
+        "      - {name: c, address: 10.0.0.1:80}",
+        "      - {name: d, address: srv.example.invalid:81}",
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "lbproxy.yaml", {}, resolve=True)
+    problems = [(p.line, p.key, p.message.split(": ")[0]) for p in caught.value.problems]
+    assert problems == [
+        (8, "pools.farm.servers[0].address", "cannot resolve 'srv.example.invalid'"),
+        (11, "pools.farm.servers[3].address", "cannot resolve 'srv.example.invalid'"),
+    ]
+    # Without `resolve` (the runtime's own reads, `check --no-resolve`) nothing is looked up.
+    assert len(parse(text, "lbproxy.yaml", {}).pools["farm"].servers) == 4
+
+
+def test_resolve_gives_an_address_for_a_name_and_keeps_an_address() -> None:
+    assert resolve(Address("localhost", 80)) in ("127.0.0.1", "::1")
+    assert resolve(Address("10.0.0.1", 80)) == "10.0.0.1"
+    assert resolve(Address("::1", 80)) == "::1"
+    with pytest.raises(socket.gaierror):
+        resolve(Address("srv.example.invalid", 80))
 
 
 @pytest.mark.parametrize(
@@ -446,12 +632,32 @@ def test_load_names_the_file_as_given(tmp_path: Path) -> None:
     ]
 
 
+def load_errors(path: Path, resolve: bool = False) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={}, resolve=resolve)
+    return [str(problem) for problem in caught.value.problems]
+
+
 def test_load_of_a_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError) as caught:
-        load(path, environ={})
-    (problem,) = caught.value.problems
-    assert str(problem).startswith(f"{path}:0: cannot read the file: ")
+    assert load_errors(path) == [f"cannot read {path}: No such file or directory"]
+
+
+def test_load_of_a_folder(tmp_path: Path) -> None:
+    assert load_errors(tmp_path) == [f"cannot read {tmp_path}: Is a directory"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_load_of_an_unreadable_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "lbproxy.yaml", MINIMAL)
+    path.chmod(0)
+    assert load_errors(path) == [f"cannot read {path}: Permission denied"]
+
+
+def test_load_of_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "lbproxy.yaml"
+    path.write_bytes(MINIMAL.encode().replace(b"name: a", b"name: \xe9"))
+    assert load_errors(path) == [f"{path}:8: the file is not UTF-8 text: byte 0xe9 cannot be read as UTF-8"]
 
 
 def test_load_reads_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
