@@ -271,6 +271,7 @@ def pool_state(pool: Pool) -> dict[str, Any]:
         "retries": pool.retries,
         "min_up": pool.min_up,
         "backup_pool": pool.backup_pool.name if pool.backup_pool is not None else None,
+        "tier": pool.tier.value,
         "servers_up": sum(1 for server in pool.servers if server.up),
         "servers_available": sum(1 for server in pool.servers if server.available),
         "counters": {"failovers": pool.failovers, "retries": pool.retried, "depool_refusals": pool.depool_refusals},
@@ -289,9 +290,10 @@ def server_state(server: Server) -> dict[str, Any]:
         "admin": server.admin.value,
         "available": server.available,
         "inflight": server.inflight,
-        "since": server.transition_time or None,
+        "since": server.transition_time or None,  # the last health transition
         "admin_since": server.admin_time or None,
         "reason": server.transition_reason,
+        "last_change": last_change(server),
         "last_check": {
             "ok": server.check_ok,
             "reason": server.check_reason,
@@ -309,3 +311,17 @@ def server_state(server: Server) -> dict[str, Any]:
             "transitions": dict(server.transitions),
         },
     }
+
+
+def last_change(server: Server) -> dict[str, Any]:
+    """What "since" means on the status page and in `lbproxy ctl status`: the server's latest change of
+    state, of health (`since`) or of admin state (`admin_since`), whichever is later.
+
+    `time` is null while neither has changed since lbproxy started; `reason` is the health
+    transition's reason, or the admin state the operator set.
+    """
+    if not server.transition_time and not server.admin_time:
+        return {"time": None, "kind": None, "reason": ""}
+    if server.admin_time > server.transition_time:
+        return {"time": server.admin_time, "kind": "admin", "reason": server.admin.value}
+    return {"time": server.transition_time, "kind": "health", "reason": server.transition_reason}

@@ -2,12 +2,16 @@
 
 Parses arguments, sets up logging and the uvloop event loop, and turns a Runtime's start errors and a
 config's problems into messages and exit codes. Nothing here is used by the proxy at run time.
+
+At the top: the standard library and `lbproxy.ctl` only, so that `lbproxy ctl` starts in a few tens of
+milliseconds (an operator scripts twenty drains). uvloop, asyncio, the config (PyYAML) and the runtime
+(aiohttp, the protocols) are imported inside the functions of the commands that need them;
+tests/test_ctl.py checks that `ctl` loads none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -16,13 +20,14 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import uvloop
-
-from lbproxy import __version__, config
-from lbproxy.runtime import Runtime, StartError
+from lbproxy import __version__
+from lbproxy import ctl as control
 
 if TYPE_CHECKING:
-    from aiohttp import web
+    from collections.abc import Callable
+
+    from lbproxy import config
+    from lbproxy.runtime import Runtime
 
 log = logging.getLogger("lbproxy")
 
@@ -33,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="check a config file and exit")
     check.add_argument("-c", "--config", required=True, help="the config file")
+    check.add_argument(
+        "--no-resolve",
+        action="store_true",
+        help="do not look up server host names (to check a config on a machine outside the farm)",
+    )
     run = commands.add_parser("run", help="run the load balancer")
     run.add_argument("-c", "--config", required=True, help="the config file")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -41,40 +51,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="1",
         help="worker processes sharing each listening port (SO_REUSEPORT); 'auto': one per CPU (default 1)",
     )
-    worker = commands.add_parser("worker")  # started by the supervisor of `run --workers N`: not for people
+    # Started by the supervisor of `run --workers N`, not by people: no help, so that argparse lists it
+    # nowhere (the metavar below replaces the choices in the usage line).
+    worker = commands.add_parser("worker")
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    ctl = commands.add_parser("ctl", help="talk to a running lbproxy through its admin API")
-    ctl.add_argument("--admin", default=os.environ.get("LBPROXY_ADMIN", "http://127.0.0.1:9090"), help="admin URL")
-    ctl.add_argument("--token", default=os.environ.get("LBPROXY_ADMIN_TOKEN"), help="bearer token for writes")
-    ctl_commands = ctl.add_subparsers(dest="action", required=True)
-    ctl_commands.add_parser("status", help="pools and servers, their state and counters")
-    ctl_commands.add_parser("reload", help="re-read the config file (an invalid one changes nothing)")
-    for action, text in (
-        ("drain", "no new requests to the server; in-flight ones finish"),
-        ("disable", "as drain, then cut what remains after the pool's disable_grace"),
-        ("enable", "put the server back in rotation"),
-    ):
-        command = ctl_commands.add_parser(action, help=text)
-        command.add_argument("pool")
-        command.add_argument("server")
-    demo = commands.add_parser("demo", help="run demo back-ends and lbproxy in front of them")
-    demo.add_argument("-c", "--config", default="config/demo.yaml", help="the demo config file")
-    demo.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_ctl(commands)
+    demo_command = commands.add_parser(
+        "demo", help="start one process per demo back-end, then lbproxy in front of them (`make run`)"
+    )
+    demo_command.add_argument("-c", "--config", default="config/demo.yaml", help="the demo config file")
+    demo_command.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    backend = commands.add_parser("demo-backend", help="run one demo back-end (what `demo` starts for each server)")
+    backend.add_argument("name", help="the server's name, in every answer")
+    backend.add_argument("address", help="HOST:PORT to listen on")
+    backend.add_argument("--demo-pid", type=int, metavar="PID", help="exit when process PID (the demo) ends")
+    commands.metavar = "{" + ",".join(name for name in commands.choices or () if name != "worker") + "}"
     args = parser.parse_args(argv)
 
     if args.command == "check":
-        return _check(args.config)
+        return _check(args.config, resolve=not args.no_resolve)
+    if args.command == "demo-backend":
+        from lbproxy import demo  # aiohttp's server: loaded for the demo only
+
+        return demo.run_backend(args.name, args.address, args.demo_pid)
     if args.command in ("run", "demo", "worker"):
         # A SIGHUP before the reload handler is installed must not end the process (its default),
         # and a worker reloads when its supervisor tells it, never on its own signal.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.command == "ctl":
-        from lbproxy import ctl as control  # stdlib only: fast to start
-
         return control.run(
             args.admin, args.token, args.action, getattr(args, "pool", None), getattr(args, "server", None)
         )
+    import asyncio
+
+    import uvloop
+
+    from lbproxy import config
+
     try:
         loaded = config.load(args.config)
     except config.ConfigError as error:
@@ -97,7 +111,55 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if workers > 1:
             return runner.run(_supervise(args.config, loaded, workers))
-        return runner.run(_serve(loaded, demo=args.command == "demo"))
+        if args.command == "demo":
+            from lbproxy import demo
+
+            return runner.run(demo.run(loaded, _serve))
+        return runner.run(_serve(loaded))
+
+
+def _add_ctl(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`lbproxy ctl [OPTIONS] COMMAND [OPTIONS]`: --admin and --token before or after the command.
+
+    The options after the command are declared again on each command with no default (SUPPRESS), so
+    that one given there overrides one given before it and one not given leaves it alone.
+    """
+    admin = os.environ.get(control.ADMIN_VARIABLE) or control.DEFAULT_ADMIN
+    ctl = commands.add_parser(
+        "ctl",
+        help="talk to a running lbproxy through its admin API",
+        description="Talk to a running lbproxy through its admin API (the admin block of its config).",
+        epilog=(
+            f"--admin defaults to ${control.ADMIN_VARIABLE} when it is set, else {control.DEFAULT_ADMIN}; "
+            f"--token defaults to ${control.TOKEN_VARIABLE}. Both may come before or after the command; "
+            "given in both places, the one after it wins. Exit codes: 0 done, 1 the API refused (the "
+            "message says why), 2 the admin server could not be reached."
+        ).replace("%", "%%"),
+    )
+    if admin == control.DEFAULT_ADMIN:
+        admin_help = f"the admin server's URL (default: {admin}; ${control.ADMIN_VARIABLE} overrides it)"
+    else:
+        admin_help = f"the admin server's URL (default: ${control.ADMIN_VARIABLE}, now {admin})"
+    token_help = f"bearer token for the writes (default: ${control.TOKEN_VARIABLE})"
+    options = argparse.ArgumentParser(add_help=False)
+    for parser, admin_default, token_default in (
+        (ctl, admin, os.environ.get(control.TOKEN_VARIABLE)),
+        (options, argparse.SUPPRESS, argparse.SUPPRESS),
+    ):
+        parser.add_argument("--admin", metavar="URL", default=admin_default, help=admin_help.replace("%", "%%"))
+        parser.add_argument("--token", metavar="TOKEN", default=token_default, help=token_help)
+    actions = ctl.add_subparsers(dest="action", required=True, title="commands")
+    actions.add_parser("status", parents=[options], help="pools and servers, their state and counters")
+    actions.add_parser("reload", parents=[options], help="re-read the config file (an invalid one changes nothing)")
+    for action, text in (
+        ("drain", "no new requests to the server; in-flight ones finish"),
+        ("disable", "as drain, then cut what remains after the pool's disable_grace"),
+        ("enable", "put the server back in rotation"),
+    ):
+        command = actions.add_parser(action, parents=[options], help=text, description=text)
+        command.add_argument("pool", help="the pool's name in the config")
+        command.add_argument("server", help="the server's name in that pool")
+    actions.metavar = "{" + ",".join(actions.choices or ()) + "}"  # also in "arguments are required"
 
 
 class JsonFormatter(logging.Formatter):
@@ -122,6 +184,9 @@ def _workers(value: str) -> int | None:
 
 
 async def _supervise(path: str, loaded: config.Config, count: int) -> int:
+    import asyncio
+
+    from lbproxy.runtime import StartError
     from lbproxy.workers import Supervisor
 
     loop = asyncio.get_running_loop()
@@ -154,9 +219,12 @@ async def _supervise(path: str, loaded: config.Config, count: int) -> int:
     return 0
 
 
-def _check(path: str) -> int:
+def _check(path: str, resolve: bool) -> int:
+    """`lbproxy check`: the config's problems and, with `resolve`, the server names `run` could not look up."""
+    from lbproxy import config
+
     try:
-        loaded = config.load(path)
+        loaded = config.load(path, resolve=resolve)
     except config.ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -166,25 +234,21 @@ def _check(path: str) -> int:
     return 0
 
 
-async def _serve(loaded: config.Config, demo: bool) -> int:
+async def _serve(loaded: config.Config, started: Callable[[Runtime], object] | None = None) -> int:
+    """Run lbproxy until SIGINT or SIGTERM; `started` (the demo's) is called once it serves."""
+    import asyncio
+
+    from lbproxy.runtime import Runtime, StartError
+
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    backends: list[web.AppRunner] = []
-    if demo:
-        from lbproxy.demo import start_backend  # aiohttp's server is only loaded for the demo
-
-        addresses = [(server.name, server.address) for pool in loaded.pools.values() for server in pool.servers]
-        backends = [await start_backend(name, address) for name, address in addresses]
-        print(f"demo: {len(backends)} back-ends on " + ", ".join(str(address) for _, address in addresses))
     runtime = Runtime(loaded)
     try:
         await runtime.start()
     except StartError as error:
         log.error("%s", error)
-        for backend in backends:
-            await backend.cleanup()
         return 1
     reloads: set[asyncio.Task[list[str]]] = set()
 
@@ -198,10 +262,10 @@ async def _serve(loaded: config.Config, demo: bool) -> int:
         what = "metrics, API and status page at" if bound.name == "admin" else "send traffic to"
         print(f"{bound.name}: {what} {bound.scheme}://{bound.host}:{bound.port}/", flush=True)
     print("Ctrl-C stops lbproxy; SIGHUP reloads its config.", flush=True)
+    if started is not None:
+        started(runtime)
     await stopping.wait()
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("shutting down: reload ignored"))
     await runtime.shutdown(runtime.config.shutdown_timeout)
-    for backend in backends:
-        await backend.cleanup()
     log.info("stopped")
     return 0

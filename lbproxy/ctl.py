@@ -14,6 +14,10 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+DEFAULT_ADMIN = "http://127.0.0.1:9090"  # admin.bind of the example config
+ADMIN_VARIABLE = "LBPROXY_ADMIN"  # overrides DEFAULT_ADMIN
+TOKEN_VARIABLE = "LBPROXY_ADMIN_TOKEN"  # the default --token
+
 
 def run(admin: str, token: str | None, action: str, pool: str | None, server: str | None) -> int:
     base = admin.rstrip("/")
@@ -78,7 +82,11 @@ def _errors(counters: dict[str, Any]) -> int:
 
 
 def status_table(pools: list[dict[str, Any]], before: list[dict[str, Any]] | None = None, seconds: float = 1.0) -> str:
-    """The servers of `pools`; with an earlier reading `before`, requests and errors per second."""
+    """The servers of `pools`; with an earlier reading `before`, requests and errors per second.
+
+    Shows what the status page shows, in the same formats: rates with one decimal, SINCE the server's
+    latest change of health or admin state (the API's `last_change`) as `ago()` says it.
+    """
     earlier = {
         (pool["name"], server["name"]): server["counters"] for pool in before or [] for server in pool["servers"]
     }
@@ -93,7 +101,8 @@ def status_table(pools: list[dict[str, Any]], before: list[dict[str, Any]] | Non
             previous = earlier.get((pool["name"], server["name"]), counters)
             rate = (counters["requests"] - previous["requests"]) / seconds
             error_rate = (errors - _errors(previous)) / seconds
-            since = _ago(now - server["since"]) if server["since"] else "-"
+            changed = _changed(server)
+            since = ago(now - changed) if changed else "-"
             check = server["last_check"]
             last = "-" if check["ok"] is None else f"{'ok' if check['ok'] else 'FAIL'} {check['reason']}"
             state = server["state"] + (" (backup)" if server["backup"] else "")
@@ -118,9 +127,24 @@ def status_table(pools: list[dict[str, Any]], before: list[dict[str, Any]] | Non
     )
 
 
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
+def _changed(server: dict[str, Any]) -> float | None:
+    """The time of the server's latest change of state; computed here too for an lbproxy older than
+    the API's `last_change`."""
+    if "last_change" in server:
+        changed: float | None = server["last_change"]["time"]
+        return changed
+    return max(server["since"] or 0, server.get("admin_since") or 0) or None
+
+
+def ago(seconds: float) -> str:
+    """`42s ago`, `3m 05s ago`, `2h 07m ago`, `3d 4h ago`: as the status page's `duration()`."""
+    s = max(0, int(seconds))
+    if s < 60:
+        text = f"{s}s"
+    elif s < 3600:
+        text = f"{s // 60}m {s % 60:02d}s"
+    elif s < 86400:
+        text = f"{s // 3600}h {s % 3600 // 60:02d}m"
+    else:
+        text = f"{s // 86400}d {s % 86400 // 3600}h"
+    return f"{text} ago"

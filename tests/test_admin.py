@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from lbproxy import admin
+from lbproxy.ctl import ago, status_table
 from lbproxy.pool import AdminState
-from tests.support import LOCALHOST, Backend, ctl, get, port_of, running
+from tests.support import LOCALHOST, Backend, ctl, eventually, get, port_of, running
 
 CONFIG = """
 admin:
@@ -211,6 +215,129 @@ async def test_ctl_status_shows_rates(tmp_path: Path) -> None:
     assert code == 0
     header = out.splitlines()[0].split()
     assert header[4:7] == ["INFLIGHT", "REQ/S", "ERR/S"]
+
+
+PROBED = """
+admin:
+  bind: 127.0.0.1:0
+listeners:
+  - name: web
+    bind: 127.0.0.1:0
+    pool: farm
+pools:
+  farm:
+    health: {{type: tcp, interval: 100ms, timeout: 500ms, rise: 1, fall: 1}}
+    servers:
+      - {{name: a, address: "{a}"}}
+      - {{name: b, address: "{b}"}}
+"""
+
+
+def table(out: str) -> list[dict[str, str]]:
+    """`ctl status` output as rows of cells (columns are 2 spaces or more apart; a cell has 1 at most)."""
+    header, *rows = (re.split(r"\s{2,}", line) for line in out.splitlines())
+    return [dict(zip(header, row + [""] * (len(header) - len(row)), strict=True)) for row in rows]
+
+
+async def test_since_is_the_latest_change_of_health_or_admin_state(tmp_path: Path) -> None:
+    """The API's `last_change`, which the status page and `ctl status` show as "since"."""
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(PROBED, tmp_path, a=a.address, b=b.address) as lb,
+        aiohttp.ClientSession() as session,
+    ):
+        base = admin_url(lb)
+
+        async def servers() -> dict[str, Any]:
+            async with session.get(f"{base}/api/v1/pools/farm") as response:
+                return {server["name"]: server for server in (await response.json())["servers"]}
+
+        await eventually(lambda: lb.pools["farm"].by_name["b"].check_ok is True, what="b probed")
+        assert (await servers())["b"]["last_change"] == {"time": None, "kind": None, "reason": ""}
+        code, out, _ = await ctl("--admin", base, "status")
+        assert code == 0
+        assert [row["SINCE"] for row in table(out)] == ["-", "-"]
+
+        code, _, _ = await ctl("--admin", base, "drain", "farm", "b")
+        assert code == 0
+        b_state = (await servers())["b"]
+        assert b_state["since"] is None
+        assert b_state["last_change"] == {"time": b_state["admin_since"], "kind": "admin", "reason": "draining"}
+
+        await b.stop()  # health changes after the admin state: that is the later change
+        await eventually(lambda: not lb.pools["farm"].by_name["b"].up, what="b down")
+        b_state = (await servers())["b"]
+        assert b_state["since"] > b_state["admin_since"]
+        assert b_state["last_change"] == {"time": b_state["since"], "kind": "health", "reason": "connection refused"}
+        code, out, _ = await ctl("--admin", base, "status")
+        assert code == 0
+        rows = table(out)
+        assert [(row["SERVER"], row["STATE"], row["ADMIN"]) for row in rows] == [
+            ("a", "up", "enabled"),
+            ("b", "down", "draining"),
+        ]
+        assert rows[0]["SINCE"] == "-"
+        assert re.fullmatch(r"\d+s ago", rows[1]["SINCE"])
+        assert all(re.fullmatch(r"\d+\.\d", row[column]) for row in rows for column in ("REQ/S", "ERR/S"))
+
+
+def test_status_table_since_and_rates() -> None:
+    now = time.time()
+
+    def server(name: str, since: float | None, admin_since: float | None, **extra: Any) -> dict[str, Any]:
+        counters = {
+            "requests": 10,
+            "responses": {"1xx": 0, "2xx": 10, "3xx": 0, "4xx": 0, "5xx": 0},
+            "connect_failures": 0,
+            "failures": 0,
+        }
+        return {
+            "name": name,
+            "state": "up",
+            "backup": False,
+            "admin": "enabled",
+            "inflight": 0,
+            "since": since,
+            "admin_since": admin_since,
+            "last_check": {"ok": None, "reason": "", "time": None, "duration": 0.0},
+            "counters": counters,
+            **extra,
+        }
+
+    pools: list[dict[str, Any]] = [
+        {
+            "name": "farm",
+            "servers": [
+                server("new", now - 400, now - 30, last_change={"time": now - 30, "kind": "admin", "reason": "x"}),
+                server("old", now - 400, now - 185),  # an lbproxy before `last_change`: the later of the two
+                server("older", now - 7300, None),
+                server("quiet", None, None),
+            ],
+        }
+    ]
+    earlier = [
+        {"name": "farm", "servers": [{**s, "counters": {**s["counters"], "requests": 7}} for s in pools[0]["servers"]]}
+    ]
+    rows = table(status_table(pools, earlier, seconds=2.0))
+    assert [row["SINCE"] for row in rows] == ["30s ago", "3m 05s ago", "2h 01m ago", "-"]
+    assert {row["REQ/S"] for row in rows} == {"1.5"}
+    assert {row["ERR/S"] for row in rows} == {"0.0"}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0.4, "0s ago"),
+        (59.9, "59s ago"),
+        (60, "1m 00s ago"),
+        (3599, "59m 59s ago"),
+        (7260, "2h 01m ago"),
+        (273600, "3d 4h ago"),
+    ],
+)
+def test_ago_reads_as_the_status_page(seconds: float, shown: str) -> None:
+    assert ago(seconds) == shown
 
 
 async def test_log_format_json(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,7 +27,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 
 from lbproxy import admin
 from lbproxy.runtime import Runtime
-from tests.support import Backend, Client, Request, port_of, running
+from tests.support import Backend, Client, Request, ctl, port_of, running
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -67,6 +68,8 @@ return Array.from(document.querySelectorAll('tr[data-server]'), (row) => ({
   backup: row.dataset.backup,
   rps: row.querySelector('[data-field=rps] b').textContent,
   eps: row.querySelector('[data-field=eps] b').textContent,
+  since: row.querySelector('[data-field=since]').dataset.since,
+  sinceText: row.querySelector('[data-field=since]').textContent,
   points: (row.querySelector('[data-field=rps] polyline')?.getAttribute('points') || '').split(' ').length,
 }));
 """
@@ -133,11 +136,14 @@ def states(rows: list[dict[str, str]]) -> dict[str, str]:
 
 
 def positive(shown: str) -> bool:
-    """Whether a rate as the page shows it ("12", "0.5", "1.2k"; a dash before two polls) is above 0."""
+    """Whether a rate as the page shows it ("12.0", "0.5"; a dash before two polls) is above 0."""
     try:
-        return float(shown.removesuffix("k")) > 0
+        return float(shown) > 0
     except ValueError:
         return False
+
+
+RATE = re.compile(r"\d+\.\d")  # one decimal, as `lbproxy ctl status` prints rates
 
 
 def sometimes_500(every: int) -> Callable[[Request, asyncio.Transport], None]:
@@ -184,6 +190,40 @@ async def background(lb: Runtime) -> AsyncIterator[None]:
             pass
 
 
+async def since_agrees_with_the_api_and_ctl(
+    session: aiohttp.ClientSession, base: str, rows: dict[str, dict[str, Any]]
+) -> None:
+    """ "Since" on the page is the API's last_change (health or admin, the later), as in `ctl status`.
+
+    web3 went down (a health change), web4 was drained and web1 drained then enabled (admin changes);
+    the others never changed.
+    """
+    async with session.get(f"{base}/api/v1/pools") as response:
+        servers = {server["name"]: server for pool in (await response.json())["pools"] for server in pool["servers"]}
+    assert servers["web3"]["last_change"]["kind"] == "health"
+    assert servers["web4"]["last_change"]["kind"] == "admin"
+    assert servers["web1"]["last_change"]["kind"] == "admin"
+    for name, row in rows.items():
+        change = servers[name]["last_change"]
+        if change["time"] is None:
+            assert (row["since"], row["sinceText"]) == ("", "since start")
+        else:
+            assert float(row["since"]) == change["time"]
+            assert re.fullmatch(r"\d+s ago" + re.escape(change["reason"]), row["sinceText"]), row
+    assert rows["web3"]["sinceText"].endswith("ago" + "connection refused")
+    assert rows["web4"]["sinceText"].endswith("ago" + "draining")
+    assert rows["web1"]["sinceText"].endswith("ago" + "enabled")
+    assert rows["web2"]["sinceText"] == "since start"
+    code, out, _ = await ctl("--admin", base, "status")
+    assert code == 0
+    header, *lines = (re.split(r"\s{2,}", line) for line in out.splitlines())
+    shown = {cells[1]: dict(zip(header, cells, strict=False)) for cells in lines}
+    for name, row in rows.items():
+        assert (shown[name]["SINCE"] == "-") is (row["since"] == ""), (name, shown[name], row)
+        assert RATE.fullmatch(shown[name]["REQ/S"])
+        assert RATE.fullmatch(shown[name]["ERR/S"])
+
+
 async def test_status_page_shows_the_farm_and_a_server_going_down(tmp_path: Path, browser: WebDriver) -> None:
     readme = os.environ.get("LBPROXY_SCREENSHOT") == "1"
     names = ("web1", "web2", "web3", "web4", "api1", "api2")
@@ -219,8 +259,11 @@ async def test_status_page_shows_the_farm_and_a_server_going_down(tmp_path: Path
                     if readme:  # some history before the incident, for the picture
                         await until(browser, ROWS, lambda rows: rows[0]["points"] >= 15, "history", timeout=60)
 
-                    async with session.post(f"{base}/api/v1/pools/web/servers/web4/drain") as response:
-                        assert response.status == 200
+                    # web4 drained; web1 drained and enabled again: its latest change is "enabled", which
+                    # "since" shows though its admin state is back to normal.
+                    for server, action in (("web4", "drain"), ("web1", "drain"), ("web1", "enable")):
+                        async with session.post(f"{base}/api/v1/pools/web/servers/{server}/{action}") as response:
+                            assert response.status == 200
                     await backends["web3"].stop()  # the back-end dies; its probes fail twice: down
                     expected = {
                         "web/web1": "up",
@@ -238,12 +281,16 @@ async def test_status_page_shows_the_farm_and_a_server_going_down(tmp_path: Path
                         return (
                             positive(by_name["web1"]["rps"])
                             and positive(by_name["web2"]["eps"])
-                            and by_name["web1"]["eps"] == "0"
-                            and by_name["api2"]["rps"] == "0"  # a backup, idle while api1 serves
+                            and by_name["web1"]["eps"] == "0.0"
+                            and by_name["api2"]["rps"] == "0.0"  # a backup, idle while api1 serves
                             and by_name["web1"]["points"] >= (30 if readme else 2)
                         )
 
-                    await until(browser, ROWS, rates_shown, "request and error rates", timeout=60 if readme else 10)
+                    rows = await until(
+                        browser, ROWS, rates_shown, "request and error rates", timeout=60 if readme else 10
+                    )
+                    assert all(RATE.fullmatch(row[field]) for row in rows for field in ("rps", "eps")), rows
+                    await since_agrees_with_the_api_and_ctl(session, base, {row["server"]: row for row in rows})
                     logs = await run(browser.get_log, "browser")
                     assert [entry for entry in logs if entry["level"] == "SEVERE"] == []
 
