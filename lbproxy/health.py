@@ -165,6 +165,13 @@ class Checker:
             self.run(), name=f"health {self.pool.name}/{self.server.name}"
         )
 
+    def cancel(self) -> None:
+        """Stop the probe loop now, without waiting for it to end: a probe in flight is abandoned at its
+        next await, before its verdict is applied, so nothing this checker saw changes a pool from here
+        on. `stop()` then waits for the end."""
+        if self.task is not None:
+            self.task.cancel()
+
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
@@ -236,6 +243,12 @@ class HealthChecks:
         """Wait until every server has been probed once."""
         for checker in self.checkers:
             await checker.probed.wait()
+
+    def cancel(self) -> None:
+        """Stop every probe loop now (see `Checker.cancel`); the controller's commit calls this, so that
+        no probe loop outlives the pools it was started for."""
+        for checker in self.checkers:
+            checker.cancel()
 
     async def stop(self) -> None:
         for checker in self.checkers:

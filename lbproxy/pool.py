@@ -16,7 +16,6 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Collection
-from typing import Any
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
@@ -119,15 +118,12 @@ class Server:
         self.received_bytes = 0
         self.connect_host = config.address.host  # the runtime replaces a host name by its address
 
-    def saved(self) -> tuple[Any, ...]:
-        """What `reconfigure` changes, for a reload that fails before it is installed."""
-        return (self.address, self.connect_host, self.ratio, self.weight, self.backup, self.pool)
-
-    def restore(self, state: tuple[Any, ...]) -> None:
-        self.address, self.connect_host, self.ratio, self.weight, self.backup, self.pool = state
-
     def reconfigure(self, config: ServerConfig, pool: Pool) -> Server:
-        """Take a reloaded config, keeping state and counters; returns self."""
+        """Take a reloaded config, keeping state and counters; returns self.
+
+        Called only by `Pool.take_over`, at the commit of a reload: a reload that fails never got here,
+        so there is nothing to undo.
+        """
         if config.address != self.address:
             self.connect_host = config.address.host
         self.address = config.address
@@ -180,45 +176,79 @@ class Pool:
         "_primaries_available",
         "_rotation",
         "_counting",
+        "_pending",
     )
 
     def __init__(self, config: PoolConfig, previous: Pool | None = None, reloading: bool = False) -> None:
-        """A pool from its config; on a reload (`reloading`), `previous` hands over the servers that
-        stay (same name), with their health, admin state and counters, so that nothing restarts for
-        them, and servers the reload adds (to this pool or with a new pool) earn their traffic."""
+        """A pool from its config, ready at once when it stands alone.
+
+        On a reload (`reloading`), the pool is built beside the running one, `previous` (the running
+        pool of the same name, if any): it holds only its settings, and touches none of the running
+        servers, until the commit of the reload calls `take_over()`. A reload that is refused before
+        its commit thus leaves the running servers exactly as they were.
+        """
         self.name = config.name
         self.policy_name = config.policy
         self.retries = config.retries
-        kept: dict[str, Server] = previous.by_name if previous is not None else {}
-        self.servers = [
-            kept[server.name].reconfigure(server, self) if server.name in kept else Server(server, self)
-            for server in config.servers
-        ]
-        self.by_name: dict[str, Server] = {server.name: server for server in self.servers}
-        self.backup_pool: Pool | None = None  # linked by the runtime once every pool exists
+        self.backup_pool: Pool | None = None  # linked by the controller once every pool exists
         self.min_up = config.min_up
         self.passive_failures = config.passive.consecutive_failures if config.passive is not None else 0
         self.passive_5xx = config.passive is not None and config.passive.on_5xx
         self.max_down_fraction = config.max_down_fraction
         self.slow_start = config.slow_start
         self.disable_grace = config.disable_grace
-        # counters
         self.on_down: Callable[[Server, str], None] | None = None  # a worker tells its supervisor
-        self.failovers = 0  # times new requests moved to another backup tier (never to none)
         self.fronted: list[Pool] = []  # pools whose backup pool this is: they hear of its tier
+        # counters
+        self.failovers = 0  # times new requests moved to another backup tier (never to none)
         self.retried = 0  # requests sent again to another server
         self.depool_refusals = 0  # downs the depool guard refused
+        self._rotation = config.policy == "round_robin"
+        self.servers: list[Server] = []
+        self.by_name: dict[str, Server] = {}
+        self._pending: tuple[PoolConfig, Pool | None, bool] | None = (config, previous, reloading)
+        if previous is None and not reloading:
+            self.take_over()
+        else:
+            # Until the commit: no server, so nothing could be picked (nothing asks before the commit).
+            self._primaries: list[Server] = []
+            self._primaries_available = 0
+            self._primary: Policy[Server] = make_policy(config.policy, [])
+            self._backup: Policy[Server] = make_policy(config.policy, [])
+            self._all: Policy[Server] | None = None
+            self._counting = False
+            self.tier = Tier.NONE
+
+    def take_over(self) -> None:
+        """Put the servers in place and build the policies over them; for a pool built beside a running
+        one, this is the commit of the reload (the controller calls it, in the one synchronous step that
+        installs the new pools).
+
+        The servers that stay (same name) are handed over from the previous pool as they are at this
+        instant: health, admin state, live weight and counters, including any drain, probe verdict or
+        weight change applied while the reload was being prepared. Servers the reload adds (to this pool
+        or with a new pool) earn their traffic. The previous pool's counters carry on here.
+        """
+        if self._pending is None:
+            raise RuntimeError(f"pool {self.name}: its servers were already taken over")
+        config, previous, reloading = self._pending
+        self._pending = None
+        kept: dict[str, Server] = previous.by_name if previous is not None else {}
+        self.servers = [
+            kept[server.name].reconfigure(server, self) if server.name in kept else Server(server, self)
+            for server in config.servers
+        ]
+        self.by_name = {server.name: server for server in self.servers}
         if previous is not None:  # counters only ever go up, across reloads too
             self.failovers = previous.failovers
             self.retried = previous.retried
             self.depool_refusals = previous.depool_refusals
         primaries = [s for s in self.servers if not s.backup]
         self._primaries = primaries
-        self._primary: Policy[Server] = make_policy(config.policy, primaries)
-        self._backup: Policy[Server] = make_policy(config.policy, [s for s in self.servers if s.backup])
+        self._primary = make_policy(config.policy, primaries)
+        self._backup = make_policy(config.policy, [s for s in self.servers if s.backup])
         # Priority-group activation: with min_up > 1 the backups may serve beside the primaries.
-        self._all: Policy[Server] | None = make_policy(config.policy, self.servers) if self.min_up > 1 else None
-        self._rotation = config.policy == "round_robin"
+        self._all = make_policy(config.policy, self.servers) if self.min_up > 1 else None
         self._counting = self._primary.follows_inflight  # else taken/released are not the policy's business
         start = config.health.start
         if config.health.type == "none":
@@ -236,7 +266,7 @@ class Pool:
         self.tier = self._tier()
 
     def fail_over_to(self, backup_pool: Pool) -> None:
-        """Link the pool that takes this pool's requests when it has no server left (runtime, at build)."""
+        """Link the pool that takes this pool's requests when it has no server left (the controller, at commit)."""
         self.backup_pool = backup_pool
         backup_pool.fronted.append(self)
         self.tier = self._tier()

@@ -1,33 +1,33 @@
-"""The running load balancer: pools, servers and listeners built from a `Config`, and their lifetime.
+"""The running load balancer: listeners built from a `Config` on the controller's pools, and their lifetime.
 
-Data flows one way: the config (frozen, no sockets) becomes runtime objects here (pools of servers
-with their policies, listeners with their settings and counters), and the protocols are handed those
-objects. The runtime resolves server host names, binds the listening sockets, drives the deadline
-ticks, reloads a new config in place (servers that stay keep their state and counters), keeps the
-admin state in the state file, and shuts down gracefully.
+Data flows one way: the config (frozen, no sockets) becomes runtime objects (pools of servers with
+their policies, listeners with their settings and counters), and the protocols are handed those
+objects. The pools, the probes, the admin state and the state file belong to the control plane
+(`control.Controller`, which the runtime owns and through which every reload and admin action goes);
+the runtime owns the sockets: it binds the listeners, builds their side of a reload beside the live
+ones (`_ListenerStage`), drives the deadline ticks, serves the admin API, and shuts down gracefully.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import ssl
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from lbproxy import admin, config, metrics
+from lbproxy import admin, metrics
 from lbproxy.config import Config, ListenerConfig
+from lbproxy.control import Controller
+from lbproxy.control import StartError as StartError  # re-exported: cli and workers catch it from here
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener, HttpProxy
-from lbproxy.pool import AdminState, Pool, Server
+from lbproxy.pool import Pool, Server
 from lbproxy.tcp_proxy import TcpClient, TcpListener
 
 log = logging.getLogger("lbproxy")
@@ -35,10 +35,6 @@ log = logging.getLogger("lbproxy")
 TICK = 0.25  # seconds between deadline checks: the precision of every client and server timeout
 
 Listener = HttpListener | TcpListener
-
-
-class StartError(Exception):
-    """The runtime could not be built or bound; the message says what and where."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,47 +54,72 @@ class Runtime:
         """`serve`: bind the listeners and carry traffic; `manage`: run the probes, the admin server and
         the state file. One process does both; with --workers, each worker serves and the supervisor
         manages (lbproxy.workers)."""
-        self.config = config
         self.serve = serve
         self.manage = manage
+        self.controller = Controller(config, manage, self._cut)  # the pools, probes, admin state, state file
         self.refresh_hook: Callable[[], Awaitable[None]] | None = None  # the supervisor's, before reads
         self.listener_totals: Mapping[str, Any] = {}  # the supervisor's sums over its workers
         self.cut_hook: Callable[[Server], None] | None = None  # the supervisor's: its workers cut
         self._contexts: dict[str, ssl.SSLContext] = {}  # per TLS listener, reloaded in place
         self._was_ready = False
         self.shutting_down = False
-        self.pools = _build_pools(config, None)
-        self.health = HealthChecks()
         self.listeners: dict[str, Listener] = {}
         self.bound: dict[str, Bound] = {}
-        self.reloads: dict[str, int] = {"success": 0, "failure": 0}
-        self.last_reload_ok = True
         self.registry = metrics.registry(self)
         self._sockets: dict[str, asyncio.Server] = {}
-        self._grace: dict[Server, asyncio.TimerHandle] = {}
         self._admin: web.AppRunner | None = None
         self._bound_all = False
         self._ticker: asyncio.Task[None] | None = None
         self._log_handlers: dict[str, logging.Handler] = {}
         self._retired: list[Listener] = []  # removed by a reload, until their connections end
+        self._stopped = False
+
+    # -- what the controller owns, as the admin side, metrics and the workers read it --
+
+    @property
+    def config(self) -> Config:
+        """The config in force: the last one committed."""
+        return self.controller.config
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        """The live pools, by name; a reload's commit replaces them all at once."""
+        return self.controller.pools
+
+    @property
+    def health(self) -> HealthChecks:
+        """The probe loops of the live pools."""
+        return self.controller.health
+
+    @property
+    def reloads(self) -> dict[str, int]:
+        return self.controller.reloads
+
+    @property
+    def last_reload_ok(self) -> bool:
+        return self.controller.last_reload_ok
 
     # -- start and stop --
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await _resolve(loop, self.pools)
-        if self.manage:
-            self._restore_state()
-            for name, pool in self.pools.items():
-                self.health.add(pool, self.config.pools[name].health)
-            self.health.start()
+        await self.controller.start()
+        opened: dict[str, logging.Handler] = {}
         try:
-            for listener in self.config.listeners if self.serve else ():
-                built, context = self._make_listener(loop, listener, self.config, self.pools)
-                await self._bind(loop, listener, built, context)
+            serving = self.config.listeners if self.serve else ()
+            built = {
+                listener.name: self._make_listener(loop, listener, self.config, self.pools, opened)
+                for listener in serving
+            }
+            self._install_access_logs(serving, opened)
+            opened = {}  # the runtime's handlers now: stop() closes them
+            for listener in serving:
+                await self._bind(loop, listener, *built[listener.name])
             if self.manage and self.config.admin is not None:
                 await self._serve_admin(self.config.admin.bind.host, self.config.admin.bind.port)
         except BaseException:
+            for handler in opened.values():
+                handler.close()
             await self.stop()
             raise
         self._bound_all = True
@@ -114,7 +135,9 @@ class Runtime:
     workers_ready = True  # the supervisor lowers it until every worker has bound its listeners
 
     async def refresh(self) -> None:
-        """Bring counters up to date before the admin side reads them (sums over workers)."""
+        """Bring things up to date before the admin side reads them or answers: the state file written
+        (so an admin action is on disk when the API says it is done), counters summed over workers."""
+        await self.controller.state_file.flush()
         if self.refresh_hook is not None:
             await self.refresh_hook()
 
@@ -136,17 +159,15 @@ class Runtime:
         await self.stop()
 
     async def stop(self) -> None:
-        """Close everything now."""
+        """Close everything now (the state file is written first)."""
+        self._stopped = True
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
-        for handle in self._grace.values():
-            handle.cancel()
-        self._grace.clear()
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
-        await self.health.stop()
+        await self.controller.stop()
         for server in self._sockets.values():
             server.close()
         for listener in self._all_listeners():
@@ -173,99 +194,46 @@ class Runtime:
     async def reload(self) -> list[str]:
         """Re-read the config file and apply it in place; returns the problems (empty: success).
 
-        An invalid file changes nothing. Listeners added are bound, removed ones closed (their open
-        connections finish), changed ones updated; servers that stay keep health, admin state and
-        counters; in-flight requests are not interrupted.
+        Through the controller (`Controller.reload`): one reload at a time, the new state built beside
+        the live one and committed in one step, so an invalid file, a name that does not resolve or a
+        listener that cannot be bound changes nothing. Listeners added are bound, removed ones closed
+        (their open connections finish), changed ones updated; servers that stay keep health, admin
+        state and counters; in-flight requests are not interrupted.
         """
+        return await self.controller.reload(self._stage_listeners)
+
+    async def _stage_listeners(self, new: Config, pools: Mapping[str, Pool]) -> _ListenerStage:
+        """The listeners of `new`, on `pools` (built beside the live ones), with their new sockets bound
+        but not accepting: the live listeners and loggers are not touched. Raises StartError with
+        nothing left open. The controller's `Prepare`."""
         loop = asyncio.get_running_loop()
-        try:
-            new = config.load(self.config.path)
-        except config.ConfigError as error:
-            return self._reload_failed([str(problem) for problem in error.problems])
-        # Building the new pools reconfigures the servers that stay: keep what to put back if the
-        # reload fails before it is installed.
-        saved = [(server, server.saved()) for pool in self.pools.values() for server in pool.servers]
-        pools = _build_pools(new, self.pools)
-        try:
-            await _resolve(loop, pools)
-        except StartError as error:
-            return self._reload_failed([str(error)], saved)
-        serving = self.config.listeners if self.serve else ()
-        old_listeners = {listener.name: listener for listener in serving}
-        new_listeners = {listener.name: listener for listener in (new.listeners if self.serve else ())}
+        serving = {listener.name: listener for listener in (self.config.listeners if self.serve else ())}
+        wanted = {listener.name: listener for listener in (new.listeners if self.serve else ())}
         rebind = [
             listener
-            for name, listener in new_listeners.items()
-            if name not in old_listeners or _socket_changed(old_listeners[name], listener)
+            for name, listener in wanted.items()
+            if name not in serving or _socket_changed(serving[name], listener)
         ]
+        opened: dict[str, logging.Handler] = {}
         built: dict[str, tuple[Listener, ssl.SSLContext | None]] = {}
-        try:
-            for listener in new_listeners.values():
-                built[listener.name] = self._make_listener(loop, listener, new, pools)
-        except StartError as error:
-            return self._reload_failed([str(error)], saved)
-        # Bind the new sockets first: if one cannot be bound, nothing has changed yet.
         fresh: dict[str, asyncio.Server] = {}
-        for listener in rebind:
-            old = old_listeners.get(listener.name)
-            if old is not None and old.bind == listener.bind:
-                continue  # same address, other mode or TLS: rebound after the old socket closes
-            try:
-                fresh[listener.name] = await self._create_server(loop, listener, *built[listener.name])
-            except StartError as error:
-                for server in fresh.values():
-                    server.close()
-                return self._reload_failed([str(error)], saved)
-
-        await self.health.stop()
-        self.health = HealthChecks()
-        self.pools = pools
-        for name in list(self.listeners):
-            if name not in new_listeners or new_listeners[name] in rebind:
-                self._retire(name)
-        for listener in new_listeners.values():
-            made, context = built[listener.name]
-            if listener in rebind:
-                if listener.name in fresh:
-                    self._adopt(listener, made, fresh[listener.name], context)
-                else:
-                    try:  # same address, other mode or TLS: the old socket had to close first
-                        await self._bind(loop, listener, made, context)
-                    except StartError as error:
-                        log.error("reload: listener %s is not listening any more: %s", listener.name, error)
-            else:
-                current = self.listeners[listener.name]
-                if listener.tls is not None and listener.name in self._contexts:
-                    try:  # a renewed certificate under the same paths: new handshakes use it
-                        self._contexts[listener.name].load_cert_chain(listener.tls.cert, listener.tls.key)
-                    except (OSError, ssl.SSLError) as error:
-                        log.error("reload: listener %s keeps its old certificate: %s", listener.name, error)
-                if isinstance(current, HttpListener) and isinstance(made, HttpListener):
-                    current.reconfigure(made)
-                elif isinstance(current, TcpListener) and isinstance(made, TcpListener):
-                    current.reconfigure(made)  # the same call, typed for each listener class
-        for listener_object in self._all_listeners():
-            if isinstance(listener_object, HttpListener):
-                listener_object.forget_servers({s for pool in pools.values() for s in pool.servers})
-        if self.manage:
-            for name, pool in pools.items():
-                self.health.add(pool, new.pools[name].health)
-            self.health.start()
-        self.config = new
-        self._save_state()  # servers gone from the config leave the state file too
-        self.reloads["success"] += 1
-        self.last_reload_ok = True
-        log.info("reload: %s", new.summary())
-        return []
-
-    def _reload_failed(self, problems: list[str], saved: Sequence[tuple[Server, tuple[Any, ...]]] = ()) -> list[str]:
-        for server, state in saved:
-            server.restore(state)
-        self.reloads["failure"] += 1
-        self.last_reload_ok = False
-        for problem in problems:
-            log.error("reload refused, the running config stays: %s", problem)
-        return problems
+        try:
+            for listener in wanted.values():
+                built[listener.name] = self._make_listener(loop, listener, new, pools, opened)
+            # Bind the new sockets first, not accepting yet: if one cannot be bound, nothing has changed.
+            for listener in rebind:
+                old = serving.get(listener.name)
+                if old is not None and old.bind == listener.bind:
+                    continue  # same address, other mode or TLS: rebound after the old socket closes
+                made, context = built[listener.name]
+                fresh[listener.name] = await self._create_server(loop, listener, made, context, serving=False)
+        except BaseException:
+            for server in fresh.values():
+                server.close()
+            for handler in opened.values():
+                handler.close()
+            raise
+        return _ListenerStage(self, wanted, rebind, built, fresh, opened)
 
     def _retire(self, name: str) -> None:
         """Close a listener's socket; its open connections finish on their own."""
@@ -281,9 +249,16 @@ class Runtime:
     # -- listeners --
 
     def _make_listener(
-        self, loop: asyncio.AbstractEventLoop, config: ListenerConfig, whole: Config, pools: Mapping[str, Pool]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: ListenerConfig,
+        whole: Config,
+        pools: Mapping[str, Pool],
+        opened: dict[str, logging.Handler],
     ) -> tuple[Listener, ssl.SSLContext | None]:
-        """A listener object for `config` (of the config `whole`), on the runtime pools `pools`."""
+        """A listener object for `config` (of the config `whole`), on the runtime pools `pools`; an access
+        log it needs and the runtime has not opened yet is opened into `opened`, for
+        `_install_access_logs` to attach. Touches nothing live: a reload builds beside the live state."""
         pool_config = whole.pools[config.pool]
         pool = pools[config.pool]
         if config.mode == "tcp":
@@ -298,7 +273,12 @@ class Runtime:
                 send_proxy=pool_config.send_proxy,
             )
             return tcp, None
-        maintenance = config.maintenance_page.read_bytes() if config.maintenance_page is not None else None
+        maintenance = None
+        if config.maintenance_page is not None:
+            try:
+                maintenance = config.maintenance_page.read_bytes()
+            except OSError as error:
+                raise StartError(f"listener {config.name}: cannot read the maintenance page: {error}") from None
         listener = HttpListener(
             config.name,
             pool,
@@ -319,7 +299,7 @@ class Runtime:
             max_body=config.limits.max_body_size,
             max_idle=pool_config.keepalive.max_idle,
             idle_timeout=pool_config.keepalive.idle_timeout,
-            access_log=self._access_logger(config),
+            access_log=self._access_logger(config, opened),
             accept_proxy=config.accept_proxy,
         )
         context = None
@@ -337,7 +317,10 @@ class Runtime:
         config: ListenerConfig,
         listener: Listener,
         context: ssl.SSLContext | None,
+        serving: bool = True,
     ) -> asyncio.Server:
+        """A socket bound for `listener`; with `serving` False it accepts nothing until `start_serving()`
+        (a reload binds first and accepts only once committed)."""
         try:
             return await loop.create_server(
                 listener,
@@ -347,6 +330,7 @@ class Runtime:
                 reuse_address=True,
                 reuse_port=not self.manage,  # workers share each listening port (SO_REUSEPORT)
                 backlog=1024,
+                start_serving=serving,
             )
         except OSError as error:
             raise StartError(f"listener {config.name}: cannot bind {config.bind}: {error.strerror}") from None
@@ -372,17 +356,15 @@ class Runtime:
         self.bound[config.name] = Bound(config.name, str(sockname[0]), int(sockname[1]), scheme)
         log.info("listener %s: %s on %s:%d, pool %s", config.name, scheme, sockname[0], sockname[1], config.pool)
 
-    def _access_logger(self, config: ListenerConfig) -> logging.Logger | None:
+    def _access_logger(self, config: ListenerConfig, opened: dict[str, logging.Handler]) -> logging.Logger | None:
+        """The logger of a listener's access log; a handler not open yet is opened into `opened` (not
+        attached: `_install_access_logs` does that, at start or at a reload's commit)."""
         if config.access_log is None:
             return None
         logger = logging.getLogger(f"lbproxy.access.{config.name}")
-        logger.propagate = False
-        logger.setLevel(logging.INFO)
         key = f"{config.name}:{config.access_log}"
-        if key in self._log_handlers:
+        if key in self._log_handlers or key in opened:
             return logger  # a reload that keeps the same log keeps its handler
-        for old in logger.handlers[:]:
-            logger.removeHandler(old)
         handler: logging.Handler
         if config.access_log == "-":
             handler = logging.StreamHandler(sys.stdout)
@@ -392,9 +374,24 @@ class Runtime:
             except OSError as error:
                 raise StartError(f"listener {config.name}: cannot open the access log: {error}") from None
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        self._log_handlers[key] = handler
+        opened[key] = handler
         return logger
+
+    def _install_access_logs(self, listeners: Iterable[ListenerConfig], opened: dict[str, logging.Handler]) -> None:
+        """Attach to each listener's access logger its one handler (kept from before, or just opened)."""
+        self._log_handlers.update(opened)
+        for config in listeners:
+            if config.access_log is None:
+                continue
+            handler = self._log_handlers[f"{config.name}:{config.access_log}"]
+            logger = logging.getLogger(f"lbproxy.access.{config.name}")
+            logger.propagate = False
+            logger.setLevel(logging.INFO)
+            for other in logger.handlers[:]:
+                if other is not handler:
+                    logger.removeHandler(other)
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
 
     async def _serve_admin(self, host: str, port: int) -> None:
         assert self.config.admin is not None
@@ -452,32 +449,26 @@ class Runtime:
             raise KeyError(f"pool {pool!r} has no server named {server!r}")
         return found
 
+    # Each admin action is one step of the controller (control.Controller): applied to the live pool of
+    # the server, saved to the state file, a new version; never interleaved with a reload's commit.
+
     def drain(self, server: Server) -> None:
         """No new requests or connections; what is in flight finishes."""
-        self._cancel_grace(server)
-        server.pool.set_admin(server, AdminState.DRAINING)
-        self._save_state()
+        self.controller.drain(server)
 
     def disable(self, server: Server) -> None:
         """As drain, then whatever is still in flight after the pool's disable_grace is cut."""
-        self._cancel_grace(server)
-        server.pool.set_admin(server, AdminState.DISABLED)
-        loop = asyncio.get_running_loop()
-        self._grace[server] = loop.call_later(server.pool.disable_grace, self._cut, server)
-        self._save_state()
+        self.controller.disable(server)
 
     def enable(self, server: Server) -> None:
-        self._cancel_grace(server)
-        server.pool.set_admin(server, AdminState.ENABLED)
-        self._save_state()
+        self.controller.enable(server)
 
-    def _cancel_grace(self, server: Server) -> None:
-        handle = self._grace.pop(server, None)
-        if handle is not None:
-            handle.cancel()
+    def set_weight(self, server: Server, percent: int) -> None:
+        """The live weight as `percent` of the server's ratio (see `Controller.set_weight`)."""
+        self.controller.set_weight(server, percent)
 
     def _cut(self, server: Server) -> None:
-        self._grace.pop(server, None)
+        """A disabled server's grace is over (the controller's timer): cut what still goes to it."""
         if self.cut_hook is not None:
             self.cut_hook(server)  # the workers hold the connections
         cut = sum(listener.cut_server(server) for listener in self._all_listeners())
@@ -489,76 +480,82 @@ class Runtime:
                 cut,
             )
 
-    # -- the state file: admin state across restarts --
 
-    def _save_state(self) -> None:
-        """Write every drained or disabled server to the state file, atomically."""
-        path = self.config.state_file
-        if path is None:
-            return
-        states = {
-            f"{pool.name}/{server.name}": server.admin.value
-            for pool in self.pools.values()
-            for server in pool.servers
-            if server.admin is not AdminState.ENABLED
-        }
-        text = json.dumps({"version": 1, "servers": states}, indent=2, sort_keys=True) + "\n"
-        try:
-            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)  # readers see the old file or the new one, never half of one
-        except OSError as error:
-            log.error("cannot write the state file %s: %s", path, error)
+class _ListenerStage:
+    """The listener side of a reload, built beside the live one (a `control.Stage`): listener objects on
+    the new pools, new sockets bound but not accepting, access logs opened but not attached."""
 
-    def _restore_state(self) -> None:
-        path = self.config.state_file
-        if path is None or not path.exists():
-            return
-        try:
-            states = json.loads(path.read_text(encoding="utf-8"))["servers"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.error("cannot read the state file %s, starting with every server enabled: %s", path, error)
-            return
-        for key, value in states.items():
-            pool_name, _, server_name = str(key).partition("/")
-            pool = self.pools.get(pool_name)
-            server = pool.by_name.get(server_name) if pool is not None else None
-            if server is None or value not in ("draining", "disabled"):
+    def __init__(
+        self,
+        runtime: Runtime,
+        wanted: Mapping[str, ListenerConfig],
+        rebind: list[ListenerConfig],
+        built: Mapping[str, tuple[Listener, ssl.SSLContext | None]],
+        fresh: Mapping[str, asyncio.Server],
+        opened: dict[str, logging.Handler],
+    ) -> None:
+        self.runtime = runtime
+        self.wanted = wanted
+        self.rebind = rebind
+        self.built = built
+        self.fresh = fresh
+        self.opened = opened
+        self.moved: list[ListenerConfig] = []  # same address, other mode or TLS: bound once the old closed
+
+    def commit(self) -> None:
+        """Part of the controller's commit step: the listeners move to the new pools, removed ones stop
+        accepting, idle connections to servers gone or moved close. Nothing here awaits or fails."""
+        runtime = self.runtime
+        runtime._install_access_logs(self.wanted.values(), self.opened)
+        for name in list(runtime.listeners):
+            if name not in self.wanted or self.wanted[name] in self.rebind:
+                runtime._retire(name)
+        for listener in self.wanted.values():
+            made, context = self.built[listener.name]
+            if listener in self.rebind:
+                if listener.name in self.fresh:
+                    runtime._adopt(listener, made, self.fresh[listener.name], context)
+                else:
+                    self.moved.append(listener)
                 continue
-            assert pool is not None
-            pool.set_admin(server, AdminState(value))
-            log.info("state file: pool %s: server %s starts %s", pool_name, server_name, value)
+            current = runtime.listeners[listener.name]
+            if listener.tls is not None and listener.name in runtime._contexts:
+                try:  # a renewed certificate under the same paths: new handshakes use it
+                    runtime._contexts[listener.name].load_cert_chain(listener.tls.cert, listener.tls.key)
+                except (OSError, ssl.SSLError) as error:
+                    log.error("reload: listener %s keeps its old certificate: %s", listener.name, error)
+            if isinstance(current, HttpListener) and isinstance(made, HttpListener):
+                current.reconfigure(made)
+            elif isinstance(current, TcpListener) and isinstance(made, TcpListener):
+                current.reconfigure(made)  # the same call, typed for each listener class
+        servers = {server for pool in runtime.pools.values() for server in pool.servers}
+        for listener_object in runtime._all_listeners():
+            if isinstance(listener_object, HttpListener):
+                listener_object.forget_servers(servers)
 
+    def abandon(self) -> None:
+        for server in self.fresh.values():
+            server.close()
+        for handler in self.opened.values():
+            handler.close()
 
-def _build_pools(config: Config, previous: Mapping[str, Pool] | None) -> dict[str, Pool]:
-    """The runtime pools of `config`; on a reload, `previous` holds the running ones."""
-    reloading = previous is not None
-    old = previous or {}
-    pools = {name: Pool(pool, old.get(name), reloading) for name, pool in config.pools.items()}
-    for name, pool in config.pools.items():
-        if pool.backup_pool is not None:
-            pools[name].fail_over_to(pools[pool.backup_pool])
-    return pools
+    async def settle(self) -> None:
+        """Accept on the new sockets; bind the listeners whose old socket held their address."""
+        runtime = self.runtime
+        for server in self.fresh.values():
+            if not runtime._stopped:
+                await server.start_serving()
+        loop = asyncio.get_running_loop()
+        for listener in self.moved:
+            if runtime._stopped:
+                return
+            made, context = self.built[listener.name]
+            try:
+                await runtime._bind(loop, listener, made, context)
+            except StartError as error:
+                log.error("reload: listener %s is not listening any more: %s", listener.name, error)
 
 
 def _socket_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
     """Whether a listener needs a new socket (its address, mode or TLS changed)."""
     return old.bind != new.bind or old.mode != new.mode or old.tls != new.tls
-
-
-async def _resolve(loop: asyncio.AbstractEventLoop, pools: Mapping[str, Pool]) -> None:
-    """Replace server host names by an address, at start and on reload, with `config.resolve` (which
-    `lbproxy check` uses too), in a thread: the system resolver blocks."""
-    for pool in pools.values():
-        for server in pool.servers:
-            host = server.address.host
-            try:
-                server.connect_host = await loop.run_in_executor(None, config.resolve, server.address)
-            except OSError as error:
-                reason = error.strerror or error
-                raise StartError(
-                    f"pools.{pool.name}: server {server.name}: cannot resolve {host!r}: {reason}"
-                ) from None

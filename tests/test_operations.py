@@ -1,7 +1,9 @@
 """Operations: reload in place, admin state across restarts, graceful shutdown and the signals.
 
 Reload tests run lbproxy in-process (`running()`) and rewrite its config file before calling
-`Runtime.reload()` or `POST /api/v1/reload`. Signal tests run `python -m lbproxy run -c FILE` as a
+`Runtime.reload()` or `POST /api/v1/reload`; to hold a reload half way, a test stands in for the
+system resolver with one that answers on cue, and to hold the state file's write, for `os.fsync`.
+Signal tests run `python -m lbproxy run -c FILE` as a
 subprocess, read the bound ports from its standard output and its log from a file, and always kill it
 in a `finally`. Every wait is on a condition with a deadline; every load is bounded in time and count.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -18,6 +21,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,8 +31,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lbproxy import config
 from lbproxy.admin import pool_state
-from lbproxy.pool import AdminState
+from lbproxy.config import Address
+from lbproxy.pool import WEIGHT_SCALE, AdminState
 from lbproxy.runtime import Runtime
 from tests.support import (
     LOCALHOST,
@@ -542,8 +548,9 @@ async def test_drained_and_disabled_servers_stay_so_across_a_restart(tmp_path: P
             assert not state.exists()  # nothing to keep yet
             async with session.post(f"{admin_url(lb)}/api/v1/pools/farm/servers/a/drain") as response:
                 assert response.status == 200
-            first = state.stat().st_ino
+            first = state.stat().st_ino  # on disk when the API answered
             lb.disable(lb.server("farm", "b"))
+            await lb.refresh()  # the write is made in a thread: wait for it, as the API does
             assert state.stat().st_ino != first  # replaced whole (rename), not rewritten in place
             assert json.loads(state.read_text()) == {
                 "version": 1,
@@ -558,8 +565,10 @@ async def test_drained_and_disabled_servers_stay_so_across_a_restart(tmp_path: P
             assert farm.by_name["c"].admin is AdminState.ENABLED
             assert {(await get(port_of(lb))).body for _ in range(4)} == {b"c"}
             lb.enable(farm.by_name["b"])
+            await lb.refresh()
             assert json.loads(state.read_text()) == {"version": 1, "servers": {"farm/a": "draining"}}
             lb.enable(farm.by_name["a"])
+            await lb.refresh()
             assert json.loads(state.read_text()) == {"version": 1, "servers": {}}
         assert os.listdir(folder) == [state.name]
 
@@ -575,7 +584,250 @@ async def test_an_unreadable_state_file_starts_every_server_enabled(tmp_path: Pa
     ):
         assert {server.admin for server in lb.pools["farm"].servers} == {AdminState.ENABLED}
         lb.drain(lb.server("farm", "c"))
+        await lb.refresh()
         assert json.loads(state.read_text()) == {"version": 1, "servers": {"farm/c": "draining"}}
+
+
+# -- the control plane: one reload at a time, built beside the live state ----------------------------------
+# Where a test must hold a reload half way, it stands in for the system resolver (`config.resolve`, which
+# the runtime calls in a thread) with one that waits for the test: a slow DNS answer, made on cue.
+
+TOKEN = "control-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+STALLED = "stalled.invalid"  # a name only the tests' resolver knows (RFC 6761: never a real one)
+
+FARM = """
+admin:
+  bind: 127.0.0.1:0
+  token: {token}
+state_file: {state}
+listeners:
+  - name: web
+    bind: 127.0.0.1:0
+    pool: farm
+pools:
+  farm:
+    retries: 0
+    health: {health}
+    servers:
+      - {{name: a, address: "{a}"}}
+      - {{name: b, address: "{b}"}}
+"""
+
+FARM_AND_C = FARM + '      - {{name: c, address: "{c}"}}\n'
+
+NO_HEALTH = "{type: none}"
+PROBED = "{type: http, path: /health, interval: 100ms, timeout: 1s, rise: 1, fall: 1}"
+INTERVAL = 0.1
+JITTER = 0.1  # health.JITTER: one probe loop starts a probe at most every INTERVAL * (1 - JITTER)
+
+
+def probes(backend: Backend) -> int:
+    return sum(1 for request in backend.requests if request.target == b"/health")
+
+
+def probe_loops(name: str) -> int:
+    """Probe loops of `name` ("pool/server") still running in this process, live or orphaned."""
+    return sum(1 for task in asyncio.all_tasks() if task.get_name() == f"health {name}" and not task.done())
+
+
+class StalledResolver:
+    """`config.resolve` for STALLED: waits in its thread until the test releases it, then fails with a
+    resolver error or answers 127.0.0.1. Other names go to the real resolver."""
+
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        self._real: Callable[[Address], str] = config.resolve
+
+    def __call__(self, address: Address) -> str:
+        if address.host != STALLED:
+            return self._real(address)
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(timeout=10)
+        if not self.answer:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return LOCALHOST
+
+
+async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, object]]:
+    async with session.post(url, headers=AUTH) as response:
+        return response.status, await response.json()
+
+
+# #9: four reloads at once used to leave probe loops on orphaned pools that shared the Server objects.
+
+
+async def test_concurrent_reloads_leave_one_probe_loop_per_server_and_the_live_pool_hears_a_death(
+    tmp_path: Path,
+) -> None:
+    # Four reloads at once used to leave probe loops on orphaned pools that shared the Server objects:
+    # the probe rate tripled, and a server that died was marked down on an orphan while the live pool
+    # kept sending it traffic (502s).
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(
+            FARM, tmp_path, token=TOKEN, state=tmp_path / "state.json", health=PROBED, a=a.address, b=b.address
+        ) as lb,
+        aiohttp.ClientSession() as session,
+    ):
+        await lb.health.first_round()
+        answers = await asyncio.gather(*(post(session, f"{admin_url(lb)}/api/v1/reload") for _ in range(4)))
+        assert answers == [(200, {"result": "reloaded"})] * 4
+        assert lb.reloads == {"success": 4, "failure": 0}
+        assert (probe_loops("farm/a"), probe_loops("farm/b")) == (1, 1)
+
+        # What server a sees: one probe loop starts a probe at most every 90 ms, so 20 probes take at
+        # least 1.7 s (a slow machine only makes it longer); two loops would take half that.
+        seen = probes(a)
+        await eventually(lambda: probes(a) > seen, what="a probe after the reloads")
+        started, first = time.monotonic(), probes(a)
+        await eventually(lambda: probes(a) >= first + 20, timeout=10.0, what="20 more probes of a")
+        elapsed = time.monotonic() - started
+        assert elapsed >= 20 * INTERVAL * (1 - JITTER) - 0.3, f"20 probes of a in {elapsed:.2f}s: more than one loop"
+
+        # Server b dies: the live pool takes it out, and nothing more goes to it.
+        await b.stop()
+        server_b = lb.pools["farm"].by_name["b"]
+        await eventually(lambda: not server_b.up, what="server b to go down")
+        responses = [await get(port_of(lb)) for _ in range(20)]
+        assert [(response.status, response.body) for response in responses] == [(200, b"a")] * 20
+        async with session.get(f"{admin_url(lb)}/api/v1/pools/farm") as response:
+            farm = await response.json()
+        assert farm["servers_available"] == 1
+        assert [server["state"] for server in farm["servers"]] == ["up", "down"]
+
+
+# A drain that arrived while a reload was built went to the pool being built, and was lost when the
+# reload was refused.
+
+
+async def test_a_drain_during_a_refused_reload_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A drain made while a reload was being built went to the pool being built; the refused reload then
+    # put the server back in the live pool, whose policy had never heard of the drain: it kept sending.
+    resolver = StalledResolver(answer=False)
+    monkeypatch.setattr(config, "resolve", resolver)
+    state = tmp_path / "state.json"
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        Backend("c") as c,
+        running(FARM, tmp_path, token=TOKEN, state=state, health=NO_HEALTH, a=a.address, b=b.address) as lb,
+        aiohttp.ClientSession() as session,
+    ):
+        base = admin_url(lb)
+        live = lb.pools["farm"]
+        server_b = live.by_name["b"]
+        write_config(
+            tmp_path,
+            FARM_AND_C.replace('"{b}"}}', '"{b}", ratio: 3}}'),
+            token=TOKEN,
+            state=state,
+            health=NO_HEALTH,
+            a=a.address,
+            b=b.address,
+            c=f"{STALLED}:{c.port}",
+        )
+        reload = asyncio.ensure_future(post(session, f"{base}/api/v1/reload"))
+        try:
+            await eventually(resolver.entered.is_set, what="the reload to look up the new name")
+            status, body = await post(session, f"{base}/api/v1/pools/farm/servers/b/drain")
+            assert (status, body["admin"]) == (200, "draining")
+        finally:
+            resolver.release.set()
+        status, body = await reload
+        assert status == 400
+        assert f"cannot resolve {STALLED!r}" in str(body["problems"])
+        assert lb.reloads == {"success": 0, "failure": 1}
+        # Nothing of the refused reload reached the live state; the drain did.
+        assert lb.pools["farm"] is live
+        assert server_b.pool is live
+        assert (server_b.ratio, server_b.weight) == (1, WEIGHT_SCALE)
+        assert server_b.admin is AdminState.DRAINING
+        bodies = [(await get(port_of(lb))).body for _ in range(10)]
+        assert bodies == [b"a"] * 10
+        assert not traffic(b)
+        assert json.loads(state.read_text())["servers"] == {"farm/b": "draining"}
+
+
+# -- #11 and the state file: damaged, slow -----------------------------------------------------------------
+
+DAMAGED = {
+    "servers-a-list": '{"version": 1, "servers": []}',
+    "servers-null": '{"version": 1, "servers": null}',
+    "null": "null",
+    "a-list": '["farm/a"]',
+    "a-string": '"draining"',
+    "no-servers": '{"version": 1}',
+    "truncated": '{"version": 1, "servers": {"farm/a": "drain',
+    "not-utf-8": b'{"servers": {"farm/a": "\xff"}}',
+}
+
+
+@pytest.mark.parametrize("content", DAMAGED.values(), ids=DAMAGED.keys())
+async def test_a_damaged_state_file_is_logged_and_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str | bytes
+) -> None:
+    state = tmp_path / "state.json"
+    if isinstance(content, bytes):
+        state.write_bytes(content)
+    else:
+        state.write_text(content)
+    caplog.set_level(logging.ERROR, logger="lbproxy")
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(FARM, tmp_path, token=TOKEN, state=state, health=NO_HEALTH, a=a.address, b=b.address) as lb,
+    ):
+        assert {server.admin for server in lb.pools["farm"].servers} == {AdminState.ENABLED}
+        assert sorted([(await get(port_of(lb))).body for _ in range(4)]) == [b"a", b"a", b"b", b"b"]
+        assert any("cannot read the state file" in record.getMessage() for record in caplog.records)
+        lb.drain(lb.server("farm", "a"))
+        await lb.refresh()
+        assert json.loads(state.read_text()) == {"version": 1, "servers": {"farm/a": "draining"}}
+
+
+async def test_the_state_file_is_written_off_the_event_loop_and_the_last_state_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow disk (fsync held until the test lets it go) must not stop the proxy: the write runs in a
+    # thread, and the states saved meanwhile fold into the last one, written after it.
+    disk = threading.Event()
+    entered = threading.Event()
+    calls: list[tuple[threading.Thread, bool]] = []  # (thread, whether the disk was let go in time)
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        calls.append((threading.current_thread(), disk.wait(timeout=3)))
+        real_fsync(fd)
+
+    state = tmp_path / "state.json"
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(FARM, tmp_path, token=TOKEN, state=state, health=NO_HEALTH, a=a.address, b=b.address) as lb,
+    ):
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        try:
+            lb.drain(lb.server("farm", "a"))
+            await eventually(entered.is_set, what="the first write to reach fsync")
+            assert (await get(port_of(lb))).body == b"b"  # served while the disk is held
+            lb.enable(lb.server("farm", "a"))
+            lb.disable(lb.server("farm", "b"))
+            lb.drain(lb.server("farm", "b"))
+        finally:
+            disk.set()
+        await lb.refresh()
+        assert json.loads(state.read_text()) == {"version": 1, "servers": {"farm/b": "draining"}}
+        assert calls
+        assert all(in_time for _, in_time in calls), "fsync held the event loop"
+        assert threading.main_thread() not in {thread for thread, _ in calls}
+        assert [name for name in os.listdir(tmp_path) if name.startswith(".state")] == []  # no temporary left
 
 
 # -- the process: signals -----------------------------------------------------------------------------
