@@ -37,6 +37,10 @@ HEADER: Final = 1  # a request head is being received
 BODY: Final = 2  # a request body is being received
 RESPONSE: Final = 3  # waiting for the server
 NONE: Final = 4  # a tunnel: no deadline
+UNREAD: Final = 5  # the client leaves a response unread: its fault, never the server's
+CLOSING: Final = 6  # closed by lbproxy, its last bytes still going out: aborted at the deadline
+
+CLOSE_LINGER: Final = 2.0  # how long a closed connection may take to deliver its last bytes
 
 # Upper bounds of the request-duration histogram, in seconds (Prometheus' defaults, plus 30 and 60).
 DURATION_BOUNDS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
@@ -45,7 +49,7 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b
 
 # Header names looked at are recognised by length first: most headers are then skipped without
 # lower-casing them (Content-Type 12, Accept 6, User-Agent 10 but also Connection 10...).
-_REQUEST_NAMES: Final = framing.HOP_BY_HOP | framing.FORWARDED | {b"host", b"content-length"}
+_REQUEST_NAMES: Final = framing.HOP_BY_HOP | framing.FORWARDED | {b"host", b"content-length", b"authorization"}
 _REQUEST_LENGTHS: Final = frozenset(len(name) for name in _REQUEST_NAMES)
 # How a relayed response head ends, by (chunked to the client, client kept alive, client HTTP/1.1).
 _HEAD_ENDS: Final = {
@@ -296,12 +300,12 @@ class Exchange:
         "tried",
         "upstream",
         "status",
-        "maybe_sent",
         "timed_out",
         "answered",
         "response_bytes",
         "started",
         "target",
+        "pin",
     )
 
     def __init__(self, method: bytes, head: bytes, target: bytes, client_11: bool, keep_alive: bool) -> None:
@@ -322,10 +326,10 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.timed_out = False  # the last server failed by staying silent
-        self.maybe_sent = False  # some server may have received it already
         self.answered = False  # some of the response reached the client
         self.response_bytes = 0
         self.started = time.monotonic()
+        self.pin = False  # the client sent NTLM or Negotiate credentials: they authenticate the connection
 
 
 class HttpProxy(asyncio.Protocol):
@@ -366,6 +370,8 @@ class HttpProxy(asyncio.Protocol):
         "client_eof",
         "deadline",
         "deadline_kind",
+        "client_busy",
+        "auth_pin",
         "got_bytes",
     )
 
@@ -404,6 +410,8 @@ class HttpProxy(asyncio.Protocol):
         self.client_eof = False
         self.deadline = 0.0
         self.deadline_kind = IDLE
+        self.client_busy = False  # the client's transport buffers more than it reads (pause_writing)
+        self.auth_pin = False  # this head carries NTLM or Negotiate credentials
         self.got_bytes = False  # any byte of the current request has arrived
 
     # -- connection events --
@@ -467,16 +475,28 @@ class HttpProxy(asyncio.Protocol):
         return self.active is not None or bool(self.queue)
 
     def pause_writing(self) -> None:
+        self.client_busy = True
         active = self.active
         upstream = self.tunnel if self.tunnel is not None else (active.upstream if active is not None else None)
         if upstream is not None and upstream.gate is not None:
             upstream.gate.pause(flow.PEER_BUSY)
+        if self.deadline_kind == RESPONSE:
+            # The server is held back by the client: if time runs out now, it is the client's fault.
+            self._arm(UNREAD, self.listener.response_timeout)
 
     def resume_writing(self) -> None:
+        self.client_busy = False
         active = self.active
         upstream = self.tunnel if self.tunnel is not None else (active.upstream if active is not None else None)
         if upstream is not None and upstream.gate is not None:
             upstream.gate.resume(flow.PEER_BUSY)
+        if self.deadline_kind == UNREAD:
+            if active is not None:
+                self._arm(RESPONSE, self.listener.response_timeout)
+            elif self.queue:
+                self._serve_next()  # a pipelined request waited for the client to read
+            else:
+                self._arm(IDLE, self.listener.keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -488,7 +508,8 @@ class HttpProxy(asyncio.Protocol):
             data = self._read_proxy_header(data)
             if not data:
                 return
-        if self.reading is None:  # between bodies, every byte is head: bound it before llhttp buffers it
+        reading = self.reading
+        if reading is None:  # between bodies, every byte is head: bound it before llhttp buffers it
             if not self.got_bytes and (data[0] == 13 or data[0] == 10):
                 # RFC 9112 §2.2 lets a server skip empty lines before a request line, and llhttp
                 # skips any CR or LF there: lbproxy refuses bare CRs everywhere, so here too.
@@ -496,6 +517,8 @@ class HttpProxy(asyncio.Protocol):
                 return
             self.head_size += len(data)
             self.got_bytes = True
+        elif reading.chunked:
+            before = reading.body_size
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -515,6 +538,10 @@ class HttpProxy(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._refuse_in_turn(400, str(error))
             return
+        if reading is not None:
+            if reading.chunked and self.reading is reading:
+                self._count_chunk_framing(len(data) - (reading.body_size - before))
+            return
         if self.reading is None and self.got_bytes:  # a head has begun and not ended
             if self.head_size > self.listener.max_header_size:
                 self._refuse_in_turn(431, "header block too large")
@@ -522,6 +549,21 @@ class HttpProxy(asyncio.Protocol):
                 self._refuse_in_turn(400, "request line without an HTTP version")  # HTTP/0.9
             elif self.deadline_kind == IDLE:  # it has header_timeout to arrive whole, from its first bytes
                 self._arm(HEADER, self.listener.header_timeout)
+
+    def _count_chunk_framing(self, size: int) -> None:
+        """Count `size` bytes of a chunked body's read that were not payload against the head's limits.
+
+        llhttp buffers nothing of a body, but httptools gathers each trailer field in a bytes that
+        grows by `+=`: what lies between payload bytes (chunk lines, extensions, trailers) beyond
+        32 bytes a chunk (`on_chunk_header` credits them) is counted in `head_size`, so that a
+        trailer section is bounded by `limits.header_size` as a head is, read by read.
+        """
+        self.head_size += size
+        if self.head_size > self.listener.max_header_size:
+            self._refuse_in_turn(431, "chunk framing or trailer section too large")
+
+    def on_chunk_header(self) -> None:
+        self.head_size -= 32  # a chunk line and the CRLF after its data, with room for a short extension
 
     def _read_proxy_header(self, data: bytes) -> bytes:
         """Take the PROXY header off the connection's first bytes; returns what follows it."""
@@ -557,8 +599,11 @@ class HttpProxy(asyncio.Protocol):
         self.url = self.url + url if self.url else url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.reading is not None:
-            return  # a chunked body's trailer section: not forwarded
+        if self.reading is not None:  # a chunked body's trailer section: counted, not forwarded
+            self.field_count += 1
+            if self.field_count > self.listener.max_header_count:
+                raise BadRequest(431, "too many trailer fields")
+            return
         if value and value[-1] in (32, 9):
             value = value.rstrip(b" \t")  # trailing whitespace is not part of a field value
         self.field_count += 1
@@ -576,6 +621,13 @@ class HttpProxy(asyncio.Protocol):
         """Note a header the proxy acts on, other than Host; True when it must not be forwarded as it is."""
         if lname == b"content-length":
             self.content_length = value
+            return False
+        if lname == b"authorization":
+            # NTLM and Negotiate authenticate the connection, not the request (RFC 4559): the
+            # server connection that carries them is never handed to another client.
+            if value[:9].lower().startswith((b"ntlm", b"negotiate")):
+                self.unusual = True
+                self.auth_pin = True
             return False
         self.unusual = True
         if lname == b"transfer-encoding":
@@ -641,6 +693,10 @@ class HttpProxy(asyncio.Protocol):
                         for part in fields[index : index + 4]
                     ]
                 if upgrade_to is not None and b"upgrade" in tokens:
+                    if te is not None or (content_length is not None and content_length != b"0"):
+                        # llhttp stops at the head of a request that asks to upgrade: its body would
+                        # be parsed as the next request, or left owed to the server connection.
+                        raise BadRequest(400, "a request that asks to upgrade has a body")
                     # h2c would tunnel HTTP/2 past every check here: strip it, answer in HTTP/1.1
                     upgrade = b"h2c" not in upgrade_to.lower()
             if upgrade and upgrade_to is not None:
@@ -663,6 +719,8 @@ class HttpProxy(asyncio.Protocol):
         exchange = Exchange(method, b"".join(parts), url, client_11, keep_alive)
         exchange.chunked = te is not None
         exchange.upgrade = upgrade
+        if self.auth_pin:
+            exchange.pin = True
         has_body = te is not None or (content_length is not None and content_length != b"0")
 
         # the next head starts from nothing
@@ -675,6 +733,7 @@ class HttpProxy(asyncio.Protocol):
         self.content_length = None
         if self.unusual:
             self.unusual = False
+            self.auth_pin = False
             self.te = None
             self.tes = 0
             self.connection = None
@@ -684,7 +743,8 @@ class HttpProxy(asyncio.Protocol):
         listener.requests += 1
         if has_body:
             self.reading = exchange  # until on_message_complete
-            self._arm(BODY, listener.body_timeout)
+            if self.active is None:  # a pipelined one's body is read, and timed, in its turn
+                self._arm(BODY, listener.body_timeout)
         else:
             exchange.request_done = True
             self.got_bytes = False
@@ -725,6 +785,8 @@ class HttpProxy(asyncio.Protocol):
             return
         self.reading = None
         self.got_bytes = False
+        self.head_size = 0
+        self.field_count = 0
         exchange.request_done = True
         upstream = exchange.upstream
         if upstream is not None and exchange.sent and exchange.chunked:
@@ -754,7 +816,9 @@ class HttpProxy(asyncio.Protocol):
             return
         exchange.server = server
         server.pool.taken(server)
-        if not fresh:
+        # A reused connection may be closed by its server as the request crosses the wire, and then
+        # nothing proves the request was not acted on: a non-idempotent one goes on a new connection.
+        if not fresh and exchange.method in IDEMPOTENT:
             idle = self.listener.idle.get(server)
             upstream = idle.get(self.loop.time()) if idle is not None else None
             if upstream is not None:
@@ -795,6 +859,8 @@ class HttpProxy(asyncio.Protocol):
         exchange.upstream = upstream
         exchange.sent = True
         upstream.begin(self, exchange)
+        if self.client_busy and upstream.gate is not None:
+            upstream.gate.pause(flow.PEER_BUSY)  # the new peer must hear that the client is not reading
         held = exchange.held
         if not held:
             upstream.send(exchange.head)
@@ -832,15 +898,15 @@ class HttpProxy(asyncio.Protocol):
             self._close()
             return
         if exchange.replayable and (upstream is None or not upstream.response_started):
-            if stale:
+            if stale and exchange.method in IDEMPOTENT:
                 # The server closed a kept-alive connection as we reused it: the race every proxy has.
                 # Nothing came back, so the request goes again on a new connection to the same server.
-                # It may also have died with the request in hand: from now on the request counts as
-                # sent, so that a non-idempotent one is never tried on a second server.
-                exchange.maybe_sent = True
+                # Only an idempotent one: it may have been acted on (a non-idempotent request is
+                # never sent on a reused connection, but a pinned one is reused).
                 self._redispatch(exchange, server, fresh=True)
                 return
-            sent_nothing = upstream is None and not exchange.maybe_sent
+            # Provably not received: the connection to this server never opened.
+            sent_nothing = upstream is None
             if len(exchange.tried) < self.listener.pool.retries and (sent_nothing or exchange.method in IDEMPOTENT):
                 exchange.tried += (server,)
                 listener.retries += 1
@@ -909,16 +975,13 @@ class HttpProxy(asyncio.Protocol):
         ):
             self._close()
             return
-        queue = self.queue
-        if queue:
-            following = queue.popleft()
-            self.active = following
-            if not queue:
-                assert self.gate is not None
-                self.gate.resume(flow.WAITING)
-            if following.request_done:
-                self._arm(RESPONSE, listener.response_timeout)
-            self._dispatch(following)
+        if self.queue:
+            if self.client_busy:
+                # No response is produced for a client that is not reading the last one (the
+                # pipelined requests behind it wait): what it leaves unread stays bounded.
+                self._arm(UNREAD, listener.response_timeout)
+            else:
+                self._serve_next()
             return
         if self.refusal is not None:
             self._refuse(*self.refusal)
@@ -931,6 +994,20 @@ class HttpProxy(asyncio.Protocol):
                 self._arm(HEADER, listener.header_timeout)
             else:
                 self._arm(IDLE, listener.keepalive_timeout)
+
+    def _serve_next(self) -> None:
+        """Make the first pipelined request the active one and send it."""
+        queue = self.queue
+        following = queue.popleft()
+        self.active = following
+        if not queue:
+            assert self.gate is not None
+            self.gate.resume(flow.WAITING)
+        if following.request_done:
+            self._arm(RESPONSE, self.listener.response_timeout)
+        else:
+            self._arm(BODY, self.listener.body_timeout)
+        self._dispatch(following)
 
     def start_tunnel(self, upstream: UpstreamConnection) -> None:
         """The server switched protocols (101): from now on, bytes flow both ways untouched."""
@@ -997,12 +1074,20 @@ class HttpProxy(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
-        if self.transport is not None and not self.closed:
+        transport = self.transport
+        if transport is not None and not self.closed:
             self.closed = True
             self.deadline = 0.0
             self.listener.outbox.flush()
-            self.transport.close()  # after the write buffer is flushed
-        self.listener.connections.discard(self)
+            transport.close()  # after the write buffer is flushed
+            if transport.get_write_buffer_size():
+                # A peer that does not read would keep it open for ever: it stays counted (it is
+                # open) until connection_lost, and is aborted if it has not gone by the deadline.
+                self._arm(CLOSING, CLOSE_LINGER)
+            else:
+                self.listener.connections.discard(self)
+        else:
+            self.listener.connections.discard(self)
         active = self.active
         if active is not None:
             if active.upstream is not None:
@@ -1042,6 +1127,8 @@ class HttpProxy(asyncio.Protocol):
         self.deadline = 0.0
         if kind == IDLE:
             self._close()
+        elif kind in (CLOSING, UNREAD):
+            self.cut()  # not reading: no goodbye can reach it, and the server is not to blame
         elif kind == HEADER:
             if self.got_bytes:
                 self._refuse(408, "request header timeout")
@@ -1117,6 +1204,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pin",
         "served",
         "out",
+        "busy",
     )
 
     # httptools looks up every callback when it makes a parser, as it does once per response here:
@@ -1147,6 +1235,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pin = False
         self.served = 0
         self.out: list[bytes] = []  # bytes for the client, gathered during one read, written at once
+        self.busy = False  # the server is not reading what we write (pause_writing)
 
     def is_open(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
@@ -1223,11 +1312,13 @@ class UpstreamConnection(asyncio.Protocol):
         proxy._upstream_failed(exchange, self, reason, timeout=False)
 
     def pause_writing(self) -> None:
+        self.busy = True
         proxy = self.proxy
         if proxy is not None and proxy.gate is not None:
             proxy.gate.pause(flow.PEER_BUSY)
 
     def resume_writing(self) -> None:
+        self.busy = False
         proxy = self.proxy
         if proxy is not None and proxy.gate is not None:
             proxy.gate.resume(flow.PEER_BUSY)
@@ -1408,11 +1499,24 @@ class UpstreamConnection(asyncio.Protocol):
         gate = self.gate
         if gate is not None and gate.reasons:
             gate.resume(gate.reasons)  # an idle connection must read, to see the server close it
-        # Once pinned (NTLM/Negotiate), a connection stays its client's: later responses need not repeat it.
-        pin = (self.pin or proxy.pinned is self) and self.reusable and exchange.keep_alive
+        if self.busy:
+            # The server answered before it read all we wrote: the rest would be read as the next
+            # request. And the client, paused while this leg was full, must not wait for it.
+            self.reusable = False
+            if proxy.gate is not None:
+                proxy.gate.resume(flow.PEER_BUSY)
+        # Once pinned (NTLM/Negotiate), a connection stays its client's: later responses need not
+        # repeat it. A client that authenticates the connection first pins it too.
+        pin = (self.pin or exchange.pin or proxy.pinned is self) and self.reusable and exchange.keep_alive
         if pin:
             pass  # stays with its client, outside the idle stack
-        elif self.reusable and exchange.request_done and not self.closed and not proxy.listener.draining:
+        elif (
+            self.reusable
+            and exchange.request_done
+            and not exchange.pin
+            and not self.closed
+            and not proxy.listener.draining
+        ):
             if not self.listener.idle_for(self.server).put(self, proxy.loop.time()):
                 self.close()
         else:
