@@ -21,6 +21,20 @@ WAITING: Final = 2  # this leg's next data has nowhere to go yet (pipelining, co
 
 OUTBOX_BULK: Final = 16 * 1024  # an Outbox writes this much or more at once
 
+# How long a connection that lbproxy closed may take to deliver its last bytes before it is aborted:
+# a peer that does not read would otherwise hold its descriptor for ever, uncounted.
+CLOSE_LINGER: Final = 2.0
+
+
+def linger(loop: asyncio.AbstractEventLoop, transport: asyncio.WriteTransport) -> None:
+    """Close `transport` once its buffered bytes are out, or abort it after CLOSE_LINGER.
+
+    For the server legs, which no deadline of a listener watches.
+    """
+    transport.close()
+    if transport.get_write_buffer_size():
+        loop.call_later(CLOSE_LINGER, transport.abort)
+
 
 def set_limits(transport: asyncio.WriteTransport) -> None:
     transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)

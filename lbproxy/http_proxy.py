@@ -40,7 +40,6 @@ NONE: Final = 4  # a tunnel: no deadline
 UNREAD: Final = 5  # the client leaves a response unread: its fault, never the server's
 CLOSING: Final = 6  # closed by lbproxy, its last bytes still going out: aborted at the deadline
 
-CLOSE_LINGER: Final = 2.0  # how long a closed connection may take to deliver its last bytes
 
 # Upper bounds of the request-duration histogram, in seconds (Prometheus' defaults, plus 30 and 60).
 DURATION_BOUNDS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
@@ -1083,7 +1082,7 @@ class HttpProxy(asyncio.Protocol):
             if transport.get_write_buffer_size():
                 # A peer that does not read would keep it open for ever: it stays counted (it is
                 # open) until connection_lost, and is aborted if it has not gone by the deadline.
-                self._arm(CLOSING, CLOSE_LINGER)
+                self._arm(CLOSING, flow.CLOSE_LINGER)
             else:
                 self.listener.connections.discard(self)
         else:
@@ -1251,7 +1250,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.listener.outbox.flush()
-            self.transport.close()
+            flow.linger(self.listener.loop, self.transport)
 
     def abandon(self) -> None:
         """Drop the connection mid-exchange: detach it first so its loss is not reported."""

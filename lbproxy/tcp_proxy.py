@@ -88,7 +88,7 @@ class TcpListener:
         """Close connections idle past idle_timeout; the runtime calls this a few times a second."""
         for connection in list(self.connections):
             if now >= connection.deadline:
-                connection.close()
+                connection.deadline_passed()
 
     def close_idle(self) -> None:
         pass  # no idle server connections in tcp mode
@@ -316,10 +316,22 @@ class TcpClient(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
+        transport = self.transport
+        if transport is not None and not self.closed:
             self.closed = True
-            self.transport.close()
+            transport.close()
+            if transport.get_write_buffer_size():
+                # Open until its last bytes are read, so still counted; aborted at the deadline.
+                self.deadline = self.listener.loop.time() + flow.CLOSE_LINGER
+                return
         self.listener.connections.discard(self)
+
+    def deadline_passed(self) -> None:
+        """Idle for idle_timeout: closed; closed and still not drained after CLOSE_LINGER: aborted."""
+        if self.closed and self.transport is not None:
+            self.transport.abort()
+        else:
+            self.close()
 
 
 class TcpServer(asyncio.Protocol):
@@ -380,7 +392,7 @@ class TcpServer(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            self.transport.close()
+            flow.linger(self.client.listener.loop, self.transport)
 
 
 def _address(info: object) -> proxy_protocol.Address:

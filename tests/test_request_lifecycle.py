@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from lbproxy import flow
-from lbproxy.http_proxy import CLOSE_LINGER, HttpListener, HttpProxy
+from lbproxy.flow import CLOSE_LINGER
+from lbproxy.http_proxy import HttpListener, HttpProxy
 from lbproxy.runtime import TICK
 from tests.support import (
     LOCALHOST,

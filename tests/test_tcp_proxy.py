@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from lbproxy import flow
 from lbproxy.runtime import Runtime
 from lbproxy.tcp_proxy import TcpListener
 from tests.support import (
@@ -849,6 +850,38 @@ async def test_accept_proxy_on_http_sets_x_forwarded_for(tmp_path: Path, header:
 
 
 # -- limits ---------------------------------------------------------------------------------------
+
+
+async def test_closed_connections_stay_counted_until_gone_and_are_aborted_at_the_linger_deadline(
+    tmp_path: Path,
+) -> None:
+    """Idle-closed with bytes their clients never read: open, so counted, until aborted (issue #14, defect 4)."""
+    listener_yaml = "idle_timeout: 500ms\nmax_connections: 3"
+    async with (
+        serving(functools.partial(Firehose, 8 * 1024 * 1024)) as backend,
+        running(tcp_config(backend.address, listener=listener_yaml), tmp_path) as lb,
+    ):
+        port = port_of(lb, "tcp")
+        listener = tcp_listener(lb)
+        clients = []
+        for _ in range(3):
+            client = await Client.connect(port)
+            client.writer.transport.pause_reading()  # type: ignore[attr-defined]
+            clients.append(client)
+        try:
+            await eventually(
+                lambda: len(listener.connections) == 3 and all(c.closed for c in listener.connections),
+                5.0,
+                "idle closes",
+            )
+            assert len(listener.connections) == 3  # closed by lbproxy, still open: still counted
+            extra = await Client.connect(port)
+            await eventually(lambda: listener.rejected == 1, 2.0, "a fourth connection refused")
+            await extra.close()
+            await eventually(lambda: not listener.connections, flow.CLOSE_LINGER + 2.0, "the linger deadline")
+        finally:
+            for client in clients:
+                client.writer.transport.abort()  # type: ignore[attr-defined]
 
 
 async def test_idle_timeout_closes_a_silent_connection_and_spares_active_ones(tmp_path: Path) -> None:
