@@ -67,6 +67,7 @@ class ListenerTimeouts:
     request_header: float = 10.0  # first byte to end of headers: stops slowloris
     keepalive: float = 60.0  # idle client connection between requests
     request_body: float = 300.0  # deadline for a whole request body, however slowly it trickles
+    tunnel: float = 3600.0  # an upgraded connection (WebSocket) with no byte either way: closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +351,7 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "accept_proxy",
         "idle_timeout",
     ),
-    "listeners[].timeouts": ("request_header", "keepalive", "request_body"),
+    "listeners[].timeouts": ("request_header", "keepalive", "request_body", "tunnel"),
     "listeners[].limits": ("header_size", "header_count", "target_size", "max_body_size"),
     "listeners[].tls": ("cert", "key"),
     "pools.<name>": (
@@ -658,6 +659,7 @@ class _Reader:
             request_header=self.value(found, "request_header", key, _duration, default.request_header),
             keepalive=self.value(found, "keepalive", key, _duration, default.keepalive),
             request_body=self.value(found, "request_body", key, _duration, default.request_body),
+            tunnel=self.value(found, "tunnel", key, _duration, default.tunnel),
         )
 
     def listener_limits(self, entries: dict[str, Node], key: str) -> ListenerLimits:

@@ -36,7 +36,7 @@ IDLE: Final = 0  # keep-alive, between requests
 HEADER: Final = 1  # a request head is being received
 BODY: Final = 2  # a request body is being received
 RESPONSE: Final = 3  # waiting for the server
-NONE: Final = 4  # a tunnel: no deadline
+TUNNEL: Final = 4  # an upgraded connection: no byte either way for tunnel_timeout, and it is closed
 UNREAD: Final = 5  # the client leaves a response unread: its fault, never the server's
 CLOSING: Final = 6  # closed by lbproxy, its last bytes still going out: aborted at the deadline
 
@@ -85,6 +85,7 @@ class HttpListener:
         "header_timeout",
         "keepalive_timeout",
         "body_timeout",
+        "tunnel_timeout",
         "connect_timeout",
         "response_timeout",
         "max_header_size",
@@ -118,6 +119,7 @@ class HttpListener:
         "header_timeout",
         "keepalive_timeout",
         "body_timeout",
+        "tunnel_timeout",
         "connect_timeout",
         "response_timeout",
         "max_header_size",
@@ -144,6 +146,7 @@ class HttpListener:
         header_timeout: float = 10.0,
         keepalive_timeout: float = 60.0,
         body_timeout: float = 300.0,
+        tunnel_timeout: float = 3600.0,
         connect_timeout: float = 5.0,
         response_timeout: float = 60.0,
         max_header_size: int = 64 * 1024,
@@ -169,6 +172,7 @@ class HttpListener:
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
         self.body_timeout = body_timeout
+        self.tunnel_timeout = tunnel_timeout
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
         self.max_header_size = max_header_size
@@ -454,9 +458,16 @@ class HttpProxy(asyncio.Protocol):
     def eof_received(self) -> bool:
         # A client may half-close after its last request: answer it, then close.
         self.client_eof = True
-        if self.tunnel is not None:
-            self.tunnel.close()
-            return False
+        tunnel = self.tunnel
+        if tunnel is not None:
+            # A half-close is passed on: the server may still answer, until it is done too.
+            transport = tunnel.transport
+            if tunnel.eof or transport is None or not transport.can_write_eof():
+                tunnel.close()
+                return False
+            self.listener.outbox.flush()
+            transport.write_eof()
+            return True
         reading = self.reading
         if reading is not None:
             # The body still owed can never come: give up on the request now (HAProxy and nginx do)
@@ -500,6 +511,7 @@ class HttpProxy(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.send(data)
+            self.deadline = self.loop.time() + self.listener.tunnel_timeout
             return
         if self.closed or self.refusal is not None:
             return
@@ -1011,8 +1023,7 @@ class HttpProxy(asyncio.Protocol):
     def start_tunnel(self, upstream: UpstreamConnection) -> None:
         """The server switched protocols (101): from now on, bytes flow both ways untouched."""
         self.tunnel = upstream
-        self.deadline = 0.0
-        self.deadline_kind = NONE
+        self._arm(TUNNEL, self.listener.tunnel_timeout)
         if self.early:
             upstream.send_parts(self.early)
             self.early = []
@@ -1128,6 +1139,10 @@ class HttpProxy(asyncio.Protocol):
             self._close()
         elif kind in (CLOSING, UNREAD):
             self.cut()  # not reading: no goodbye can reach it, and the server is not to blame
+        elif kind == TUNNEL:
+            if self.tunnel is not None:
+                self.tunnel.close()
+            self._close()
         elif kind == HEADER:
             if self.got_bytes:
                 self._refuse(408, "request header timeout")
@@ -1204,6 +1219,7 @@ class UpstreamConnection(asyncio.Protocol):
         "served",
         "out",
         "busy",
+        "eof",
     )
 
     # httptools looks up every callback when it makes a parser, as it does once per response here:
@@ -1235,6 +1251,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.served = 0
         self.out: list[bytes] = []  # bytes for the client, gathered during one read, written at once
         self.busy = False  # the server is not reading what we write (pause_writing)
+        self.eof = False  # the server half-closed a tunnel
 
     def is_open(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
@@ -1310,6 +1327,19 @@ class UpstreamConnection(asyncio.Protocol):
         reason = "connection reset" if exc is not None else "connection closed"
         proxy._upstream_failed(exchange, self, reason, timeout=False)
 
+    def eof_received(self) -> bool:
+        proxy = self.proxy
+        if not self.tunnel or proxy is None:
+            return False  # outside a tunnel a server's FIN ends the connection: connection_lost decides
+        self.eof = True
+        transport = proxy.transport
+        if proxy.client_eof or transport is None or not transport.can_write_eof():
+            proxy._close()
+            return False
+        proxy.listener.outbox.flush()
+        transport.write_eof()  # the client may still send, until it is done too
+        return True
+
     def pause_writing(self) -> None:
         self.busy = True
         proxy = self.proxy
@@ -1328,6 +1358,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             if proxy is not None:
                 proxy.write(data)
+                proxy.deadline = proxy.loop.time() + self.listener.tunnel_timeout
             return
         exchange = self.exchange
         if proxy is None or exchange is None or self.complete:

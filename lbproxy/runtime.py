@@ -291,6 +291,7 @@ class Runtime:
             header_timeout=config.timeouts.request_header,
             keepalive_timeout=config.timeouts.keepalive,
             body_timeout=config.timeouts.request_body,
+            tunnel_timeout=config.timeouts.tunnel,
             connect_timeout=pool_config.timeouts.connect,
             response_timeout=pool_config.timeouts.response,
             max_header_size=config.limits.header_size,

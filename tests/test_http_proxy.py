@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -962,6 +963,65 @@ async def test_websocket_upgrade_becomes_a_tunnel(tmp_path: Path) -> None:
             assert ws.raw[0].endswith(b"\r\n\r\nEARLYping\x81\x05hello" + b"\x00" * 70_000)
         finally:
             await client.close()
+        await eventually(lambda: ws.transports[0].is_closing(), 2.0, "the tunnel closed at the server")
+
+
+class UpgradeThenReplyOnEof(UpgradeEchoConnection):
+    """After the 101, keeps what it is sent; at the client's half-close, answers with it reversed, then closes."""
+
+    def received(self, data: bytes) -> None:
+        if self.upgraded:
+            self.buffer += data
+            return
+        super().received(data)
+
+    def eof_received(self) -> bool:
+        assert self.transport is not None
+        self.transport.write(bytes(reversed(self.buffer)))
+        self.transport.close()
+        return True
+
+
+WEBSOCKET = (
+    b"GET /chat HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_tunnel_half_close_lets_the_server_answer(tmp_path: Path) -> None:
+    """The client's FIN reaches the server, whose answer still reaches the client (issue #14)."""
+    async with (
+        RawServer("ws", UpgradeThenReplyOnEof) as ws,
+        running(farm(ws), tmp_path) as lb,
+        await Client.connect(port_of(lb)) as client,
+    ):
+        await client.send(WEBSOCKET)
+        assert (await read_head(client)).startswith(b"HTTP/1.1 101 ")
+        await client.send(b"hello")
+        client.writer.write_eof()
+        async with asyncio.timeout(5):
+            assert await client.reader.read() == b"olleh"  # then the end: the server closed
+
+
+async def test_silent_tunnel_is_closed_after_the_tunnel_timeout(tmp_path: Path) -> None:
+    async with (
+        RawServer("ws", UpgradeEchoConnection) as ws,
+        running(farm(ws, listener="timeouts:\n  tunnel: 500ms"), tmp_path) as lb,
+        await Client.connect(port_of(lb)) as client,
+    ):
+        await client.send(WEBSOCKET)
+        assert (await read_head(client)).startswith(b"HTTP/1.1 101 ")
+        started = time.monotonic()
+        for _ in range(6):  # traffic every 200 ms, for longer than the timeout: it stays open
+            await client.send(b"ping")
+            async with asyncio.timeout(5):
+                assert await client.reader.readexactly(4) == b"ping"
+            await asyncio.sleep(0.2)
+        assert time.monotonic() - started > 1.0
+        silent = time.monotonic()
+        async with asyncio.timeout(5):
+            assert await client.reader.read() == b""
+        assert 0.5 - 0.05 <= time.monotonic() - silent <= 0.5 + 0.25 + 0.5
         await eventually(lambda: ws.transports[0].is_closing(), 2.0, "the tunnel closed at the server")
 
 
