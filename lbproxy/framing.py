@@ -99,12 +99,13 @@ class ResponseHead:
     read the version and every Connection field already.
     """
 
-    __slots__ = ("head", "content_length", "chunked", "pin")
+    __slots__ = ("head", "content_length", "chunked", "codings", "pin")
 
     def __init__(self, head: bytes, upgrade: bool) -> None:
         """`head` runs from the status line to the CRLF of the last field (no blank line)."""
         content_length: int | None = None
         chunked = False
+        codings: list[bytes] = []  # every transfer coding, in order (RFC 9112 §6.1)
         pin = False
         lower = head.lower()
         found = _RESPONSE_FIELD.findall(lower)  # e.g. [(b"content-length", b" 12"), (b"connection", b" close")]
@@ -132,8 +133,9 @@ class ResponseHead:
                         tokens = connection_tokens([value]) - NOT_NAMEABLE
                         named = tokens if named is None else named | tokens
                 elif name == b"transfer-encoding":
-                    # the last coding of the last line decides (RFC 9112 §6.3); llhttp checked the rest
-                    chunked = value.rsplit(b",", 1)[-1].strip(b" \t") == b"chunked"
+                    # the last coding decides (RFC 9112 §6.3); llhttp checked the rest
+                    codings += filter(None, (coding.strip(b" \t") for coding in value.split(b",")))
+                    chunked = codings[-1:] == [b"chunked"]
             if kept:
                 kept.append(head[start:])
                 head = b"".join(kept)
@@ -146,6 +148,8 @@ class ResponseHead:
         self.head = head
         self.content_length = content_length
         self.chunked = chunked
+        # codings applied before chunked (gzip...) are rare, and kept: lbproxy re-chunks, never decodes
+        self.codings = b", ".join(codings[:-1]) if chunked else b""
         self.pin = pin
 
 

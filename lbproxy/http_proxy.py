@@ -1494,7 +1494,12 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.answered = True
         if not keep_client:
             exchange.keep_alive = False
-        self.out += (head.head, _HEAD_ENDS[self.chunked_out, keep_client, exchange.client_11])
+        if head.codings and self.chunked_out:
+            # RFC 9112 §6.1: the codings before chunked go on as they came; lbproxy only re-chunks
+            self.out += (head.head, b"Transfer-Encoding: ", head.codings, b", chunked\r\n")
+            self.out.append(_HEAD_ENDS[False, keep_client, exchange.client_11])
+        else:
+            self.out += (head.head, _HEAD_ENDS[self.chunked_out, keep_client, exchange.client_11])
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange

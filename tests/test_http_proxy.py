@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gzip
 import socket
 import time
 from collections.abc import Callable
@@ -652,6 +653,25 @@ async def test_chunked_response_to_an_http11_client(tmp_path: Path) -> None:
                 assert [v for k, v in response.headers if k.lower() == b"transfer-encoding"] == [b"chunked"]
                 assert response.header(b"content-length") is None
         assert a.accepted == 1
+
+
+async def test_transfer_codings_before_chunked_reach_the_client(tmp_path: Path) -> None:
+    """`Transfer-Encoding: gzip, chunked` keeps its gzip: lbproxy re-chunks, it never decodes (issue #14)."""
+    payload = gzip.compress(b"hello, compressed world\n" * 50)
+
+    def respond(request: Request, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+        transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+
+    async with (
+        Backend("a", respond) as a,
+        running(farm(a), tmp_path) as lb,
+        await Client.connect(port_of(lb)) as client,
+    ):
+        await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        response = await client.response()
+    assert response.header(b"Transfer-Encoding") == b"gzip, chunked"
+    assert gzip.decompress(response.body) == b"hello, compressed world\n" * 50
 
 
 @pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
