@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# One process per demo back-end (their PIDs printed), lbproxy in front, and three things to try
 run: $(STAMP)
 	$(BIN)/lbproxy demo -c config/demo.yaml
 
@@ -41,7 +42,7 @@ clean:
 
 # Benchmarks (issue #6): `make bench` (QUICK=1 for a short smoke run) writes benchmarks/results/DATE.*;
 # `make profile` records lbproxy under py-spy. Neither is part of `make test`.
-.PHONY: bench profile
+.PHONY: bench profile soak
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): pyproject.toml | $(BIN)/python
@@ -55,3 +56,8 @@ bench: $(BENCH_STAMP)
 profile: $(BENCH_STAMP)
 	@bash benchmarks/system-deps
 	$(BIN)/python benchmarks/profile.py
+
+# The churn soak (issue #13): `make soak` runs 10 minutes (QUICK=1: 60 s) of load through lbproxy while
+# back-ends are killed, frozen, drained and the config reloaded; writes benchmarks/results/soak-DATE.md.
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py $(if $(filter 1 yes true,$(QUICK)),--quick)

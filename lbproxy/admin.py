@@ -2,23 +2,35 @@
 
 An aiohttp application beside the proxy, on `admin.bind`. It reads the runtime objects (pools,
 servers, their counters) and commands them through the runtime's methods (`drain`, `disable`,
-`enable`); it never reaches into a protocol. Write calls need `Authorization: Bearer <admin.token>`
-when a token is set; with no token they are allowed only when the admin server listens on a loopback
-address. Every error is JSON: `{"error": "..."}` with 400, 401, 403 or 404.
+`enable`); it never reaches into a protocol. Every error is JSON: `{"error": "..."}` with 400, 401,
+403 or 404.
+
+Writes (the POSTs) must carry a proof that a web page cannot forge, since a browser on the admin's
+host (or at the end of an `ssh -L`) reaches a loopback port as well as `lbproxy ctl` does
+(`write_refusal` has the rules): `Authorization: Bearer <admin.token>` when a token is set; without
+one, only on a loopback bind, the header `X-Lbproxy-Admin` (a page of another origin cannot send it
+without a CORS preflight, which lbproxy never grants) and a Host that is a loopback name (a page that
+rebinds its own DNS name to 127.0.0.1 sends that name). A browser request from another origin is
+refused in any case.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import hmac
 import importlib.resources
 import ipaddress
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from lbproxy.pool import WEIGHT_SCALE, Pool, Server
 
@@ -47,16 +59,42 @@ class Runtime(Protocol):
     async def refresh(self) -> None: ...
 
 
+class Registry(Protocol):
+    """What the admin side needs of the metrics registry (lbproxy.metrics.Registry)."""
+
+    def register(self, collector: Collector) -> None: ...
+
+    def unregister(self, collector: Collector) -> None: ...
+
+    def snapshot(self) -> CollectorRegistry: ...
+
+
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
-REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+ENCODER: web.AppKey[concurrent.futures.Executor] = web.AppKey("encoder")
 ACTIONS = ("drain", "disable", "enable")
+ADMIN_HEADER = "X-Lbproxy-Admin"  # any value; `lbproxy ctl` sends 1
 
 
-def make_app(runtime: Runtime, registry: CollectorRegistry, token: str | None, loopback: bool) -> web.Application:
-    """The admin application; `loopback` says whether it listens on a loopback address only."""
+def make_app(runtime: Runtime, registry: Registry, token: str | None, loopback: bool) -> web.Application:
+    """The admin application; `loopback` says whether it listens on a loopback address only.
+
+    It adds `lbproxy_admin_refused_writes_total` to `registry` for as long as it runs.
+    """
     app = web.Application(middlewares=[_json_errors])
     app[RUNTIME] = runtime
     app[REGISTRY] = registry
+    # One thread encodes /metrics, one scrape after the other: scrapes never crowd the default
+    # executor, where asyncio resolves names (probes, upstream connects).
+    app[ENCODER] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lbproxy-metrics")
+    refusals = Refusals()
+    registry.register(refusals)
+
+    async def cleanup(app: web.Application) -> None:
+        registry.unregister(refusals)
+        app[ENCODER].shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(cleanup)
     app.router.add_get("/", status_page)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -65,16 +103,18 @@ def make_app(runtime: Runtime, registry: CollectorRegistry, token: str | None, l
     app.router.add_get("/api/v1/listeners", listeners)
     app.router.add_get("/api/v1/pools", pools)
     app.router.add_get("/api/v1/pools/{pool}", pool)
-    app.router.add_post("/api/v1/pools/{pool}/servers/{server}/{action}", _guarded(action, token, loopback))
-    app.router.add_post("/api/v1/reload", _guarded(reload, token, loopback))
+    guarded = functools.partial(_guarded, token=token, loopback=loopback, refusals=refusals)
+    app.router.add_post("/api/v1/pools/{pool}/servers/{server}/{action}", guarded(action))
+    app.router.add_post("/api/v1/reload", guarded(reload))
     return app
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host`, an address or a name, is the loopback interface: `localhost` is the only name."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host == "localhost"
+        return host.lower() == "localhost"
 
 
 @web.middleware
@@ -93,28 +133,110 @@ def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
     return status(text=message, content_type="text/plain")
 
 
+class Refusal(NamedTuple):
+    status: int  # 401 or 403
+    reason: str  # the label of lbproxy_admin_refused_writes_total: one of REFUSALS
+    message: str
+
+
+REFUSALS = ("cross_origin", "host", "header", "token", "off_loopback")
+
+
+def write_refusal(headers: Mapping[str, str], token: str | None, loopback: bool) -> Refusal | None:
+    """Why a write with these request headers is refused, or None when it may go ahead.
+
+    A browser is the one client that can be made to send requests on someone else's behalf, and it
+    says where a request comes from: a write from another origin is refused whatever it carries
+    (Sec-Fetch-Site, else an Origin that is not the Host; a client that sends neither is no browser,
+    or a browser on the same origin). Then the proof that the caller is not a page: the bearer token
+    when `admin.token` is set (the Host is then free: DNS names, floating IPs, a reverse proxy).
+    Without a token, writes are allowed on a loopback bind only, with the header ADMIN_HEADER, which
+    no page of another origin can send (it makes the browser ask first, with a CORS preflight that
+    lbproxy never grants), and with a Host that is a loopback address or `localhost`: a page that
+    rebinds its own name to 127.0.0.1 is same-origin to itself, and sends that name. The Host's port
+    is not checked: through `ssh -L 19090:127.0.0.1:9090` the caller's port is not the bind's.
+    """
+    host = headers.get("Host", "")
+    fetch_site = headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site.lower() not in ("same-origin", "none"):
+        return Refusal(403, "cross_origin", f"cross-origin write refused (Sec-Fetch-Site: {fetch_site})")
+    origin = headers.get("Origin")
+    if origin is not None and urllib.parse.urlsplit(origin).netloc.lower() != host.lower():
+        return Refusal(403, "cross_origin", f"cross-origin write refused: Origin {origin} is not this admin server")
+    if token is not None:
+        given = headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            return Refusal(401, "token", "missing or wrong bearer token")
+        return None
+    if not loopback:
+        return Refusal(403, "off_loopback", "writes are refused: set admin.token to allow them off loopback")
+    if not is_loopback(_host_name(host)):
+        return Refusal(
+            403, "host", f"Host {host or '(none)'} is not a loopback name: use 127.0.0.1, [::1] or localhost"
+        )
+    if not headers.get(ADMIN_HEADER):
+        return Refusal(403, "header", f"writes need the header {ADMIN_HEADER}: 1 (lbproxy ctl sends it)")
+    return None
+
+
+def _host_name(host: str) -> str:
+    """The name or address of a Host header: `[::1]:9090` -> `::1`, `localhost:9090` -> `localhost`."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.partition(":")[0]
+
+
+class Refusals(Collector):
+    """Writes refused, by reason (REFUSALS): counted on the event loop, copied there for a scrape."""
+
+    def __init__(self, counts: Mapping[str, int] | None = None) -> None:
+        self.counts = dict.fromkeys(REFUSALS, 0) | dict(counts or {})
+
+    def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "lbproxy_admin_refused_writes",
+            "Admin API writes refused, by reason: cross_origin, host (not a loopback name), header (no"
+            " X-Lbproxy-Admin), token (missing or wrong), off_loopback (no admin.token).",
+            labels=["reason"],
+        )
+        for reason, count in self.counts.items():
+            refused.add_metric([reason], count)
+        yield refused
+
+    def snapshot(self) -> Refusals:
+        return Refusals(self.counts)
+
+
+_REFUSED = {401: web.HTTPUnauthorized, 403: web.HTTPForbidden}
+
+
 def _guarded(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]], token: str | None, loopback: bool
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    token: str | None,
+    loopback: bool,
+    refusals: Refusals,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def checked(request: web.Request) -> web.StreamResponse:
-        if token is None:
-            if not loopback:
-                raise _error(web.HTTPForbidden, "writes are refused: set admin.token to allow them off loopback")
-        else:
-            given = request.headers.get("Authorization", "")
-            scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-                raise _error(web.HTTPUnauthorized, "missing or wrong bearer token")
+        refusal = write_refusal(request.headers, token, loopback)
+        if refusal is not None:
+            refusals.counts[refusal.reason] += 1
+            raise _error(_REFUSED[refusal.status], refusal.message)
         return await handler(request)
 
     return checked
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition, or OpenMetrics when the scraper asks for it."""
+    """Prometheus text exposition, or OpenMetrics when the scraper asks for it.
+
+    The counters are read on the loop, at once; the exposition is built and encoded in the ENCODER
+    thread (tens of milliseconds for hundreds of servers), while the loop serves traffic.
+    """
     await request.app[RUNTIME].refresh()
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(request.app[REGISTRY])
+    snapshot = request.app[REGISTRY].snapshot()
+    body = await asyncio.get_running_loop().run_in_executor(request.app[ENCODER], encoder, snapshot)
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
@@ -152,6 +274,8 @@ def _operation(summary: str, *errors: int, body: str = "object") -> dict[str, An
 
 
 _NAME = {"in": "path", "required": True, "schema": {"type": "string"}}
+# Either proof will do: the token when admin.token is set; else the header, on a loopback bind only.
+WRITE_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"adminHeader": []}]
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "lbproxy admin API", "version": "1"},
@@ -172,18 +296,26 @@ OPENAPI: dict[str, Any] = {
             ],
             "post": {
                 **_operation("drain, disable or enable a server; answers its new state", 400, 401, 403, 404),
-                "security": [{"bearer": []}],
+                "security": WRITE_SECURITY,
             },
         },
         "/api/v1/reload": {
             "post": {
                 **_operation("re-read the config file; 400 with the problems when it is refused", 400, 401, 403),
-                "security": [{"bearer": []}],
+                "security": WRITE_SECURITY,
             }
         },
     },
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "admin.token, when it is set"},
+            "adminHeader": {
+                "type": "apiKey",
+                "in": "header",
+                "name": ADMIN_HEADER,
+                "description": "any value, e.g. 1: without admin.token, on a loopback bind, with a loopback Host",
+            },
+        },
         "responses": {
             f"E{status}": {
                 "description": text,
@@ -196,7 +328,7 @@ OPENAPI: dict[str, Any] = {
             for status, text in (
                 (400, "bad request"),
                 (401, "missing or wrong bearer token"),
-                (403, "writes refused: no token on a non-loopback bind"),
+                (403, "write refused: from another origin, no admin.token off loopback, foreign Host, no header"),
                 (404, "unknown pool or server"),
                 (503, "not ready"),
             )

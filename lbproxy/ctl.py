@@ -2,6 +2,8 @@
 
 Standard library only (urllib), so that it starts fast and runs wherever lbproxy is installed. Exit
 codes: 0 done, 1 the API refused (the message says why), 2 the admin server could not be reached.
+Every call carries `X-Lbproxy-Admin: 1`, which the API wants of writes without a token (a web page of
+another origin cannot send it; see lbproxy.admin), and the bearer token when there is one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 DEFAULT_ADMIN = "http://127.0.0.1:9090"  # admin.bind of the example config
 ADMIN_VARIABLE = "LBPROXY_ADMIN"  # overrides DEFAULT_ADMIN
 TOKEN_VARIABLE = "LBPROXY_ADMIN_TOKEN"  # the default --token
+ADMIN_HEADER = "X-Lbproxy-Admin"  # lbproxy.admin.ADMIN_HEADER (not imported: ctl loads no aiohttp)
 
 
 def run(admin: str, token: str | None, action: str, pool: str | None, server: str | None) -> int:
@@ -57,7 +60,7 @@ def _quote(part: str) -> str:
 
 
 def _call(base: str, method: str, path: str, token: str | None) -> Any:
-    request = urllib.request.Request(base + path, method=method)
+    request = urllib.request.Request(base + path, method=method, headers={ADMIN_HEADER: "1"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:

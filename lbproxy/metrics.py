@@ -3,12 +3,20 @@
 Nothing on the hot path calls prometheus-client: servers, pools and listeners count in plain
 attributes, and this module's `Collector` turns them into metric families when Prometheus scrapes
 `/metrics`. Names and labels are a contract (issue #5); more may be added, never renamed.
+
+A scrape is read on the event loop and encoded off it. Formatting the exposition of a few hundred
+servers takes tens of milliseconds of pure Python, which would stall every connection on the loop
+(issue #14: 88 ms for 400 servers); but the live objects belong to the loop, which changes them (and
+a reload replaces them) at any time. So `Registry.snapshot()`, on the loop, copies every figure the
+metrics need into plain tuples (`Reading`, about 1 ms for 400 servers), and the metric families are
+built from that copy and encoded in a thread: nothing outside the loop ever touches a live object.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -53,176 +61,367 @@ class Source(Protocol):
     def last_reload_ok(self) -> bool: ...
 
 
+class ServerReading(NamedTuple):
+    """One server's figures, copied on the loop."""
+
+    pool: str
+    name: str
+    up: bool
+    admin: AdminState
+    inflight: int
+    requests: int
+    responses: tuple[int, ...]  # by status class, 1xx to 5xx
+    connect_failures: int
+    failures: int
+    sent_bytes: int
+    received_bytes: int
+    checks_success: int
+    checks_failure: int
+    check_duration: float
+    transitions_up: int
+    transitions_down: int
+    transition_time: float
+    weight: float  # live, in units of the configured ratio
+
+
+class PoolReading(NamedTuple):
+    name: str
+    tier: Tier
+    servers_up: int
+    failovers: int
+    retries: int
+    depool_refusals: int
+
+
+class ListenerReading(NamedTuple):
+    name: str
+    mode: str
+    active_connections: int
+    connections_total: int
+    rejected: int
+    requests: int
+    responses: tuple[int, ...]  # by status class, 1xx to 5xx
+    errors: tuple[tuple[int, int], ...]  # (status, count), by status
+    durations: tuple[int, ...]  # per bucket of DURATION_BOUNDS, then +Inf; not cumulative
+    duration_sum: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """Every figure lbproxy's metrics show, copied from the live objects at one moment of the loop."""
+
+    servers: list[ServerReading]
+    pools: list[PoolReading]
+    listeners: list[ListenerReading]
+    reloads: dict[str, int]
+    last_reload_ok: bool
+    worker_requests: dict[str, int] | None  # with --workers: the supervisor's view
+    worker_restarts: int
+
+
+def read(source: Source) -> Reading:
+    """Copy what the metrics need from the live objects. On the event loop only: it owns them."""
+    servers = [
+        ServerReading(
+            pool.name,
+            server.name,
+            server.up,
+            server.admin,
+            server.inflight,
+            server.requests,
+            tuple(server.responses[1:6]),
+            server.connect_failures,
+            server.failures,
+            server.sent_bytes,
+            server.received_bytes,
+            server.checks[1],
+            server.checks[0],
+            server.check_duration,
+            server.transitions["up"],
+            server.transitions["down"],
+            server.transition_time,
+            server.weight / server.full_weight * server.ratio,
+        )
+        for pool in source.pools.values()
+        for server in pool.servers
+    ]
+    pools = [
+        PoolReading(
+            pool.name,
+            pool.tier,
+            sum(1 for server in pool.servers if server.up),
+            pool.failovers,
+            pool.retried,
+            pool.depool_refusals,
+        )
+        for pool in source.pools.values()
+    ]
+    listeners = [
+        ListenerReading(
+            listener.name,
+            listener.mode,
+            listener.active_connections,
+            listener.connections_total,
+            listener.rejected,
+            listener.requests,
+            tuple(listener.responses[1:6]),
+            tuple(sorted(listener.errors.items())),
+            tuple(listener.durations),
+            listener.duration_sum,
+        )
+        if listener.mode == "http"
+        else ListenerReading(
+            listener.name,
+            listener.mode,
+            listener.active_connections,
+            listener.connections_total,
+            listener.rejected,
+            0,
+            (),
+            (),
+            (),
+            0.0,
+        )
+        for listener in source.listeners.values()
+    ]
+    workers: Mapping[str, int] | None = getattr(source, "worker_requests", None)
+    return Reading(
+        servers,
+        pools,
+        listeners,
+        {result: source.reloads.get(result, 0) for result in ("success", "failure")},
+        source.last_reload_ok,
+        dict(workers) if workers is not None else None,
+        getattr(source, "worker_restarts", 0),
+    )
+
+
+def families(reading: Reading) -> Iterator[Metric]:
+    """Every lbproxy metric family, built from a `Reading`: plain code, safe in any thread."""
+    yield from _servers(reading.servers)
+    yield from _pools(reading.pools)
+    yield from _listeners(reading.listeners)
+    reloads = CounterMetricFamily("lbproxy_config_reloads", "Config reloads, by result.", labels=["result"])
+    for result in ("success", "failure"):
+        reloads.add_metric([result], reading.reloads[result])
+    yield reloads
+    last = GaugeMetricFamily(
+        "lbproxy_config_last_reload_successful",
+        "1 when the last reload was applied (or none was tried), 0 when it was refused.",
+    )
+    last.add_metric([], 1 if reading.last_reload_ok else 0)
+    yield last
+    if reading.worker_requests is not None:
+        per_worker = CounterMetricFamily(
+            "lbproxy_worker_requests", "Requests each worker process received.", labels=["worker"]
+        )
+        for worker, count in reading.worker_requests.items():
+            per_worker.add_metric([worker], count)
+        restarts = CounterMetricFamily("lbproxy_worker_restarts", "Worker processes restarted after dying.")
+        restarts.add_metric([], reading.worker_restarts)
+        yield from (per_worker, restarts)
+
+
+def _servers(servers: list[ServerReading]) -> Iterator[Metric]:
+    labels = ["pool", "server"]
+    up = GaugeMetricFamily("lbproxy_server_up", "1 when the server's health state is up.", labels=labels)
+    admin = GaugeMetricFamily(
+        "lbproxy_server_admin_state", "1 for the server's current admin state.", labels=[*labels, "state"]
+    )
+    active = GaugeMetricFamily(
+        "lbproxy_server_active_connections", "Requests (http) or connections (tcp) in flight.", labels=labels
+    )
+    connections = CounterMetricFamily(
+        "lbproxy_server_connections", "Requests (http) or connections (tcp) sent to the server.", labels=labels
+    )
+    responses = CounterMetricFamily(
+        "lbproxy_server_responses", "Responses from the server, by status class.", labels=[*labels, "code"]
+    )
+    connect_failures = CounterMetricFamily(
+        "lbproxy_server_connect_failures", "Connections to the server that could not be opened.", labels=labels
+    )
+    failures = CounterMetricFamily(
+        "lbproxy_server_failures", "Resets, timeouts and invalid responses on open connections.", labels=labels
+    )
+    sent = CounterMetricFamily("lbproxy_server_sent_bytes", "Bytes lbproxy sent to the server.", labels=labels)
+    received = CounterMetricFamily(
+        "lbproxy_server_received_bytes", "Bytes lbproxy received from the server.", labels=labels
+    )
+    checks = CounterMetricFamily(
+        "lbproxy_server_health_checks", "Health probes, by result.", labels=[*labels, "result"]
+    )
+    duration = GaugeMetricFamily(
+        "lbproxy_server_health_check_duration_seconds", "How long the last health probe took.", labels=labels
+    )
+    transitions = CounterMetricFamily(
+        "lbproxy_server_transitions", "Health state changes, by the state changed to.", labels=[*labels, "to"]
+    )
+    last = GaugeMetricFamily(
+        "lbproxy_server_last_transition_timestamp_seconds",
+        "When the server last changed health state (Unix time; 0 never).",
+        labels=labels,
+    )
+    weight = GaugeMetricFamily(
+        "lbproxy_server_weight", "The live weight, in units of the configured ratio.", labels=labels
+    )
+    for server in servers:
+        names = [server.pool, server.name]
+        up.add_metric(names, 1 if server.up else 0)
+        for state in AdminState:
+            admin.add_metric([*names, state.value], 1 if server.admin is state else 0)
+        active.add_metric(names, server.inflight)
+        connections.add_metric(names, server.requests)
+        for code, count in zip(CLASSES, server.responses, strict=True):
+            responses.add_metric([*names, code], count)
+        connect_failures.add_metric(names, server.connect_failures)
+        failures.add_metric(names, server.failures)
+        sent.add_metric(names, server.sent_bytes)
+        received.add_metric(names, server.received_bytes)
+        checks.add_metric([*names, "success"], server.checks_success)
+        checks.add_metric([*names, "failure"], server.checks_failure)
+        duration.add_metric(names, server.check_duration)
+        transitions.add_metric([*names, "up"], server.transitions_up)
+        transitions.add_metric([*names, "down"], server.transitions_down)
+        last.add_metric(names, server.transition_time)
+        weight.add_metric(names, server.weight)
+    yield from (up, admin, active, connections, responses, connect_failures, failures, sent, received)
+    yield from (checks, duration, transitions, last, weight)
+
+
+def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
+    servers_up = GaugeMetricFamily("lbproxy_pool_servers_up", "Servers of the pool that are up.", labels=["pool"])
+    failovers = CounterMetricFamily(
+        "lbproxy_pool_failovers",
+        "Times the pool's new requests moved to a backup tier: its backup servers or its backup pool.",
+        labels=["pool"],
+    )
+    retries = CounterMetricFamily(
+        "lbproxy_pool_retries", "Requests sent again to another server of the pool.", labels=["pool"]
+    )
+    refusals = CounterMetricFamily(
+        "lbproxy_pool_depool_refusals",
+        "Servers the depool guard kept in rotation although their probes failed.",
+        labels=["pool"],
+    )
+    tiers = GaugeMetricFamily(
+        "lbproxy_pool_tier",
+        "Where the pool's new requests go: 1 for the tier in use (primaries, primaries+backups, backups,"
+        " backup_pool, none: 503 or the maintenance page).",
+        labels=["pool", "tier"],
+    )
+    for pool in pools:
+        for tier in Tier:
+            tiers.add_metric([pool.name, tier.value], 1 if pool.tier is tier else 0)
+        servers_up.add_metric([pool.name], pool.servers_up)
+        failovers.add_metric([pool.name], pool.failovers)
+        retries.add_metric([pool.name], pool.retries)
+        refusals.add_metric([pool.name], pool.depool_refusals)
+    yield from (servers_up, tiers, failovers, retries, refusals)
+
+
+def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
+    labels = ["listener"]
+    active = GaugeMetricFamily("lbproxy_listener_active_connections", "Client connections open.", labels=labels)
+    accepted = CounterMetricFamily("lbproxy_listener_connections", "Client connections accepted.", labels=labels)
+    rejected = CounterMetricFamily(
+        "lbproxy_listener_rejected_connections", "Client connections refused over max_connections.", labels=labels
+    )
+    requests = CounterMetricFamily("lbproxy_listener_requests", "Requests received.", labels=labels)
+    responses = CounterMetricFamily(
+        "lbproxy_listener_responses", "Responses sent, by status class.", labels=[*labels, "code"]
+    )
+    errors = CounterMetricFamily(
+        "lbproxy_listener_errors", "Responses lbproxy generated itself, by status.", labels=[*labels, "status"]
+    )
+    duration = HistogramMetricFamily(
+        "lbproxy_listener_request_duration_seconds",
+        "From a request's head to the end of its response.",
+        labels=labels,
+    )
+    for listener in listeners:
+        name = [listener.name]
+        active.add_metric(name, listener.active_connections)
+        accepted.add_metric(name, listener.connections_total)
+        rejected.add_metric(name, listener.rejected)
+        if listener.mode != "http":
+            continue  # tcp: connections are the unit, no requests
+        requests.add_metric(name, listener.requests)
+        for code, count in zip(CLASSES, listener.responses, strict=True):
+            responses.add_metric([*name, code], count)
+        for status, count in listener.errors:
+            errors.add_metric([*name, str(status)], count)
+        cumulative = 0
+        buckets = []
+        for bound, count in zip((*DURATION_BOUNDS, float("inf")), listener.durations, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        duration.add_metric(name, buckets, listener.duration_sum)
+    yield from (active, accepted, rejected, requests, responses, errors, duration)
+
+
 class Collector(CollectorBase):
-    """Builds every lbproxy metric family from the runtime's objects, once per scrape."""
+    """lbproxy's metric families, read from the runtime's live objects.
+
+    `collect()` reads and builds at once (for a caller on the loop); `snapshot()` reads now, on the
+    loop, and returns a collector that builds the families from that copy wherever it runs.
+    """
 
     def __init__(self, source: Source) -> None:
         self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._servers()
-        yield from self._pools()
-        yield from self._listeners()
-        reloads = CounterMetricFamily("lbproxy_config_reloads", "Config reloads, by result.", labels=["result"])
-        for result in ("success", "failure"):
-            reloads.add_metric([result], self.source.reloads.get(result, 0))
-        yield reloads
-        last = GaugeMetricFamily(
-            "lbproxy_config_last_reload_successful",
-            "1 when the last reload was applied (or none was tried), 0 when it was refused.",
-        )
-        last.add_metric([], 1 if self.source.last_reload_ok else 0)
-        yield last
-        workers: Mapping[str, int] | None = getattr(self.source, "worker_requests", None)
-        if workers is not None:  # with --workers: the supervisor's view
-            per_worker = CounterMetricFamily(
-                "lbproxy_worker_requests", "Requests each worker process received.", labels=["worker"]
-            )
-            for worker, count in workers.items():
-                per_worker.add_metric([worker], count)
-            restarts = CounterMetricFamily("lbproxy_worker_restarts", "Worker processes restarted after dying.")
-            restarts.add_metric([], getattr(self.source, "worker_restarts", 0))
-            yield from (per_worker, restarts)
+        return families(read(self.source))
 
-    def _servers(self) -> Iterator[Metric]:
-        labels = ["pool", "server"]
-        up = GaugeMetricFamily("lbproxy_server_up", "1 when the server's health state is up.", labels=labels)
-        admin = GaugeMetricFamily(
-            "lbproxy_server_admin_state", "1 for the server's current admin state.", labels=[*labels, "state"]
-        )
-        active = GaugeMetricFamily(
-            "lbproxy_server_active_connections", "Requests (http) or connections (tcp) in flight.", labels=labels
-        )
-        connections = CounterMetricFamily(
-            "lbproxy_server_connections", "Requests (http) or connections (tcp) sent to the server.", labels=labels
-        )
-        responses = CounterMetricFamily(
-            "lbproxy_server_responses", "Responses from the server, by status class.", labels=[*labels, "code"]
-        )
-        connect_failures = CounterMetricFamily(
-            "lbproxy_server_connect_failures", "Connections to the server that could not be opened.", labels=labels
-        )
-        failures = CounterMetricFamily(
-            "lbproxy_server_failures", "Resets, timeouts and invalid responses on open connections.", labels=labels
-        )
-        sent = CounterMetricFamily("lbproxy_server_sent_bytes", "Bytes lbproxy sent to the server.", labels=labels)
-        received = CounterMetricFamily(
-            "lbproxy_server_received_bytes", "Bytes lbproxy received from the server.", labels=labels
-        )
-        checks = CounterMetricFamily(
-            "lbproxy_server_health_checks", "Health probes, by result.", labels=[*labels, "result"]
-        )
-        duration = GaugeMetricFamily(
-            "lbproxy_server_health_check_duration_seconds", "How long the last health probe took.", labels=labels
-        )
-        transitions = CounterMetricFamily(
-            "lbproxy_server_transitions", "Health state changes, by the state changed to.", labels=[*labels, "to"]
-        )
-        last = GaugeMetricFamily(
-            "lbproxy_server_last_transition_timestamp_seconds",
-            "When the server last changed health state (Unix time; 0 never).",
-            labels=labels,
-        )
-        weight = GaugeMetricFamily(
-            "lbproxy_server_weight", "The live weight, in units of the configured ratio.", labels=labels
-        )
-        for pool in self.source.pools.values():
-            for server in pool.servers:
-                names = [pool.name, server.name]
-                up.add_metric(names, 1 if server.up else 0)
-                for state in AdminState:
-                    admin.add_metric([*names, state.value], 1 if server.admin is state else 0)
-                active.add_metric(names, server.inflight)
-                connections.add_metric(names, server.requests)
-                for index, code in enumerate(CLASSES, start=1):
-                    responses.add_metric([*names, code], server.responses[index])
-                connect_failures.add_metric(names, server.connect_failures)
-                failures.add_metric(names, server.failures)
-                sent.add_metric(names, server.sent_bytes)
-                received.add_metric(names, server.received_bytes)
-                checks.add_metric([*names, "success"], server.checks[1])
-                checks.add_metric([*names, "failure"], server.checks[0])
-                duration.add_metric(names, server.check_duration)
-                transitions.add_metric([*names, "up"], server.transitions["up"])
-                transitions.add_metric([*names, "down"], server.transitions["down"])
-                last.add_metric(names, server.transition_time)
-                weight.add_metric(names, server.weight / server.full_weight * server.ratio)
-        yield from (up, admin, active, connections, responses, connect_failures, failures, sent, received)
-        yield from (checks, duration, transitions, last, weight)
-
-    def _pools(self) -> Iterator[Metric]:
-        servers_up = GaugeMetricFamily("lbproxy_pool_servers_up", "Servers of the pool that are up.", labels=["pool"])
-        failovers = CounterMetricFamily(
-            "lbproxy_pool_failovers",
-            "Times the pool's new requests moved to a backup tier: its backup servers or its backup pool.",
-            labels=["pool"],
-        )
-        retries = CounterMetricFamily(
-            "lbproxy_pool_retries", "Requests sent again to another server of the pool.", labels=["pool"]
-        )
-        refusals = CounterMetricFamily(
-            "lbproxy_pool_depool_refusals",
-            "Servers the depool guard kept in rotation although their probes failed.",
-            labels=["pool"],
-        )
-        tiers = GaugeMetricFamily(
-            "lbproxy_pool_tier",
-            "Where the pool's new requests go: 1 for the tier in use (primaries, primaries+backups, backups,"
-            " backup_pool, none: 503 or the maintenance page).",
-            labels=["pool", "tier"],
-        )
-        for pool in self.source.pools.values():
-            for tier in Tier:
-                tiers.add_metric([pool.name, tier.value], 1 if pool.tier is tier else 0)
-            servers_up.add_metric([pool.name], sum(1 for server in pool.servers if server.up))
-            failovers.add_metric([pool.name], pool.failovers)
-            retries.add_metric([pool.name], pool.retried)
-            refusals.add_metric([pool.name], pool.depool_refusals)
-        yield from (servers_up, tiers, failovers, retries, refusals)
-
-    def _listeners(self) -> Iterator[Metric]:
-        labels = ["listener"]
-        active = GaugeMetricFamily("lbproxy_listener_active_connections", "Client connections open.", labels=labels)
-        accepted = CounterMetricFamily("lbproxy_listener_connections", "Client connections accepted.", labels=labels)
-        rejected = CounterMetricFamily(
-            "lbproxy_listener_rejected_connections", "Client connections refused over max_connections.", labels=labels
-        )
-        requests = CounterMetricFamily("lbproxy_listener_requests", "Requests received.", labels=labels)
-        responses = CounterMetricFamily(
-            "lbproxy_listener_responses", "Responses sent, by status class.", labels=[*labels, "code"]
-        )
-        errors = CounterMetricFamily(
-            "lbproxy_listener_errors", "Responses lbproxy generated itself, by status.", labels=[*labels, "status"]
-        )
-        duration = HistogramMetricFamily(
-            "lbproxy_listener_request_duration_seconds",
-            "From a request's head to the end of its response.",
-            labels=labels,
-        )
-        for listener in self.source.listeners.values():
-            name = [listener.name]
-            active.add_metric(name, listener.active_connections)
-            accepted.add_metric(name, listener.connections_total)
-            rejected.add_metric(name, listener.rejected)
-            if listener.mode != "http":
-                continue  # tcp: connections are the unit, no requests
-            requests.add_metric(name, listener.requests)
-            for index, code in enumerate(CLASSES, start=1):
-                responses.add_metric([*name, code], listener.responses[index])
-            for status, count in sorted(listener.errors.items()):
-                errors.add_metric([*name, str(status)], count)
-            cumulative = 0
-            buckets = []
-            for bound, count in zip((*DURATION_BOUNDS, float("inf")), listener.durations, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            duration.add_metric(name, buckets, listener.duration_sum)
-        yield from (active, accepted, rejected, requests, responses, errors, duration)
+    def snapshot(self) -> CollectorBase:
+        return Snapshot(read(self.source))
 
 
-def registry(source: Source) -> CollectorRegistry:
+class Snapshot(CollectorBase):
+    """The metric families of one `Reading`: no live object in sight, so any thread may collect it."""
+
+    def __init__(self, reading: Reading) -> None:
+        self.reading = reading
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self.reading)
+
+
+@runtime_checkable
+class Live(Protocol):
+    """A collector of figures the event loop owns: `snapshot()`, on the loop, copies them into a
+    collector that another thread may collect."""
+
+    def snapshot(self) -> CollectorBase: ...
+
+
+class Registry(CollectorRegistry):
+    """lbproxy's registry. Collect it on the event loop, or take a `snapshot()` there and encode that
+    in a thread: its live collectors are read at that moment; the others (the process's CPU, memory
+    and descriptors, read from /proc) are thread-safe and read when the snapshot is encoded."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=False)
+        self._collectors: list[CollectorBase] = []
+
+    def register(self, collector: CollectorBase) -> None:
+        super().register(collector)
+        self._collectors.append(collector)
+
+    def unregister(self, collector: CollectorBase) -> None:
+        super().unregister(collector)
+        self._collectors.remove(collector)
+
+    def snapshot(self) -> CollectorRegistry:
+        """A registry with this one's metrics, the live ones as they are now. On the event loop only."""
+        frozen = CollectorRegistry(auto_describe=False)
+        for collector in self._collectors:
+            frozen.register(collector.snapshot() if isinstance(collector, Live) else collector)
+        return frozen
+
+
+def registry(source: Source) -> Registry:
     """A registry with lbproxy's metrics and the process's (CPU, memory, file descriptors)."""
-    registry = CollectorRegistry(auto_describe=False)
+    registry = Registry()
     registry.register(Collector(source))
     ProcessCollector(registry=registry)
     return registry

@@ -76,7 +76,7 @@ async def test_drain_through_the_api_sends_nothing_new(tmp_path: Path) -> None:
         running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
     ):
         base = admin_url(lb)
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers={admin.ADMIN_HEADER: "1"}) as session:
             async with session.post(f"{base}/api/v1/pools/farm/servers/a/drain") as response:
                 assert response.status == 200
                 state = await response.json()

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
+from lbproxy import admin
 from lbproxy.runtime import Runtime
 from tests.support import LOCALHOST, Backend, eventually, free_port, get, port_of, running
 
@@ -189,9 +190,10 @@ async def test_counters_after_known_traffic(tmp_path: Path) -> None:
         assert metrics("process_resident_memory_bytes") > 0
 
         # The admin state is one-hot, and follows drain and disable.
-        async with session.post(f"{admin_url(lb)}/api/v1/pools/farm/servers/a/drain") as response:
+        write = {admin.ADMIN_HEADER: "1"}
+        async with session.post(f"{admin_url(lb)}/api/v1/pools/farm/servers/a/drain", headers=write) as response:
             assert response.status == 200
-        async with session.post(f"{admin_url(lb)}/api/v1/pools/farm/servers/b/disable") as response:
+        async with session.post(f"{admin_url(lb)}/api/v1/pools/farm/servers/b/disable", headers=write) as response:
             assert response.status == 200
         metrics = await scrape(session, lb)
         for server, current in (("a", "draining"), ("b", "disabled")):
