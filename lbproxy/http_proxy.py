@@ -27,6 +27,7 @@ import httptools
 from lbproxy import flow, framing, proxy_protocol
 from lbproxy.framing import BadRequest
 from lbproxy.pool import Pool, Server
+from lbproxy.request_head import RequestHead, RequestReader
 from lbproxy.upstream import IdleConnections, connect
 
 log = logging.getLogger("lbproxy.http")
@@ -46,10 +47,6 @@ DURATION_BOUNDS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
 REPLAY_LIMIT: Final = 64 * 1024  # request bodies up to this size are kept until a response begins
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-# Header names looked at are recognised by length first: most headers are then skipped without
-# lower-casing them (Content-Type 12, Accept 6, User-Agent 10 but also Connection 10...).
-_REQUEST_NAMES: Final = framing.HOP_BY_HOP | framing.FORWARDED | {b"host", b"content-length", b"authorization"}
-_REQUEST_LENGTHS: Final = frozenset(len(name) for name in _REQUEST_NAMES)
 # How a relayed response head ends, by (chunked to the client, client kept alive, client HTTP/1.1).
 _HEAD_ENDS: Final = {
     (chunked, keep, client_11): (b"Transfer-Encoding: chunked\r\n" if chunked else b"")
@@ -195,6 +192,10 @@ class HttpListener:
         self.durations = [0] * (len(DURATION_BOUNDS) + 1)  # histogram buckets, not cumulative; last: +Inf
         self.duration_sum = 0.0
 
+    def default_host(self) -> bytes:
+        """The Host of a request that came without one (HTTP/1.0): the pool's first server."""
+        return str(self.pool.servers[0].address).encode()
+
     def observe(self, exchange: Exchange) -> None:
         """Count one finished exchange in the duration histogram."""
         duration = time.monotonic() - exchange.started
@@ -284,16 +285,14 @@ class HttpListener:
         return cut
 
 
-class Exchange:
-    """One request and its response, from the client's head to the server's last byte."""
+class Exchange(RequestHead):
+    """One request and its response, from the client's head to the server's last byte.
+
+    It is the request head as the reader built it (`RequestHead`: what the client asked) and the
+    state of serving it; one object per request.
+    """
 
     __slots__ = (
-        "method",
-        "head",
-        "client_11",
-        "keep_alive",
-        "chunked",
-        "upgrade",
         "body_size",
         "held",
         "replayable",
@@ -307,18 +306,19 @@ class Exchange:
         "answered",
         "response_bytes",
         "started",
-        "target",
-        "pin",
     )
 
-    def __init__(self, method: bytes, head: bytes, target: bytes, client_11: bool, keep_alive: bool) -> None:
+    def __init__(self, method: bytes, target: bytes, forward: bytes, client_11: bool, keep_alive: bool) -> None:
+        # RequestHead's fields, set here rather than through super(): this runs once per request
         self.method = method
-        self.head = head
         self.target = target
+        self.forward = forward
         self.client_11 = client_11
         self.keep_alive = keep_alive
         self.chunked = False
         self.upgrade = False
+        self.has_body = False
+        self.pin = False
         self.body_size = 0
         self.held: list[bytes] = []  # body parts not yet sent, or kept to replay the request
         self.replayable = True  # every byte of the request so far is still held
@@ -332,7 +332,6 @@ class Exchange:
         self.answered = False  # some of the response reached the client
         self.response_bytes = 0
         self.started = time.monotonic()
-        self.pin = False  # the client sent NTLM or Negotiate credentials: they authenticate the connection
 
 
 class HttpProxy(asyncio.Protocol):
@@ -343,23 +342,8 @@ class HttpProxy(asyncio.Protocol):
         "loop",
         "transport",
         "gate",
+        "reader",
         "parser",
-        "client_ip",
-        "forwarded_for",
-        "url",
-        "fields",
-        "field_count",
-        "field_bytes",
-        "unusual",
-        "host",
-        "hosts",
-        "checked_host",
-        "te",
-        "tes",
-        "connection",
-        "upgrade",
-        "xff",
-        "content_length",
         "head_size",
         "reading",
         "active",
@@ -374,7 +358,6 @@ class HttpProxy(asyncio.Protocol):
         "deadline",
         "deadline_kind",
         "client_busy",
-        "auth_pin",
         "got_bytes",
     )
 
@@ -383,23 +366,12 @@ class HttpProxy(asyncio.Protocol):
         self.loop = listener.loop
         self.transport: asyncio.Transport | None = None
         self.gate: flow.ReadGate | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.client_ip = b"unknown"
-        self.forwarded_for = b"X-Forwarded-For: unknown\r\n"  # the field for a request that has none
-        self.url = b""
-        self.fields: list[bytes] = []  # the head to forward, flat: name, b": ", value, CRLF, name, ...
-        self.field_count = 0
-        self.field_bytes = 0
-        self.unusual = False  # a field below other than Host and Content-Length was seen
-        self.host: bytes | None = None
-        self.hosts = 0
-        self.checked_host = b""  # the last Host value found valid
-        self.te: bytes | None = None
-        self.tes = 0
-        self.connection: list[bytes] | None = None
-        self.upgrade: bytes | None = None
-        self.xff: list[bytes] | None = None
-        self.content_length: bytes | None = None
+        reader = RequestReader(
+            listener, Exchange, self.on_request, self.on_body, self.on_message_complete, self.on_chunk_header
+        )
+        self.reader = reader
+        self.parser = httptools.HttpRequestParser(reader)  # llhttp calls the reader, and our body callbacks
+        reader.parser = self.parser
         self.head_size = 0  # bytes read since the last head ended, while no body is being read
         self.reading: Exchange | None = None  # the request whose head or body is being received
         self.active: Exchange | None = None  # the request being served; later ones wait in `queue`
@@ -414,7 +386,6 @@ class HttpProxy(asyncio.Protocol):
         self.deadline = 0.0
         self.deadline_kind = IDLE
         self.client_busy = False  # the client's transport buffers more than it reads (pause_writing)
-        self.auth_pin = False  # this head carries NTLM or Negotiate credentials
         self.got_bytes = False  # any byte of the current request has arrived
 
     # -- connection events --
@@ -434,7 +405,7 @@ class HttpProxy(asyncio.Protocol):
         self.gate = flow.ReadGate(transport)
         peer = transport.get_extra_info("peername")
         if peer:
-            self._client_is(str(peer[0]).encode())
+            self.reader.client_is(str(peer[0]).encode())
         self._arm(HEADER, listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -476,7 +447,7 @@ class HttpProxy(asyncio.Protocol):
                 log.info(
                     "listener %s: %s closed its side with the body of %s %s unfinished",
                     self.listener.name,
-                    self.client_ip.decode(),
+                    self.reader.client_ip.decode(),
                     reading.method.decode("latin-1"),
                     reading.target.decode("latin-1"),
                 )
@@ -556,7 +527,7 @@ class HttpProxy(asyncio.Protocol):
         if self.reading is None and self.got_bytes:  # a head has begun and not ended
             if self.head_size > self.listener.max_header_size:
                 self._refuse_in_turn(431, "header block too large")
-            elif self.field_count == 0 and self.url and framing.versionless(framing.last_line(data)):
+            elif not self.reader.field_count and self.reader.url and framing.versionless(framing.last_line(data)):
                 self._refuse_in_turn(400, "request line without an HTTP version")  # HTTP/0.9
             elif self.deadline_kind == IDLE:  # it has header_timeout to arrive whole, from its first bytes
                 self._arm(HEADER, self.listener.header_timeout)
@@ -584,7 +555,7 @@ class HttpProxy(asyncio.Protocol):
             parsed = proxy_protocol.parse(buffered)
         except proxy_protocol.ProxyHeaderError as error:
             self.listener.bad_proxy_headers += 1
-            log.info("listener %s: closing %s: %s", self.listener.name, self.client_ip.decode(), error)
+            log.info("listener %s: closing %s: %s", self.listener.name, self.reader.client_ip.decode(), error)
             self._close()
             return b""
         if parsed is None:
@@ -592,165 +563,18 @@ class HttpProxy(asyncio.Protocol):
             return b""
         consumed, client, _ = parsed
         if client is not None:
-            self._client_is(client[0].encode())
+            self.reader.client_is(client[0].encode())
         self.proxy_header = None
         return buffered[consumed:]
 
-    def _client_is(self, address: bytes) -> None:
-        self.client_ip = address
-        self.forwarded_for = b"X-Forwarded-For: " + address + _CRLF
+    # -- requests: heads from the reader, bodies from llhttp --
+    # llhttp calls the RequestReader as a head arrives; it hands over each whole head, checked and
+    # rebuilt for the server (on_request). on_body and on_message_complete come straight from llhttp.
 
-    # -- httptools callbacks (the request parser) --
-    # llhttp calls on_url and on_header as a head arrives, on_headers_complete at its end, on_body
-    # for each piece of a body and on_message_complete at its end. The fields of a head gather in
-    # attributes that on_headers_complete reads, then resets for the next head.
-
-    def on_url(self, url: bytes) -> None:
-        # httptools may deliver the target in pieces
-        self.url = self.url + url if self.url else url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.reading is not None:  # a chunked body's trailer section: counted, not forwarded
-            self.field_count += 1
-            if self.field_count > self.listener.max_header_count:
-                raise BadRequest(431, "too many trailer fields")
-            return
-        if value and value[-1] in (32, 9):
-            value = value.rstrip(b" \t")  # trailing whitespace is not part of a field value
-        self.field_count += 1
-        self.field_bytes += len(name) + len(value)
-        if len(name) in _REQUEST_LENGTHS:
-            lname = name.lower()
-            if lname == b"host":
-                self.hosts += 1
-                self.host = value
-            elif lname in _REQUEST_NAMES and self._special_header(lname, value):
-                return
-        self.fields += (name, b": ", value, _CRLF)
-
-    def _special_header(self, lname: bytes, value: bytes) -> bool:
-        """Note a header the proxy acts on, other than Host; True when it must not be forwarded as it is."""
-        if lname == b"content-length":
-            self.content_length = value
-            return False
-        if lname == b"authorization":
-            # NTLM and Negotiate authenticate the connection, not the request (RFC 4559): the
-            # server connection that carries them is never handed to another client.
-            if value[:9].lower().startswith((b"ntlm", b"negotiate")):
-                self.unusual = True
-                self.auth_pin = True
-            return False
-        self.unusual = True
-        if lname == b"transfer-encoding":
-            self.tes += 1
-            self.te = value
-        elif lname == b"connection":
-            if self.connection is None:
-                self.connection = []
-            self.connection.append(value)
-        elif lname == b"upgrade":
-            self.upgrade = value
-        elif lname == b"x-forwarded-for":
-            if not self.listener.forwarded:
-                return False
-            if self.xff is None:
-                self.xff = []
-            self.xff.append(value)
-        elif lname in (b"x-forwarded-proto", b"x-forwarded-host"):
-            return self.listener.forwarded
-        return True  # hop-by-hop
-
-    def on_headers_complete(self) -> None:
+    def on_request(self, exchange: Exchange) -> None:
         self.head_size = 0
-        parser = self.parser
         listener = self.listener
-        method = parser.get_method()
-        # llhttp keeps a request alive by default only in HTTP/1.1; without a Connection field that
-        # tells the version apart without get_http_version(), which formats a string.
-        version = "1.1" if not self.unusual and parser.should_keep_alive() else parser.get_http_version()
-        url = self.url
-        host = self.host
-        te = self.te
-        framing.check_request(method, version, url, host, self.hosts, te, self.tes, listener.max_target)
-        if host is not None and host != self.checked_host:  # a client sends the same Host again and again
-            framing.check_host(host)
-            self.checked_host = host
-        if self.field_count > listener.max_header_count:
-            raise BadRequest(431, "too many header fields")
-        if self.field_bytes > listener.max_header_size:
-            raise BadRequest(431, "header block too large")
-        content_length = self.content_length
-        max_body = listener.max_body
-        if max_body is not None and content_length is not None and int(content_length) > max_body:
-            raise BadRequest(413, "request body too large")
-        client_11 = version == "1.1"
-        fields = self.fields
-        parts = [method, b" ", url, b" HTTP/1.1\r\n", *fields]
-        upgrade = False
-        if self.unusual:  # a Connection, Transfer-Encoding, Upgrade or X-Forwarded-* field
-            upgrade_to = self.upgrade
-            tokens = framing.connection_tokens(self.connection) if self.connection else None
-            if client_11:
-                keep_alive = tokens is None or b"close" not in tokens
-            else:
-                keep_alive = tokens is not None and b"keep-alive" in tokens
-            if tokens:
-                named = tokens - framing.NOT_NAMEABLE
-                if named:  # RFC 9110 §7.6.1: headers that Connection names are hop-by-hop too
-                    parts[4:] = [
-                        part
-                        for index in range(0, len(fields), 4)
-                        if fields[index].lower() not in named
-                        for part in fields[index : index + 4]
-                    ]
-                if upgrade_to is not None and b"upgrade" in tokens:
-                    if te is not None or (content_length is not None and content_length != b"0"):
-                        # llhttp stops at the head of a request that asks to upgrade: its body would
-                        # be parsed as the next request, or left owed to the server connection.
-                        raise BadRequest(400, "a request that asks to upgrade has a body")
-                    # h2c would tunnel HTTP/2 past every check here: strip it, answer in HTTP/1.1
-                    upgrade = b"h2c" not in upgrade_to.lower()
-            if upgrade and upgrade_to is not None:
-                parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade_to, _CRLF)
-            if te is not None:
-                parts.append(b"Transfer-Encoding: chunked\r\n")
-        else:
-            keep_alive = client_11  # no Connection field: the version's default
-        if host is None:
-            parts += (b"Host: ", str(listener.pool.servers[0].address).encode(), _CRLF)
-        if listener.forwarded:
-            if self.xff is not None:
-                parts += (b"X-Forwarded-For: ", b", ".join(self.xff), b", ", self.client_ip, _CRLF)
-            else:
-                parts.append(self.forwarded_for)
-            parts.append(listener.proto_field)
-            if host is not None:
-                parts += (b"X-Forwarded-Host: ", host, _CRLF)
-        parts.append(_CRLF)
-        exchange = Exchange(method, b"".join(parts), url, client_11, keep_alive)
-        exchange.chunked = te is not None
-        exchange.upgrade = upgrade
-        if self.auth_pin:
-            exchange.pin = True
-        has_body = te is not None or (content_length is not None and content_length != b"0")
-
-        # the next head starts from nothing
-        self.url = b""
-        self.fields = []
-        self.field_count = 0
-        self.field_bytes = 0
-        self.host = None
-        self.hosts = 0
-        self.content_length = None
-        if self.unusual:
-            self.unusual = False
-            self.auth_pin = False
-            self.te = None
-            self.tes = 0
-            self.connection = None
-            self.upgrade = None
-            self.xff = None
-
+        has_body = exchange.has_body
         listener.requests += 1
         if has_body:
             self.reading = exchange  # until on_message_complete
@@ -797,7 +621,7 @@ class HttpProxy(asyncio.Protocol):
         self.reading = None
         self.got_bytes = False
         self.head_size = 0
-        self.field_count = 0
+        self.reader.body_ended()
         exchange.request_done = True
         upstream = exchange.upstream
         if upstream is not None and exchange.sent and exchange.chunked:
@@ -874,14 +698,14 @@ class HttpProxy(asyncio.Protocol):
             upstream.gate.pause(flow.PEER_BUSY)  # the new peer must hear that the client is not reading
         held = exchange.held
         if not held:
-            upstream.send(exchange.head)
+            upstream.send(exchange.forward)
         elif exchange.chunked:
-            parts = [exchange.head]
+            parts = [exchange.forward]
             for body in held:
                 parts += (b"%x\r\n" % len(body), body, _CRLF)
             upstream.send_parts(parts)
         else:
-            upstream.send_parts([exchange.head, *held])
+            upstream.send_parts([exchange.forward, *held])
         if not exchange.replayable:
             held.clear()
         if exchange.request_done and exchange.chunked:
@@ -1065,7 +889,7 @@ class HttpProxy(asyncio.Protocol):
         listener.errors[status] = listener.errors.get(status, 0) + 1
         listener.responses[framing.status_class(status)] += 1
         if status < 500 and log.isEnabledFor(logging.INFO):
-            log.info("listener %s: %d for %s: %s", listener.name, status, self.client_ip.decode(), reason)
+            log.info("listener %s: %d for %s: %s", listener.name, status, self.reader.client_ip.decode(), reason)
         exchange = self.active
         if exchange is not None:
             if exchange.answered:
@@ -1173,7 +997,7 @@ class HttpProxy(asyncio.Protocol):
                 {
                     "time": time.time(),
                     "listener": self.listener.name,
-                    "client": self.client_ip.decode(),
+                    "client": self.reader.client_ip.decode(),
                     "method": exchange.method.decode("latin-1"),
                     "target": exchange.target.decode("latin-1"),
                     "status": exchange.status,
