@@ -761,8 +761,12 @@ class HttpProxy(asyncio.Protocol):
             assert self.gate is not None
             self.gate.pause(flow.WAITING)
             self.loop.create_task(self._open(exchange, server))
-        else:
-            self._dispatch(exchange, fresh)
+            return
+        if not self.queue and self.gate is not None:
+            # The failed attempt paused reading while it connected; an idle connection now takes
+            # the request at once, and the rest of its body must be read (a new one pauses again).
+            self.gate.resume(flow.WAITING)
+        self._dispatch(exchange, fresh)
 
     def _unavailable(self, exchange: Exchange) -> None:
         listener = self.listener

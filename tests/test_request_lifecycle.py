@@ -330,6 +330,47 @@ async def test_client_is_not_left_paused_after_its_upload_filled_the_server_conn
                 connection.transport.abort()
 
 
+# -- a retry onto an idle connection reads the rest of the body -----------------------------------------
+
+
+async def test_retry_onto_an_idle_connection_reads_the_rest_of_the_body(tmp_path: Path) -> None:
+    """Found by the churn soak: the first server refuses, the retry reuses an idle connection, and the
+    body still arriving must be read (it hung until the body deadline, 5 minutes by default)."""
+    closed = socket.socket()  # a port with nothing behind it
+    closed.bind((LOCALHOST, 0))
+    config = f"""
+listeners:
+  - name: web
+    bind: 127.0.0.1:0
+    pool: farm
+    timeouts: {{{{request_body: 4s}}}}
+pools:
+  farm:
+    policy: round_robin
+    retries: 2
+    servers:
+      - {{{{name: dead, address: "{LOCALHOST}:{closed.getsockname()[1]}"}}}}
+      - {{{{name: live, address: "{{live}}"}}}}
+"""
+    try:
+        async with Backend("live") as live, running(config, tmp_path, live=live.address) as lb:
+            for index in range(4):  # whichever server the rotation starts on, the PUT meets dead first once
+                assert (await get(port_of(lb), b"/warm-%d" % index)).status == 200  # an idle connection to live
+                async with await Client.connect(port_of(lb)) as client:
+                    await client.send(b"PUT /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+                    # the rest of the body comes once the head is at live: after the retry, if there was one
+                    await eventually(
+                        lambda index=index: b"".join(live.raw).count(b"PUT /echo") == index + 1, 2.0, "the head at live"
+                    )
+                    await client.send(b"abcdefghij")
+                    response = await client.response(timeout=2.0)
+                assert response.status == 200
+            puts = [request for request in live.requests if request.method == b"PUT"]
+            assert [request.body for request in puts] == [b"0123456789abcdefghij"] * 4
+    finally:
+        closed.close()
+
+
 # -- 7. a pipelined body does not replace the response deadline ---------------------------------------
 
 
