@@ -585,7 +585,8 @@ class Driver:
 
     async def call(self, method: str, path: str) -> dict[str, object]:
         assert self.session is not None
-        async with self.session.request(method, self.admin + path) as response:
+        # X-Lbproxy-Admin: what the admin API wants of writes without a token (issue #14, defect 12).
+        async with self.session.request(method, self.admin + path, headers={"X-Lbproxy-Admin": "1"}) as response:
             body = await response.json()
             if response.status != 200:
                 raise ValueError(f"{method} {path}: {response.status} {body}")

@@ -14,6 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from lbproxy import admin
 from lbproxy.ctl import ago, status_table
@@ -76,7 +78,7 @@ async def test_drain_through_the_api_sends_nothing_new(tmp_path: Path) -> None:
         running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
     ):
         base = admin_url(lb)
-        async with aiohttp.ClientSession(headers={admin.ADMIN_HEADER: "1"}) as session:
+        async with aiohttp.ClientSession(headers={HEADER: "1"}) as session:
             async with session.post(f"{base}/api/v1/pools/farm/servers/a/drain") as response:
                 assert response.status == 200
                 state = await response.json()
@@ -140,6 +142,161 @@ async def test_writes_without_a_token_are_refused_off_loopback(tmp_path: Path) -
         finally:
             await runner.cleanup()
         assert lb.pools["farm"].by_name["a"].admin is AdminState.ENABLED
+
+
+async def refused_writes(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """lbproxy_admin_refused_writes_total by reason, from /metrics."""
+    async with session.get(f"{base}/metrics") as response:
+        text = await response.text()
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "lbproxy_admin_refused_writes_total"
+    }
+
+
+HEADER = "X-Lbproxy-Admin"  # what writes without a token carry (lbproxy ctl does): part of the API
+
+# What a web page in a browser on the admin's host can make it send (issue #14, defect 12). The Host
+# and Origin are header values only: every request goes to the admin server on 127.0.0.1.
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+PAGE_WRITES = {
+    "form POST from another site": (
+        {**FORM, "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+        "cross_origin",
+    ),
+    "form POST from another site, an older browser": ({**FORM, "Origin": "http://evil.example"}, "cross_origin"),
+    "form POST from a page on another local port": ({**FORM, "Origin": "http://127.0.0.1:8000"}, "cross_origin"),
+    "form POST from a sandboxed page": ({**FORM, "Origin": "null"}, "cross_origin"),
+    "form POST from a browser that sends no Origin": (FORM, "header"),
+    "DNS rebinding: the page's own name, now 127.0.0.1": (
+        {
+            "Host": "evil.example:9090",
+            "Origin": "http://evil.example:9090",
+            "Sec-Fetch-Site": "same-origin",
+            HEADER: "1",
+            "Content-Type": "application/json",
+        },
+        "host",
+    ),
+    "DNS rebinding, no Origin": ({"Host": "evil.example:9090", HEADER: "1"}, "host"),
+}
+
+
+async def test_a_web_page_cannot_write_to_a_loopback_admin_without_a_token(tmp_path: Path) -> None:
+    """Issue #14, defect 12: writes need what no page of another origin can send, and a loopback Host."""
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token="") as lb,
+        aiohttp.ClientSession() as session,
+    ):
+        base = admin_url(lb)
+        server = lb.pools["farm"].by_name["a"]
+        for what, (headers, _) in PAGE_WRITES.items():
+            for path in ("/api/v1/pools/farm/servers/a/disable", "/api/v1/reload"):
+                async with session.post(f"{base}{path}", data=b"x=1", headers=headers) as response:
+                    assert response.status == 403, (what, path)
+                    error = (await response.json())["error"]
+                    assert error, what
+        assert server.admin is AdminState.ENABLED  # nothing changed
+        assert server.admin_time == 0
+        assert lb.reloads.get("success", 0) == lb.reloads.get("failure", 0) == 0
+        assert sorted({(await get(port_of(lb))).body for _ in range(4)}) == [b"a", b"b"]
+        expected = dict.fromkeys(("cross_origin", "host", "header", "token", "off_loopback"), 0.0)
+        for _, reason in PAGE_WRITES.values():
+            expected[reason] += 2
+        assert await refused_writes(session, base) == expected
+
+        # The same origin (the admin's own address, or localhost through an ssh -L on another port)
+        # and tools that are no browser (no Origin) may write, with the header.
+        port = lb.bound["admin"].port
+        same_origin = {"Origin": base, "Sec-Fetch-Site": "same-origin", HEADER: "1"}
+        url = f"{base}/api/v1/pools/farm/servers/a/drain"
+        async with session.post(url, headers=same_origin) as response:
+            assert response.status == 200
+            assert (await response.json())["admin"] == "draining"
+        assert server.admin is AdminState.DRAINING
+        tunnel = {"Host": "localhost:19090", "Origin": "http://localhost:19090", HEADER: "1"}
+        async with session.post(f"{base}/api/v1/pools/farm/servers/a/enable", headers=tunnel) as response:
+            assert response.status == 200
+        assert server.admin is AdminState.ENABLED
+        async with session.post(url, headers={"Host": f"[::1]:{port}", HEADER: "yes"}) as response:
+            assert response.status == 200
+        assert server.admin is AdminState.DRAINING
+        code, out, _ = await ctl("--admin", base, "enable", "farm", "a")
+        assert (code, out.strip()) == (0, "farm/a: enabled, up, 0 in flight")
+        assert await refused_writes(session, base) == expected  # none of these was refused
+
+
+async def test_with_a_token_a_page_of_another_origin_is_refused_too(tmp_path: Path) -> None:
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, token="  token: s3cret") as lb,
+        aiohttp.ClientSession(headers={"Authorization": "Bearer s3cret"}) as session,
+    ):
+        base = admin_url(lb)
+        url = f"{base}/api/v1/pools/farm/servers/a/drain"
+        async with session.post(url, headers={**FORM, "Origin": "http://evil.example"}) as response:
+            assert response.status == 403
+            assert "cross-origin" in (await response.json())["error"]
+        assert lb.pools["farm"].by_name["a"].admin is AdminState.ENABLED
+        # The token is the proof: the Host may be any name of the admin server (DNS, floating IP, a proxy).
+        async with session.post(url, headers={"Host": "lb1.example.net:9090"}) as response:
+            assert response.status == 200
+        assert lb.pools["farm"].by_name["a"].admin is AdminState.DRAINING
+        async with aiohttp.ClientSession() as anonymous, anonymous.post(url) as response:
+            assert response.status == 401
+        assert (await refused_writes(session, base))["cross_origin"] == 1
+        assert (await refused_writes(session, base))["token"] == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "token", "loopback", "refused"),
+    [
+        ({"Host": "127.0.0.1:9090", HEADER: "1"}, None, True, None),
+        ({"Host": "127.0.0.2:1", HEADER: "1"}, None, True, None),
+        ({"Host": "[::1]:9090", HEADER: "1"}, None, True, None),
+        ({"Host": "LOCALHOST", HEADER: "1"}, None, True, None),
+        ({"Host": "localhost:9090", HEADER: "1", "Sec-Fetch-Site": "none"}, None, True, None),
+        ({"Host": "127.0.0.1:9090"}, None, True, "header"),
+        ({"Host": "127.0.0.1:9090", HEADER: ""}, None, True, "header"),
+        ({HEADER: "1"}, None, True, "host"),
+        ({"Host": "localhost.evil.example", HEADER: "1"}, None, True, "host"),
+        ({"Host": "127.0.0.1.nip.io:9090", HEADER: "1"}, None, True, "host"),
+        ({"Host": "[::1", HEADER: "1"}, None, True, "host"),
+        (
+            {"Host": "127.0.0.1:9090", HEADER: "1", "Sec-Fetch-Site": "same-site"},
+            None,
+            True,
+            "cross_origin",
+        ),
+        ({"Host": "127.0.0.1:9090", HEADER: "1", "Origin": "http://127.0.0.1"}, None, True, "cross_origin"),
+        ({"Host": "127.0.0.1:9090", HEADER: "1"}, None, False, "off_loopback"),
+        ({"Host": "lb1.example:9090", "Authorization": "Bearer t"}, "t", False, None),
+        (
+            {"Host": "lb1.example:9090", "Authorization": "Bearer t", "Origin": "http://lb1.example:9090"},
+            "t",
+            False,
+            None,
+        ),
+        ({"Host": "127.0.0.1:9090", HEADER: "1"}, "t", True, "token"),
+        (
+            {"Host": "lb1.example:9090", "Authorization": "Bearer t", "Origin": "https://x.example"},
+            "t",
+            False,
+            "cross_origin",
+        ),
+    ],
+)
+def test_write_refusal_rules(headers: dict[str, str], token: str | None, loopback: bool, refused: str | None) -> None:
+    assert admin.ADMIN_HEADER == HEADER
+    refusal = admin.write_refusal(CIMultiDict(headers), token, loopback)
+    assert (refusal.reason if refusal else None) == refused
+    if refusal is not None:
+        assert refusal.status == (401 if refused == "token" else 403)
 
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "::1", "localhost", "10.1.2.3", "0.0.0.0"])

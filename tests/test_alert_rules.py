@@ -147,7 +147,8 @@ async def test_the_rules_use_only_metrics_lbproxy_exports(tmp_path: Path) -> Non
         admin = lb.bound["admin"]
         admin_url = f"http://{admin.host}:{admin.port}"
         # Disabled, the only server leaves nothing to serve: the listener answers its maintenance page.
-        async with session.post(f"{admin_url}/api/v1/pools/farm/servers/a/disable") as response:
+        url = f"{admin_url}/api/v1/pools/farm/servers/a/disable"
+        async with session.post(url, headers={"X-Lbproxy-Admin": "1"}) as response:
             assert response.status == 200, await response.text()
         served = await get(port_of(lb))
         assert (served.status, served.body) == (503, PAGE)

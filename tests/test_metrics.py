@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbproxy import admin
 from lbproxy.runtime import Runtime
 from tests.support import LOCALHOST, Backend, eventually, free_port, get, port_of, running
 
@@ -190,7 +191,7 @@ async def test_counters_after_known_traffic(tmp_path: Path) -> None:
         assert metrics("process_resident_memory_bytes") > 0
 
         # The admin state is one-hot, and follows drain and disable.
-        write = {admin.ADMIN_HEADER: "1"}
+        write = {"X-Lbproxy-Admin": "1"}  # a write without a token, on loopback
         async with session.post(f"{admin_url(lb)}/api/v1/pools/farm/servers/a/drain", headers=write) as response:
             assert response.status == 200
         async with session.post(f"{admin_url(lb)}/api/v1/pools/farm/servers/b/disable", headers=write) as response:
@@ -286,6 +287,100 @@ async def test_openmetrics_on_request(tmp_path: Path) -> None:
         # The plain text format is the default, and has no EOF marker.
         plain = await scrape(session, lb)
         assert "# EOF" not in plain.text
+
+
+LARGE = """
+admin:
+  bind: 127.0.0.1:0
+listeners:
+  - name: web
+    bind: 127.0.0.1:0
+    pool: farm
+pools:
+  farm:
+    servers:
+{servers}
+"""
+
+
+async def test_a_large_farm_is_scraped_whole(tmp_path: Path) -> None:
+    """300 servers, each with its own figures: every one is in the scrape, with its own.
+
+    No server is ever contacted (no probes, no traffic): their addresses are only labels here.
+    """
+    count = 300
+    servers = "\n".join(f"      - {{name: s{i}, address: '127.0.0.1:{20000 + i}'}}" for i in range(count))
+    async with running(LARGE, tmp_path, servers=servers) as lb, aiohttp.ClientSession() as session:
+        farm = lb.pools["farm"]
+        for i, server in enumerate(farm.servers):
+            server.requests = 1000 + i
+            server.sent_bytes = 10**12 + i
+            server.responses[2] = i
+            server.responses[5] = i % 7
+            server.checks[1] = 3 * i
+            server.transitions["down"] = i % 3
+        for server in farm.servers[::10]:
+            lb.drain(server)
+        metrics = await scrape(session, lb)
+    assert len(metrics.all("lbproxy_server_up")) == count
+    for i in range(count):
+        names = {"pool": "farm", "server": f"s{i}"}
+        assert metrics("lbproxy_server_connections_total", **names) == 1000 + i
+        assert metrics("lbproxy_server_sent_bytes_total", **names) == 10**12 + i
+        assert metrics("lbproxy_server_responses_total", **names, code="2xx") == i
+        assert metrics("lbproxy_server_responses_total", **names, code="5xx") == i % 7
+        assert metrics("lbproxy_server_health_checks_total", **names, result="success") == 3 * i
+        assert metrics("lbproxy_server_transitions_total", **names, to="down") == i % 3
+        drained = i % 10 == 0
+        assert metrics("lbproxy_server_admin_state", **names, state="draining") == (1 if drained else 0)
+        assert metrics("lbproxy_server_admin_state", **names, state="enabled") == (0 if drained else 1)
+    assert metrics("lbproxy_pool_servers_up", pool="farm") == count
+
+
+class HeldCollector:
+    """A collector that holds the encoding of a scrape until the test releases it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        self.thread = threading.current_thread()
+        self.entered.set()
+        self.release.wait(timeout=5)
+        return iter(())
+
+
+async def test_the_loop_serves_while_a_scrape_is_encoded(tmp_path: Path) -> None:
+    """Issue #14: the exposition is encoded off the event loop, from figures read on it at the start."""
+    async with (
+        Backend("a") as a,
+        Backend("b") as b,
+        running(CONFIG, tmp_path, a=a.address, b=b.address, health="") as lb,
+        aiohttp.ClientSession() as session,
+    ):
+        held = HeldCollector()
+        lb.registry.register(held)
+        try:
+            scraping = asyncio.ensure_future(scrape(session, lb))
+            await eventually(held.entered.is_set, what="the scrape to be encoding")
+            # While it is: a request through the proxy, and another call to the admin server.
+            assert (await asyncio.wait_for(get(port_of(lb)), timeout=5)).status == 200
+            async with session.get(f"{admin_url(lb)}/healthz") as response:
+                assert response.status == 200
+            assert not scraping.done()
+            held.release.set()
+            metrics = await asyncio.wait_for(scraping, timeout=5)
+        finally:
+            held.release.set()
+            lb.registry.unregister(held)
+        assert held.thread is not threading.main_thread()
+        assert lb.listeners["web"].requests == 1
+        # Read when the scrape began: the request made during its encoding is not in it.
+        assert metrics("lbproxy_listener_requests_total", listener="web") == 0
+        assert sum(metrics("lbproxy_server_connections_total", pool="farm", server=s) for s in "ab") == 0
+        assert (await scrape(session, lb))("lbproxy_listener_requests_total", listener="web") == 1
 
 
 async def test_promtool_finds_nothing_to_complain_about(tmp_path: Path) -> None:

@@ -330,7 +330,7 @@ async def test_an_invalid_reload_keeps_the_running_config_and_is_counted(tmp_pat
         assert sorted([(await get(port_of(lb))).body for _ in range(4)]) == [b"a", b"a", b"b", b"b"]
         assert not c.requests
 
-        async with session.post(f"{base}/api/v1/reload") as response:
+        async with session.post(f"{base}/api/v1/reload", headers={"X-Lbproxy-Admin": "1"}) as response:
             assert response.status == 400
             body = await response.json()
         assert body["error"] == "the config was refused; the running one stays"
@@ -339,7 +339,7 @@ async def test_an_invalid_reload_keeps_the_running_config_and_is_counted(tmp_pat
         assert (await get(port_of(lb))).status == 200
 
         write_config(tmp_path, WITH_ADMIN.replace('"{b}"', '"{c}"'), a=a.address, c=c.address)
-        async with session.post(f"{base}/api/v1/reload") as response:
+        async with session.post(f"{base}/api/v1/reload", headers={"X-Lbproxy-Admin": "1"}) as response:
             assert response.status == 200
             assert await response.json() == {"result": "reloaded"}
         assert await reload_counts(session, base) == {"success": 1.0, "failure": 2.0, "last_ok": 1.0}
@@ -546,7 +546,8 @@ async def test_drained_and_disabled_servers_stay_so_across_a_restart(tmp_path: P
         addresses = {"a": a.address, "b": b.address, "c": c.address, "state": state}
         async with running(STATEFUL, tmp_path, **addresses) as lb, aiohttp.ClientSession() as session:
             assert not state.exists()  # nothing to keep yet
-            async with session.post(f"{admin_url(lb)}/api/v1/pools/farm/servers/a/drain") as response:
+            url = f"{admin_url(lb)}/api/v1/pools/farm/servers/a/drain"
+            async with session.post(url, headers={"X-Lbproxy-Admin": "1"}) as response:
                 assert response.status == 200
             first = state.stat().st_ino  # on disk when the API answered
             lb.disable(lb.server("farm", "b"))

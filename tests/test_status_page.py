@@ -263,7 +263,7 @@ async def test_status_page_shows_the_farm_and_a_server_going_down(tmp_path: Path
                     # "since" shows though its admin state is back to normal.
                     for server, action in (("web4", "drain"), ("web1", "drain"), ("web1", "enable")):
                         url = f"{base}/api/v1/pools/web/servers/{server}/{action}"
-                        async with session.post(url, headers={admin.ADMIN_HEADER: "1"}) as response:
+                        async with session.post(url, headers={"X-Lbproxy-Admin": "1"}) as response:
                             assert response.status == 200
                     await backends["web3"].stop()  # the back-end dies; its probes fail twice: down
                     expected = {

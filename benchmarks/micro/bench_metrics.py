@@ -54,6 +54,7 @@ class Source:
         self.pools = pools
         self.listeners = listeners
         self.reloads = {"success": 3, "failure": 1}
+        self.last_reload_ok = True
 
 
 @pytest.mark.benchmark(group="metrics: scrape")
