@@ -53,9 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Started by the supervisor of `run --workers N`, not by people: no help, so that argparse lists it
     # nowhere (the metavar below replaces the choices in the usage line).
+    # It reads no config file: its supervisor sends it the running config over the socket pair whose
+    # end is the descriptor --channel (lbproxy.workers).
     worker = commands.add_parser("worker")
-    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--channel", type=int, required=True, metavar="FD")
     worker.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    worker.add_argument("--log-format", default="plain", choices=("plain", "json"))
     _add_ctl(commands)
     demo_command = commands.add_parser(
         "demo", help="start one process per demo back-end, then lbproxy in front of them (`make run`)"
@@ -87,6 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvloop
 
+    if args.command == "worker":
+        from lbproxy.workers import run_worker
+
+        _log_to_stderr(args.log_format, args.log_level)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(run_worker(args.channel))
+
     from lbproxy import config
 
     try:
@@ -94,23 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as error:
         print(error, file=sys.stderr)
         return 1
-    handler = logging.StreamHandler(sys.stderr)
-    if loaded.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
+    _log_to_stderr(loaded.log_format, args.log_level)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        if args.command == "worker":
-            from lbproxy.workers import run_worker
-
-            return runner.run(run_worker(args.config))
         workers = _workers(getattr(args, "workers", "1"))
         if workers is None:
             print(f"lbproxy: --workers takes a number or 'auto', not {args.workers!r}", file=sys.stderr)
             return 2
         if workers > 1:
-            return runner.run(_supervise(args.config, loaded, workers))
+            return runner.run(_supervise(loaded, workers, args.log_level))
         if args.command == "demo":
             from lbproxy import demo
 
@@ -162,6 +163,16 @@ def _add_ctl(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     actions.metavar = "{" + ",".join(actions.choices or ()) + "}"  # also in "arguments are required"
 
 
+def _log_to_stderr(log_format: str, level: str) -> None:
+    """lbproxy's own events on standard error, one line each, plain or JSON (`log_format`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
 class JsonFormatter(logging.Formatter):
     """`log_format: json`: one JSON object a line, for log shippers."""
 
@@ -183,7 +194,8 @@ def _workers(value: str) -> int | None:
     return int(value) if value.isdigit() and int(value) >= 1 else None
 
 
-async def _supervise(path: str, loaded: config.Config, count: int) -> int:
+async def _supervise(loaded: config.Config, count: int, log_level: str) -> int:
+    """`run --workers N`: the supervisor (lbproxy.workers), until SIGINT or SIGTERM; SIGHUP reloads."""
     import asyncio
 
     from lbproxy.runtime import StartError
@@ -193,7 +205,7 @@ async def _supervise(path: str, loaded: config.Config, count: int) -> int:
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    supervisor = Supervisor(path, loaded, count)
+    supervisor = Supervisor(loaded, count, log_level)
     try:
         await supervisor.start()
     except StartError as error:

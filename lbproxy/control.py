@@ -71,9 +71,13 @@ class Stage(Protocol):
         address. The new state is live already; a failure here is logged, not refused."""
 
 
+# Where each server is to be reached, by (pool, server): its name as `config.resolve` looked it up.
+Hosts = Mapping[tuple[str, str], str]
+
 # The runtime's part of a reload: build a `Stage` for the new config on the new pools (built beside the
 # live ones; they hold their servers only from the commit), or raise StartError, leaving nothing open.
-Prepare = Callable[[Config, Mapping[str, Pool]], Awaitable[Stage]]
+# It is also given the addresses the commit will set, which a supervisor passes on to its workers.
+Prepare = Callable[[Config, Mapping[str, Pool], Hosts], Awaitable[Stage]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +128,11 @@ class Controller:
         self._lock = asyncio.Lock()  # held by a reload from its first step to its last
         self._stopped = False
 
-    async def start(self) -> None:
-        """Resolve the server names; with `manage`, restore the state file and start the probe loops."""
-        hosts = await resolve_hosts(self.config)
+    async def start(self, hosts: Hosts | None = None) -> None:
+        """Resolve the server names (or take `hosts`, a supervisor's, as they are); with `manage`, restore
+        the state file and start the probe loops."""
+        if hosts is None:
+            hosts = await resolve_hosts(self.config)
         for pool in self.pools.values():
             for server in pool.servers:
                 server.connect_host = hosts[pool.name, server.name]
@@ -209,9 +215,13 @@ class Controller:
 
     # -- reload --
 
-    async def reload(self, prepare: Prepare) -> list[str]:
+    async def reload(self, prepare: Prepare, new: Config | None = None, hosts: Hosts | None = None) -> list[str]:
         """Re-read the config file, build the new state beside the live one, and commit it; returns the
         problems (empty: committed). One reload at a time: a second one waits for the first to end.
+
+        `new` and `hosts`: a config and its addresses that someone else loaded, checked and resolved (a
+        worker of `--workers N` is given its supervisor's), taken as they are instead of the file and the
+        name lookups.
 
         Refused (counted, logged, nothing changed): a file that does not load, a name that does not
         resolve, a listener that cannot be built or bound (`prepare` raises StartError), or a stop
@@ -219,21 +229,23 @@ class Controller:
         """
         async with self._lock:
             try:
-                return await self._reload(prepare)
+                return await self._reload(prepare, new, hosts)
             finally:
                 self.phase = Phase.IDLE
 
-    async def _reload(self, prepare: Prepare) -> list[str]:
+    async def _reload(self, prepare: Prepare, new: Config | None, hosts: Hosts | None) -> list[str]:
         self.phase = Phase.LOADING
-        try:
-            new = await asyncio.to_thread(config.load, self.config.path)
-        except config.ConfigError as error:
-            return self._refused([str(problem) for problem in error.problems])
+        if new is None:
+            try:
+                new = await asyncio.to_thread(config.load, self.config.path)
+            except config.ConfigError as error:
+                return self._refused([str(problem) for problem in error.problems])
         self.phase = Phase.BUILDING
         try:
-            hosts = await resolve_hosts(new)
+            if hosts is None:
+                hosts = await resolve_hosts(new)
             pools = build_pools(new, self.pools)  # beside the live ones: no server is touched yet
-            stage = await prepare(new, pools)
+            stage = await prepare(new, pools, hosts)
         except StartError as error:
             return self._refused([str(error)])
         if self._stopped:
@@ -248,7 +260,7 @@ class Controller:
         await retired.stop()  # cancelled at the commit already: this only waits for their end
         return []
 
-    def _commit(self, new: Config, pools: Mapping[str, Pool], hosts: Mapping[tuple[str, str], str]) -> HealthChecks:
+    def _commit(self, new: Config, pools: Mapping[str, Pool], hosts: Hosts) -> HealthChecks:
         """Install `pools` (built by `build_pools` beside the live ones); returns the old probe loops,
         cancelled, for the caller to wait on. Synchronous: nothing else runs until it returns."""
         for pool in pools.values():

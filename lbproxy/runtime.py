@@ -23,7 +23,7 @@ from aiohttp import web
 
 from lbproxy import admin, metrics
 from lbproxy.config import Config, ListenerConfig
-from lbproxy.control import Controller
+from lbproxy.control import Controller, Hosts, Stage
 from lbproxy.control import StartError as StartError  # re-exported: cli and workers catch it from here
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener, HttpProxy
@@ -60,6 +60,9 @@ class Runtime:
         self.refresh_hook: Callable[[], Awaitable[None]] | None = None  # the supervisor's, before reads
         self.listener_totals: Mapping[str, Any] = {}  # the supervisor's sums over its workers
         self.cut_hook: Callable[[Server], None] | None = None  # the supervisor's: its workers cut
+        # With --workers, the other side's part of a reload, built after the listeners' (lbproxy.workers):
+        # the supervisor's has every worker build and bind it; a worker's waits for the supervisor's word.
+        self.stage_hook: Callable[[Config, Mapping[str, Pool], Hosts], Awaitable[Stage]] | None = None
         self._contexts: dict[str, ssl.SSLContext] = {}  # per TLS listener, reloaded in place
         self._was_ready = False
         self.shutting_down = False
@@ -101,9 +104,10 @@ class Runtime:
 
     # -- start and stop --
 
-    async def start(self) -> None:
+    async def start(self, hosts: Hosts | None = None) -> None:
+        """Bind and serve; `hosts`: the servers' addresses as a supervisor resolved them (else looked up)."""
         loop = asyncio.get_running_loop()
-        await self.controller.start()
+        await self.controller.start(hosts)
         opened: dict[str, logging.Handler] = {}
         try:
             serving = self.config.listeners if self.serve else ()
@@ -191,8 +195,9 @@ class Runtime:
 
     # -- reload --
 
-    async def reload(self) -> list[str]:
-        """Re-read the config file and apply it in place; returns the problems (empty: success).
+    async def reload(self, new: Config | None = None, hosts: Hosts | None = None) -> list[str]:
+        """Re-read the config file and apply it in place; returns the problems (empty: success). A worker
+        is given `new` and `hosts` by its supervisor instead (see `Controller.reload`).
 
         Through the controller (`Controller.reload`): one reload at a time, the new state built beside
         the live one and committed in one step, so an invalid file, a name that does not resolve or a
@@ -200,7 +205,19 @@ class Runtime:
         (their open connections finish), changed ones updated; servers that stay keep health, admin
         state and counters; in-flight requests are not interrupted.
         """
-        return await self.controller.reload(self._stage_listeners)
+        return await self.controller.reload(self._prepare, new, hosts)
+
+    async def _prepare(self, new: Config, pools: Mapping[str, Pool], hosts: Hosts) -> Stage:
+        """The controller's `Prepare`: the listeners' stage, then the `stage_hook`'s (with --workers)."""
+        listeners = await self._stage_listeners(new, pools)
+        if self.stage_hook is None:
+            return listeners
+        try:
+            other = await self.stage_hook(new, pools, hosts)
+        except BaseException:
+            listeners.abandon()
+            raise
+        return _Stages(listeners, other)
 
     async def _stage_listeners(self, new: Config, pools: Mapping[str, Pool]) -> _ListenerStage:
         """The listeners of `new`, on `pools` (built beside the live ones), with their new sockets bound
@@ -555,6 +572,26 @@ class _ListenerStage:
                 await runtime._bind(loop, listener, made, context)
             except StartError as error:
                 log.error("reload: listener %s is not listening any more: %s", listener.name, error)
+
+
+class _Stages:
+    """Two stages of one reload, committed, abandoned and settled in order (a `control.Stage`)."""
+
+    def __init__(self, first: Stage, second: Stage) -> None:
+        self.first = first
+        self.second = second
+
+    def commit(self) -> None:
+        self.first.commit()
+        self.second.commit()
+
+    def abandon(self) -> None:
+        self.first.abandon()
+        self.second.abandon()
+
+    async def settle(self) -> None:
+        await self.first.settle()
+        await self.second.settle()
 
 
 def _socket_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
