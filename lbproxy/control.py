@@ -135,7 +135,7 @@ class Controller:
             hosts = await resolve_hosts(self.config)
         for pool in self.pools.values():
             for server in pool.servers:
-                server.connect_host = hosts[pool.name, server.name]
+                server.reach(hosts[pool.name, server.name])
         if self.manage:
             self._restore(await self.state_file.load())
             self.health = _checks(self.config, self.pools)
@@ -268,7 +268,7 @@ class Controller:
         _link(new, pools)
         for pool in pools.values():
             for server in pool.servers:
-                server.connect_host = hosts[pool.name, server.name]
+                server.reach(hosts[pool.name, server.name])
         retired = self.health
         retired.cancel()  # no verdict of an old loop lands after this step
         self.pools = dict(pools)

@@ -90,8 +90,8 @@ async def probe_tcp(host: str, port: int, timeout: float) -> Result:
 
 
 async def probe_http(session: aiohttp.ClientSession, server: Server, config: HealthConfig) -> Result:
-    host = server.connect_host
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{server.address.port}{config.path}"
+    endpoint = server.endpoint  # where the proxies' connections go too
+    url = f"http://{endpoint.url_host()}:{endpoint.port}{config.path}"
     headers = {"Host": config.host or str(server.address), "User-Agent": "lbproxy-health-check"}
     try:
         async with asyncio.timeout(config.timeout):
@@ -199,7 +199,7 @@ class Checker:
             assert self.session is not None
             result = await probe_http(self.session, server, config)
         else:
-            result = await probe_tcp(server.connect_host, server.address.port, config.timeout)
+            result = await probe_tcp(server.endpoint.host, server.endpoint.port, config.timeout)
         server.check_duration = time.monotonic() - started
         server.check_time = time.time()
         server.check_ok = result.ok

@@ -28,7 +28,8 @@ from lbproxy import flow, framing, proxy_protocol
 from lbproxy.framing import BadRequest
 from lbproxy.pool import Pool, Server
 from lbproxy.request_head import RequestHead, RequestReader
-from lbproxy.upstream import IdleConnections, connect
+from lbproxy.selection import select
+from lbproxy.upstream import Endpoint, IdleConnections, connect
 
 log = logging.getLogger("lbproxy.http")
 
@@ -158,7 +159,7 @@ class HttpListener:
         self.name = name
         self.pool = pool
         self.loop = loop
-        self.idle: dict[Server, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
+        self.idle: dict[Endpoint, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.proto_field = b"X-Forwarded-Proto: https\r\n" if tls else b"X-Forwarded-Proto: http\r\n"
@@ -244,11 +245,12 @@ class HttpListener:
             idle.idle_timeout = self.idle_timeout
 
     def forget_servers(self, servers: set[Server]) -> None:
-        """Close idle connections to servers that are gone, or whose address changed, after a reload."""
-        for server, idle in list(self.idle.items()):
-            if server not in servers or any(not c.at(server) for c, _ in idle.entries()):
+        """Close idle connections to endpoints no server has any more (gone, or moved), after a reload."""
+        live = {server.endpoint for server in servers}
+        for endpoint, idle in list(self.idle.items()):
+            if endpoint not in live:
                 idle.close_all()
-                del self.idle[server]
+                del self.idle[endpoint]
 
     def drain_connections(self) -> None:
         """Shutting down: idle connections close now, busy ones after their response."""
@@ -259,10 +261,10 @@ class HttpListener:
         self.close_idle()
 
     def idle_for(self, server: Server) -> IdleConnections[UpstreamConnection]:
-        """The idle connections to `server`, which may belong to a backup pool."""
-        idle = self.idle.get(server)
+        """The idle connections to `server`'s endpoint (the server may belong to a backup pool)."""
+        idle = self.idle.get(server.endpoint)
         if idle is None:
-            idle = self.idle[server] = IdleConnections(self.max_idle, self.idle_timeout)
+            idle = self.idle[server.endpoint] = IdleConnections(self.max_idle, self.idle_timeout)
         return idle
 
     def close_idle(self) -> None:
@@ -271,7 +273,7 @@ class HttpListener:
 
     def cut_server(self, server: Server) -> int:
         """Close every connection to `server` (after a disable's grace time); returns how many clients lost one."""
-        idle = self.idle.get(server)
+        idle = self.idle.get(server.endpoint)
         if idle is not None:
             idle.close_all()
         cut = 0
@@ -641,7 +643,7 @@ class HttpProxy(asyncio.Protocol):
                 self._attach(exchange, pinned)
                 return
             self.pinned = None
-        server = self.listener.pool.pick_other(exchange.tried) if exchange.tried else self.listener.pool.pick()
+        server = select(self.listener.pool, exchange, exchange.tried)
         if server is None:
             if exchange.tried:
                 # what the client would have got without retries: the last server's failure
@@ -654,7 +656,7 @@ class HttpProxy(asyncio.Protocol):
         # A reused connection may be closed by its server as the request crosses the wire, and then
         # nothing proves the request was not acted on: a non-idempotent one goes on a new connection.
         if not fresh and exchange.method in IDEMPOTENT:
-            idle = self.listener.idle.get(server)
+            idle = self.listener.idle.get(server.endpoint)
             upstream = idle.get(self.loop.time()) if idle is not None else None
             if upstream is not None:
                 self._attach(exchange, upstream)
@@ -669,8 +671,7 @@ class HttpProxy(asyncio.Protocol):
             upstream = await connect(
                 self.loop,
                 lambda: UpstreamConnection(server, listener),
-                server.connect_host,
-                server.address.port,
+                server.endpoint,
                 listener.connect_timeout,
             )
         except (OSError, TimeoutError) as error:
@@ -1084,13 +1085,6 @@ class UpstreamConnection(asyncio.Protocol):
     def is_open(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
-    def at(self, server: Server) -> bool:
-        """Whether this connection goes where `server` is now (a reload may have moved it)."""
-        if self.transport is None:
-            return False
-        peer = self.transport.get_extra_info("peername")
-        return bool(peer) and peer[0] == server.connect_host and peer[1] == server.address.port
-
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -1106,6 +1100,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     def begin(self, proxy: HttpProxy, exchange: Exchange) -> None:
+        if exchange.server is not None:
+            self.server = exchange.server  # servers at one endpoint share its idle connections
         self.reused = self.served > 0
         self.proxy = proxy
         self.exchange = exchange

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
+from lbproxy.upstream import Endpoint
 
 log = logging.getLogger("lbproxy.pool")
 
@@ -80,7 +81,7 @@ class Server:
         "failures",
         "sent_bytes",
         "received_bytes",
-        "connect_host",
+        "endpoint",
         "__weakref__",
     )
 
@@ -116,7 +117,11 @@ class Server:
         self.failures = 0  # resets, timeouts and garbage seen on established connections
         self.sent_bytes = 0
         self.received_bytes = 0
-        self.connect_host = config.address.host  # the runtime replaces a host name by its address
+        self.endpoint = Endpoint(config.address.host, config.address.port)  # `reach` resolves the name
+
+    def reach(self, host: str) -> None:
+        """Connections go to `host`, the address the control plane resolved the server's name to."""
+        self.endpoint = Endpoint(host, self.address.port)
 
     def reconfigure(self, config: ServerConfig, pool: Pool) -> Server:
         """Take a reloaded config, keeping state and counters; returns self.
@@ -125,7 +130,7 @@ class Server:
         so there is nothing to undo.
         """
         if config.address != self.address:
-            self.connect_host = config.address.host
+            self.endpoint = Endpoint(config.address.host, config.address.port)
         self.address = config.address
         if config.ratio != self.ratio:
             self.weight = self.weight * config.ratio // self.ratio

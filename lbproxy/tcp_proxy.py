@@ -18,6 +18,7 @@ from typing import Final, cast
 
 from lbproxy import flow, proxy_protocol
 from lbproxy.pool import Pool, Server
+from lbproxy.selection import select
 from lbproxy.upstream import connect
 
 log = logging.getLogger("lbproxy.tcp")
@@ -152,7 +153,7 @@ class TcpClient(asyncio.Protocol):
         self.client: proxy_protocol.Address = ("", 0)
         self.local: proxy_protocol.Address = ("", 0)
         self.proxy_pending = listener.accept_proxy
-        self.tried: list[Server] = []
+        self.tried: tuple[Server, ...] = ()  # servers whose connect failed, for a retry elsewhere
         self.deadline = 0.0
         self.eof = False  # the client shut down its writing
         self.closed = False
@@ -247,7 +248,7 @@ class TcpClient(asyncio.Protocol):
 
     def _connect(self) -> None:
         pool = self.listener.pool
-        server = pool.pick_other(self.tried) if self.tried else pool.pick()
+        server = select(pool, None, self.tried)
         if server is None:
             self.listener.unavailable += 1
             self.close()
@@ -264,8 +265,7 @@ class TcpClient(asyncio.Protocol):
             upstream = await connect(
                 listener.loop,
                 lambda: TcpServer(self, server),
-                server.connect_host,
-                server.address.port,
+                server.endpoint,
                 listener.connect_timeout,
             )
         except (OSError, TimeoutError) as error:
@@ -276,7 +276,7 @@ class TcpClient(asyncio.Protocol):
             if self.closed:
                 return
             if len(self.tried) < listener.pool.retries:
-                self.tried.append(server)
+                self.tried += (server,)
                 listener.retries += 1
                 listener.pool.retried += 1
                 self._connect()

@@ -1,6 +1,9 @@
-"""Connections from lbproxy to the servers: opening them with a timeout and keeping idle ones.
+"""Connections from lbproxy to the servers: where they go, opening them with a timeout, keeping idle ones.
 
-Each server has a bounded stack of idle keep-alive connections (aiohttp's connector is the model):
+An `Endpoint` is where a connection to a server goes: today its resolved address and port; the TLS
+settings, the SNI name and the PROXY header will join it (#16), so that connections differing in
+any of them are never mixed. The proxies' connections and the health probes reach a server at the
+same endpoint. Each endpoint has a bounded stack of idle keep-alive connections (aiohttp's connector is the model):
 the most recently used one is taken first, and one that is closing or has been idle longer than the
 idle timeout is closed instead of reused. The module is generic over the protocol class, so the HTTP
 proxy owns what is spoken on a connection and this module only owns their lifetime.
@@ -11,7 +14,18 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
+
+
+class Endpoint(NamedTuple):
+    """Where connections to a server go; idle connections are kept per endpoint."""
+
+    host: str  # an address: the runtime resolved the server's name
+    port: int
+
+    def url_host(self) -> str:
+        """The host as a URL names it (IPv6 in brackets)."""
+        return f"[{self.host}]" if ":" in self.host else self.host
 
 
 class Reusable(Protocol):
@@ -70,8 +84,8 @@ class IdleConnections(Generic[C]):
         return len(self._idle)
 
 
-async def connect(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], host: str, port: int, timeout: float) -> P:
-    """Open a connection to host:port; raises OSError, or TimeoutError after `timeout` seconds."""
+async def connect(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], endpoint: Endpoint, timeout: float) -> P:
+    """Open a connection to `endpoint`; raises OSError, or TimeoutError after `timeout` seconds."""
     async with asyncio.timeout(timeout):
-        _, protocol = await loop.create_connection(factory, host, port)
+        _, protocol = await loop.create_connection(factory, endpoint.host, endpoint.port)
     return protocol

@@ -139,7 +139,7 @@ class Channel:
 
 def _hosts(pools: Mapping[str, Pool]) -> dict[tuple[str, str], str]:
     """The address each live server is reached at, by (pool, server)."""
-    return {(pool.name, server.name): server.connect_host for pool in pools.values() for server in pool.servers}
+    return {(pool.name, server.name): server.endpoint.host for pool in pools.values() for server in pool.servers}
 
 
 # -- the worker side --

@@ -102,7 +102,7 @@ async def test_the_runtime_connects_where_resolve_says(tmp_path: Path) -> None:
         runtime = Runtime(config.load(path, environ={}))
         await runtime.start()
         try:
-            assert runtime.pools["farm"].servers[0].connect_host == "127.0.0.1"
+            assert runtime.pools["farm"].servers[0].endpoint.host == "127.0.0.1"
             response = await get(port_of(runtime))
         finally:
             await runtime.stop()
