@@ -105,7 +105,7 @@ class ResponseHead:
         """`head` runs from the status line to the CRLF of the last field (no blank line)."""
         content_length: int | None = None
         chunked = False
-        codings: list[bytes] = []  # every transfer coding, in order (RFC 9112 §6.1)
+        codings: list[bytes] | None = None  # every transfer coding, in order (RFC 9112 §6.1)
         pin = False
         lower = head.lower()
         found = _RESPONSE_FIELD.findall(lower)  # e.g. [(b"content-length", b" 12"), (b"connection", b" close")]
@@ -134,6 +134,8 @@ class ResponseHead:
                         named = tokens if named is None else named | tokens
                 elif name == b"transfer-encoding":
                     # the last coding decides (RFC 9112 §6.3); llhttp checked the rest
+                    if codings is None:
+                        codings = []
                     codings += filter(None, (coding.strip(b" \t") for coding in value.split(b",")))
                     chunked = codings[-1:] == [b"chunked"]
             if kept:
@@ -149,7 +151,7 @@ class ResponseHead:
         self.content_length = content_length
         self.chunked = chunked
         # codings applied before chunked (gzip...) are rare, and kept: lbproxy re-chunks, never decodes
-        self.codings = b", ".join(codings[:-1]) if chunked else b""
+        self.codings = b", ".join(codings[:-1]) if chunked and codings else b""
         self.pin = pin
 
 

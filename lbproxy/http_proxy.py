@@ -20,16 +20,22 @@ import logging
 import time
 from bisect import bisect_left
 from collections import deque
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from lbproxy import flow, framing, proxy_protocol
+from lbproxy import flow, framing, proxy_protocol, transaction
 from lbproxy.framing import BadRequest
 from lbproxy.pool import Pool, Server
-from lbproxy.request_head import RequestHead, RequestReader
+from lbproxy.request_head import RequestReader
 from lbproxy.selection import select
+from lbproxy.transaction import AWAITING, CONNECTING, DONE, IDEMPOTENT, RELAYING, REPLAY_LIMIT, SENDING
 from lbproxy.upstream import Endpoint, IdleConnections, connect
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    Exchange: TypeAlias = transaction.Exchange["UpstreamConnection"]
 
 log = logging.getLogger("lbproxy.http")
 
@@ -45,8 +51,6 @@ CLOSING: Final = 6  # closed by lbproxy, its last bytes still going out: aborted
 
 # Upper bounds of the request-duration histogram, in seconds (Prometheus' defaults, plus 30 and 60).
 DURATION_BOUNDS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
-REPLAY_LIMIT: Final = 64 * 1024  # request bodies up to this size are kept until a response begins
-IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # How a relayed response head ends, by (chunked to the client, client kept alive, client HTTP/1.1).
 _HEAD_ENDS: Final = {
@@ -287,55 +291,6 @@ class HttpListener:
         return cut
 
 
-class Exchange(RequestHead):
-    """One request and its response, from the client's head to the server's last byte.
-
-    It is the request head as the reader built it (`RequestHead`: what the client asked) and the
-    state of serving it; one object per request.
-    """
-
-    __slots__ = (
-        "body_size",
-        "held",
-        "replayable",
-        "request_done",
-        "sent",
-        "server",
-        "tried",
-        "upstream",
-        "status",
-        "timed_out",
-        "answered",
-        "response_bytes",
-        "started",
-    )
-
-    def __init__(self, method: bytes, target: bytes, forward: bytes, client_11: bool, keep_alive: bool) -> None:
-        # RequestHead's fields, set here rather than through super(): this runs once per request
-        self.method = method
-        self.target = target
-        self.forward = forward
-        self.client_11 = client_11
-        self.keep_alive = keep_alive
-        self.chunked = False
-        self.upgrade = False
-        self.has_body = False
-        self.pin = False
-        self.body_size = 0
-        self.held: list[bytes] = []  # body parts not yet sent, or kept to replay the request
-        self.replayable = True  # every byte of the request so far is still held
-        self.request_done = False
-        self.sent = False  # some of the request was written to the current server connection
-        self.server: Server | None = None
-        self.tried: tuple[Server, ...] = ()  # servers that failed it, for a retry elsewhere (rare)
-        self.upstream: UpstreamConnection | None = None
-        self.status = 0
-        self.timed_out = False  # the last server failed by staying silent
-        self.answered = False  # some of the response reached the client
-        self.response_bytes = 0
-        self.started = time.monotonic()
-
-
 class HttpProxy(asyncio.Protocol):
     """The client side of the L7 proxy: one instance per client connection."""
 
@@ -369,11 +324,15 @@ class HttpProxy(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.gate: flow.ReadGate | None = None
         reader = RequestReader(
-            listener, Exchange, self.on_request, self.on_body, self.on_message_complete, self.on_chunk_header
+            listener,
+            transaction.Exchange,
+            self.on_request,
+            self.on_body,
+            self.on_message_complete,
+            self.on_chunk_header,
         )
         self.reader = reader
-        self.parser = httptools.HttpRequestParser(reader)  # llhttp calls the reader, and our body callbacks
-        reader.parser = self.parser
+        self.parser = reader.parser
         self.head_size = 0  # bytes read since the last head ended, while no body is being read
         self.reading: Exchange | None = None  # the request whose head or body is being received
         self.active: Exchange | None = None  # the request being served; later ones wait in `queue`
@@ -574,7 +533,7 @@ class HttpProxy(asyncio.Protocol):
     # rebuilt for the server (on_request). on_body and on_message_complete come straight from llhttp.
 
     def on_request(self, exchange: Exchange) -> None:
-        self.head_size = 0
+        self.head_size = 0  # QUEUED until _dispatch
         listener = self.listener
         has_body = exchange.has_body
         listener.requests += 1
@@ -587,8 +546,9 @@ class HttpProxy(asyncio.Protocol):
             self.got_bytes = False
         if self.active is None:
             self.active = exchange
-            if not has_body:
-                self._arm(RESPONSE, listener.response_timeout)
+            if not has_body:  # _arm(RESPONSE), inline: this runs for nearly every request
+                self.deadline_kind = RESPONSE
+                self.deadline = self.loop.time() + listener.response_timeout
             self._dispatch(exchange)
         else:
             self.queue.append(exchange)  # pipelined: it waits its turn, and we read no further
@@ -625,6 +585,8 @@ class HttpProxy(asyncio.Protocol):
         self.head_size = 0
         self.reader.body_ended()
         exchange.request_done = True
+        if exchange.phase == SENDING:
+            exchange.phase = AWAITING
         upstream = exchange.upstream
         if upstream is not None and exchange.sent and exchange.chunked:
             upstream.send(_CHUNK_END)
@@ -661,6 +623,7 @@ class HttpProxy(asyncio.Protocol):
             if upstream is not None:
                 self._attach(exchange, upstream)
                 return
+        exchange.phase = CONNECTING
         assert self.gate is not None
         self.gate.pause(flow.WAITING)
         self.loop.create_task(self._open(exchange, server))
@@ -678,7 +641,7 @@ class HttpProxy(asyncio.Protocol):
             server.connect_failures += 1
             if exchange is self.active and not self.closed:
                 reason = "connect timeout" if isinstance(error, TimeoutError) else f"connect failed: {error}"
-                self._upstream_failed(exchange, None, reason, timeout=False)
+                self.upstream_failed(exchange, None, reason, timeout=False)
             else:
                 self._release(exchange)
             return
@@ -692,6 +655,7 @@ class HttpProxy(asyncio.Protocol):
         self._attach(exchange, upstream)
 
     def _attach(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
+        exchange.phase = AWAITING if exchange.request_done else SENDING
         exchange.upstream = upstream
         exchange.sent = True
         upstream.begin(self, exchange)
@@ -712,7 +676,7 @@ class HttpProxy(asyncio.Protocol):
         if exchange.request_done and exchange.chunked:
             upstream.send(_CHUNK_END)
 
-    def _upstream_failed(
+    def upstream_failed(
         self, exchange: Exchange, upstream: UpstreamConnection | None, reason: str, timeout: bool
     ) -> None:
         """The server connection of `exchange` failed before the response was complete."""
@@ -733,22 +697,19 @@ class HttpProxy(asyncio.Protocol):
             log.warning("server %s/%s failed mid-response: %s", server.pool.name, server.name, reason)
             self._close()
             return
-        if exchange.replayable and (upstream is None or not upstream.response_started):
-            if stale and exchange.method in IDEMPOTENT:
-                # The server closed a kept-alive connection as we reused it: the race every proxy has.
-                # Nothing came back, so the request goes again on a new connection to the same server.
-                # Only an idempotent one: it may have been acted on (a non-idempotent request is
-                # never sent on a reused connection, but a pinned one is reused).
-                self._redispatch(exchange, server, fresh=True)
-                return
-            # Provably not received: the connection to this server never opened.
-            sent_nothing = upstream is None
-            if len(exchange.tried) < self.listener.pool.retries and (sent_nothing or exchange.method in IDEMPOTENT):
-                exchange.tried += (server,)
-                listener.retries += 1
-                self.listener.pool.retried += 1
-                self._redispatch(exchange, None, fresh=False)
-                return
+        response_started = upstream is not None and upstream.response_started
+        decision = transaction.after_failure(
+            exchange, upstream is not None, stale, response_started, listener.pool.retries
+        )
+        if decision == transaction.SAME_SERVER:
+            self._redispatch(exchange, server, fresh=True)
+            return
+        if decision == transaction.OTHER_SERVER:
+            exchange.tried += (server,)
+            listener.retries += 1
+            listener.pool.retried += 1
+            self._redispatch(exchange, None, fresh=False)
+            return
         log.warning("server %s/%s failed: %s", server.pool.name, server.name, reason)
         self._refuse(504 if timeout else 502, reason)
 
@@ -759,6 +720,7 @@ class HttpProxy(asyncio.Protocol):
         if server is not None:
             exchange.server = server
             server.pool.taken(server)
+            exchange.phase = CONNECTING
             assert self.gate is not None
             self.gate.pause(flow.WAITING)
             self.loop.create_task(self._open(exchange, server))
@@ -806,6 +768,7 @@ class HttpProxy(asyncio.Protocol):
             self._access_log(exchange)
         if pin:
             self.pinned = upstream
+        exchange.phase = DONE
         self.active = None
         if (
             not exchange.keep_alive
@@ -832,8 +795,9 @@ class HttpProxy(asyncio.Protocol):
         if self.reading is None:
             if self.got_bytes:
                 self._arm(HEADER, listener.header_timeout)
-            else:
-                self._arm(IDLE, listener.keepalive_timeout)
+            else:  # _arm(IDLE), inline: the end of nearly every exchange
+                self.deadline_kind = IDLE
+                self.deadline = self.loop.time() + listener.keepalive_timeout
 
     def _serve_next(self) -> None:
         """Make the first pipelined request the active one and send it."""
@@ -852,6 +816,8 @@ class HttpProxy(asyncio.Protocol):
     def start_tunnel(self, upstream: UpstreamConnection) -> None:
         """The server switched protocols (101): from now on, bytes flow both ways untouched."""
         self.tunnel = upstream
+        if self.active is not None:
+            self.active.phase = transaction.TUNNEL
         self._arm(TUNNEL, self.listener.tunnel_timeout)
         if self.early:
             upstream.send_parts(self.early)
@@ -908,6 +874,7 @@ class HttpProxy(asyncio.Protocol):
             if listener.access_log is not None:
                 self._access_log(exchange)
             self._release(exchange)
+            exchange.phase = DONE
             self.active = None
         self.write(framing.error_response(status, body, extra))
         self._close()
@@ -935,7 +902,8 @@ class HttpProxy(asyncio.Protocol):
             self.active = None
 
     def close_now(self) -> None:
-        """Close an idle keep-alive connection (shutting down)."""
+        """Close this client connection: an idle keep-alive one (shutting down), or the client
+        side of a tunnel whose server leg is done."""
         self._close()
 
     def cut(self) -> None:
@@ -992,7 +960,7 @@ class HttpProxy(asyncio.Protocol):
             assert active.server is not None
             active.server.failures += 1
             upstream.abandon()
-            self._upstream_failed(active, upstream, "response timeout", timeout=True)
+            self.upstream_failed(active, upstream, "response timeout", timeout=True)
 
     def _access_log(self, exchange: Exchange) -> None:
         assert self.listener.access_log is not None
@@ -1138,7 +1106,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if self.tunnel:
             if proxy is not None:
-                proxy._close()
+                proxy.close_now()
             return
         if proxy is None or exchange is None:
             return  # idle, or abandoned
@@ -1149,7 +1117,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = None
         self.server.failures += 1
         reason = "connection reset" if exc is not None else "connection closed"
-        proxy._upstream_failed(exchange, self, reason, timeout=False)
+        proxy.upstream_failed(exchange, self, reason, timeout=False)
 
     def eof_received(self) -> bool:
         proxy = self.proxy
@@ -1158,7 +1126,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.eof = True
         transport = proxy.transport
         if proxy.client_eof or transport is None or not transport.can_write_eof():
-            proxy._close()
+            proxy.close_now()
             return False
         proxy.listener.outbox.flush()
         transport.write_eof()  # the client may still send, until it is done too
@@ -1287,6 +1255,7 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.out += (head.head, _CRLF)  # an interim response (100 Continue); the final one follows
             exchange.answered = True
+            exchange.phase = RELAYING
             return
         self.in_head = False
         exchange.status = status
@@ -1316,6 +1285,7 @@ class UpstreamConnection(asyncio.Protocol):
             keep_client = False  # the server declined to switch: the client's next bytes are not HTTP
         self.pin = head.pin
         exchange.answered = True
+        exchange.phase = RELAYING
         if not keep_client:
             exchange.keep_alive = False
         if head.codings and self.chunked_out:
@@ -1403,4 +1373,4 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
         self.closed = True
         if proxy is not None and exchange is not None:
-            proxy._upstream_failed(exchange, self, f"invalid response: {reason}", timeout=False)
+            proxy.upstream_failed(exchange, self, f"invalid response: {reason}", timeout=False)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar
 
+import httptools
+
 from lbproxy import framing
 from lbproxy.framing import BadRequest
 
@@ -110,7 +112,6 @@ class RequestReader(Generic[H]):
     ) -> None:
         self.settings = settings
         self.make = make
-        self.parser: Parser | None = None  # the parser this reader serves; set by the owner
         self.on_request = on_request
         # the owner's body callbacks, which llhttp finds here and calls directly
         self.on_body = on_body
@@ -134,6 +135,8 @@ class RequestReader(Generic[H]):
         self.content_length: bytes | None = None
         self.auth_pin = False
         self.in_body = False  # a body is being read: header callbacks are its trailer fields
+        # llhttp, strict (no lenient flags): it calls this reader back, and the owner's body callbacks
+        self.parser = httptools.HttpRequestParser(self)
 
     def client_is(self, address: bytes) -> None:
         """The client's address, for X-Forwarded-For (from the socket, or a PROXY header)."""
@@ -204,7 +207,6 @@ class RequestReader(Generic[H]):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        assert parser is not None
         settings = self.settings
         method = parser.get_method()
         # llhttp keeps a request alive by default only in HTTP/1.1; without a Connection field that
@@ -296,13 +298,3 @@ class RequestReader(Generic[H]):
             self.upgrade = None
             self.xff = None
         self.on_request(head)
-
-
-class Parser(Protocol):
-    """What the reader asks of httptools' HttpRequestParser."""
-
-    def get_method(self) -> bytes: ...
-
-    def get_http_version(self) -> str: ...
-
-    def should_keep_alive(self) -> bool: ...

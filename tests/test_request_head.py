@@ -62,8 +62,7 @@ def read(data: bytes, settings: Settings | None = None, upgrading: bool = False)
         owner.on_chunk_header,
     )
     owner.reader = reader
-    parser = httptools.HttpRequestParser(reader)
-    reader.parser = parser
+    parser = reader.parser
     reader.client_is(b"192.0.2.7")
     if upgrading:
         with pytest.raises(httptools.HttpParserUpgrade):
