@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import LOCALHOST, free_port, get
+from tests.support import LOCALHOST, free_ports, get
 
 REPO = Path(__file__).resolve().parent.parent
 LBPROXY = Path(sys.executable).with_name("lbproxy")  # the venv's script, as `make run` runs it
@@ -70,7 +70,8 @@ class Demo:
 def demo_config(directory: Path) -> tuple[Path, dict[int, int]]:
     """config/demo.yaml with a free port for each of its ports, and its maintenance page beside it."""
     text = (REPO / "config" / "demo.yaml").read_text()
-    ports = {int(port): free_port() for port in re.findall(rf"{LOCALHOST}:(\d+)", text)}
+    written = sorted({int(port) for port in re.findall(rf"{LOCALHOST}:(\d+)", text)})
+    ports = dict(zip(written, free_ports(len(written)), strict=True))
     text = re.sub(rf"{LOCALHOST}:(\d+)", lambda match: f"{LOCALHOST}:{ports[int(match[1])]}", text)
     path = directory / "demo.yaml"
     path.write_text(text)

@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import LOCALHOST, Backend, ctl, eventually, free_port, get
+from tests.support import LOCALHOST, Backend, ctl, eventually, free_ports, get
 
 CONFIG = """\
 admin:
@@ -132,7 +132,7 @@ async def lbproxy_tree(
 @pytest.fixture
 async def tree(tmp_path: Path) -> AsyncIterator[tuple[Tree, Backend, Backend]]:
     async with Backend("a") as a, Backend("b") as b:
-        port, admin = free_port(), free_port()
+        port, admin = free_ports(2)
         path = tmp_path / "lbproxy.yaml"
         path.write_text(CONFIG.format(admin=admin, port=port, a=a.address, b=b.address))
         async with lbproxy_tree(path, port, admin) as running:
@@ -304,7 +304,7 @@ async def test_a_worker_that_keeps_dying_is_restarted_with_a_growing_delay(tmp_p
     page.write_text("<p>back soon</p>\n")
     log = tmp_path / "stderr"
     async with Backend("a") as a, Backend("b") as b:
-        port, admin = free_port(), free_port()
+        port, admin = free_ports(2)
         path = tmp_path / "lbproxy.yaml"
         path.write_text(
             CONFIG.format(admin=admin, port=port, a=a.address, b=b.address).replace(
@@ -343,7 +343,7 @@ async def test_a_worker_that_keeps_dying_is_restarted_with_a_growing_delay(tmp_p
 
 async def test_thousands_of_servers_cross_to_the_workers(tmp_path: Path) -> None:
     async with Backend("a") as a:
-        port, admin = free_port(), free_port()
+        port, admin = free_ports(2)
         servers = "".join(f'      - {{name: s{n}, address: "{a.address}"}}\n' for n in range(2000))
         path = tmp_path / "lbproxy.yaml"
         path.write_text(
@@ -368,7 +368,7 @@ async def test_thousands_of_servers_cross_to_the_workers(tmp_path: Path) -> None
 async def test_the_workers_access_log_reaches_standard_output(tmp_path: Path) -> None:
     out = tmp_path / "stdout"
     async with Backend("a") as a, Backend("b") as b:
-        port, admin = free_port(), free_port()
+        port, admin = free_ports(2)
         path = tmp_path / "lbproxy.yaml"
         path.write_text(
             CONFIG.format(admin=admin, port=port, a=a.address, b=b.address).replace(
@@ -399,7 +399,7 @@ async def test_the_workers_access_log_reaches_standard_output(tmp_path: Path) ->
 
 async def test_a_worker_follows_the_depool_guard_of_the_running_config(tmp_path: Path) -> None:
     async with Backend("a") as a, Backend("b") as b:
-        port, admin = free_port(), free_port()
+        port, admin = free_ports(2)
         path = tmp_path / "lbproxy.yaml"
         guarded = CONFIG.format(admin=admin, port=port, a=a.address, b=b.address) + (
             "    health: {type: tcp, interval: 200ms}\n"
