@@ -10,7 +10,7 @@ writes of one event-loop iteration and makes them together at its end. Nothing h
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Any, Final, Protocol
 
 # uvloop's default low-water mark differs from CPython's: set both on every transport, the same way.
 HIGH_WATER: Final = 256 * 1024
@@ -38,6 +38,29 @@ def linger(loop: asyncio.AbstractEventLoop, transport: asyncio.WriteTransport) -
 
 def set_limits(transport: asyncio.WriteTransport) -> None:
     transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+
+
+class Listening(Protocol):
+    """What `admit` counts on, in an http or tcp listener."""
+
+    connections: set[Any]
+    connections_total: int
+    rejected: int
+    max_connections: int
+
+
+def admit(listener: Listening, connection: object, transport: asyncio.Transport) -> ReadGate | None:
+    """A client leg's first step, the same in both proxies: count the connection and, over
+    `max_connections`, abort it (None); else it is open, counted until it is gone, with the
+    buffer limits set and a gate on its reading."""
+    listener.connections_total += 1
+    if len(listener.connections) >= listener.max_connections:
+        listener.rejected += 1
+        transport.abort()
+        return None
+    listener.connections.add(connection)
+    set_limits(transport)
+    return ReadGate(transport)
 
 
 class ReadGate:

@@ -341,7 +341,8 @@ class HttpProxy(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self.early: list[bytes] = []  # bytes after an upgrade request, for the new protocol
         self.refusal: tuple[int, str] | None = None  # an error owed after the requests ahead of it
-        self.proxy_header: bytes | None = b"" if listener.accept_proxy else None  # until it is read
+        # with accept_proxy, until the PROXY header is read
+        self.proxy_header = proxy_protocol.HeaderReader() if listener.accept_proxy else None
         self.closed = False
         self.client_eof = False
         self.deadline = 0.0
@@ -355,15 +356,10 @@ class HttpProxy(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         listener = self.listener
         self.transport = transport
-        listener.connections_total += 1
-        if len(listener.connections) >= listener.max_connections:
-            listener.rejected += 1
-            transport.abort()
+        self.gate = flow.admit(listener, self, transport)
+        if self.gate is None:
             self.closed = True
             return
-        listener.connections.add(self)
-        flow.set_limits(transport)
-        self.gate = flow.ReadGate(transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.reader.client_is(str(peer[0]).encode())
@@ -510,23 +506,21 @@ class HttpProxy(asyncio.Protocol):
 
     def _read_proxy_header(self, data: bytes) -> bytes:
         """Take the PROXY header off the connection's first bytes; returns what follows it."""
-        assert self.proxy_header is not None
-        buffered = self.proxy_header + data
+        header = self.proxy_header
+        assert header is not None
         try:
-            parsed = proxy_protocol.parse(buffered)
+            rest = header.feed(data)
         except proxy_protocol.ProxyHeaderError as error:
             self.listener.bad_proxy_headers += 1
             log.info("listener %s: closing %s: %s", self.listener.name, self.reader.client_ip.decode(), error)
             self._close()
             return b""
-        if parsed is None:
-            self.proxy_header = buffered
+        if rest is None:
             return b""
-        consumed, client, _ = parsed
-        if client is not None:
-            self.reader.client_is(client[0].encode())
+        if header.client is not None:
+            self.reader.client_is(header.client[0].encode())
         self.proxy_header = None
-        return buffered[consumed:]
+        return rest
 
     # -- requests: heads from the reader, bodies from llhttp --
     # llhttp calls the RequestReader as a head arrives; it hands over each whole head, checked and

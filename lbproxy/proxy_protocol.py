@@ -94,6 +94,34 @@ def parse(data: bytes) -> Parsed | None:
     raise ProxyHeaderError("no PROXY header")
 
 
+class HeaderReader:
+    """Takes the PROXY header off the first bytes of one accepted connection, read by read.
+
+    Both proxies' client legs use it (`accept_proxy`): `feed` returns what follows the header once
+    it is whole, None while it is not, and raises ProxyHeaderError for anything else. `client` and
+    `destination` are the header's addresses (None for UNKNOWN/LOCAL).
+    """
+
+    __slots__ = ("buffered", "client", "destination")
+
+    def __init__(self) -> None:
+        self.buffered = b""
+        self.client: Address | None = None
+        self.destination: Address | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        buffered = self.buffered + data if self.buffered else data
+        parsed = parse(buffered)
+        if parsed is None:
+            if len(buffered) > V2_MAX_PAYLOAD + 16:  # belt and braces: parse bounds both versions
+                raise ProxyHeaderError("PROXY header too long")
+            self.buffered = buffered
+            return None
+        consumed, self.client, self.destination = parsed
+        self.buffered = b""
+        return buffered[consumed:]
+
+
 def _parse_v1(data: bytes) -> Parsed | None:
     if not V1_PREFIX.startswith(data[:6]):
         raise ProxyHeaderError("no PROXY header")

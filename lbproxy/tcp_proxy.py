@@ -135,7 +135,7 @@ class TcpClient(asyncio.Protocol):
         "early_size",
         "client",
         "local",
-        "proxy_pending",
+        "proxy_header",
         "tried",
         "deadline",
         "eof",
@@ -152,7 +152,8 @@ class TcpClient(asyncio.Protocol):
         self.early_size = 0
         self.client: proxy_protocol.Address = ("", 0)
         self.local: proxy_protocol.Address = ("", 0)
-        self.proxy_pending = listener.accept_proxy
+        # with accept_proxy, until the PROXY header is read
+        self.proxy_header = proxy_protocol.HeaderReader() if listener.accept_proxy else None
         self.tried: tuple[Server, ...] = ()  # servers whose connect failed, for a retry elsewhere
         self.deadline = 0.0
         self.eof = False  # the client shut down its writing
@@ -162,19 +163,14 @@ class TcpClient(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         listener = self.listener
         self.transport = transport
-        listener.connections_total += 1
-        if len(listener.connections) >= listener.max_connections:
-            listener.rejected += 1
+        self.gate = flow.admit(listener, self, transport)
+        if self.gate is None:
             self.closed = True
-            transport.abort()
             return
-        listener.connections.add(self)
-        flow.set_limits(transport)
-        self.gate = flow.ReadGate(transport)
         self.client = _address(transport.get_extra_info("peername"))
         self.local = _address(transport.get_extra_info("sockname"))
         self.touch()
-        if self.proxy_pending:
+        if self.proxy_header is not None:
             self.deadline = listener.loop.time() + min(listener.idle_timeout, PROXY_HEADER_TIMEOUT)
         else:
             self._connect()
@@ -184,37 +180,35 @@ class TcpClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         upstream = self.upstream
-        if upstream is not None and not self.proxy_pending:
+        if upstream is not None and self.proxy_header is None:
             upstream.send(data)
             self.deadline = self.listener.loop.time() + self.listener.idle_timeout
             return
+        if self.proxy_header is not None:
+            self._read_proxy_header(data)
+            return
         self.early.append(data)
         self.early_size += len(data)
-        if self.proxy_pending:
-            self._read_proxy_header()
-        elif self.early_size > MAX_EARLY and self.gate is not None:
+        if self.early_size > MAX_EARLY and self.gate is not None:
             self.gate.pause(flow.WAITING)
 
-    def _read_proxy_header(self) -> None:
-        data = b"".join(self.early)
+    def _read_proxy_header(self, data: bytes) -> None:
+        """Take the PROXY header off the connection's first bytes; then connect, with what followed it."""
+        header = self.proxy_header
+        assert header is not None
         try:
-            parsed = proxy_protocol.parse(data)
+            rest = header.feed(data)
         except proxy_protocol.ProxyHeaderError as error:
             self.listener.bad_proxy_headers += 1
             log.info("listener %s: closing %s: %s", self.listener.name, self.client[0], error)
             self.close()
             return
-        if parsed is None:
-            if len(data) > proxy_protocol.V2_MAX_PAYLOAD + 16:
-                self.listener.bad_proxy_headers += 1
-                self.close()
+        if rest is None:
             return
-        consumed, client, destination = parsed
-        if client is not None and destination is not None:
-            self.client = client  # forwarded as received, as HAProxy does
-            self.local = destination
-        self.proxy_pending = False
-        rest = data[consumed:]
+        if header.client is not None and header.destination is not None:
+            self.client = header.client  # forwarded as received, as HAProxy does
+            self.local = header.destination
+        self.proxy_header = None
         self.early = [rest] if rest else []
         self.early_size = len(rest)
         self._connect()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lbproxy.proxy_protocol import Address, ProxyHeaderError, header_v1, header_v2
+from lbproxy.proxy_protocol import Address, HeaderReader, ProxyHeaderError, header_v1, header_v2
 from lbproxy.proxy_protocol import parse as parse_header
 
 
@@ -329,3 +329,21 @@ def test_parse_never_fails_otherwise(data: bytes) -> None:
         if address is not None:
             ipaddress.ip_address(address[0])
             assert 0 <= address[1] <= 65535
+
+
+def test_the_header_reader_takes_a_header_fed_byte_by_byte_and_keeps_what_follows() -> None:
+    """proxy_protocol.HeaderReader, the one reader of both proxies, without a socket."""
+    for header in (
+        b"PROXY TCP4 192.0.2.1 198.51.100.2 5000 80\r\n",
+        header_v2(("192.0.2.1", 5000), ("198.51.100.2", 80)),
+    ):
+        reader = HeaderReader()
+        data = header + b"GET / HTTP/1.1\r\n"
+        results = [reader.feed(data[index : index + 1]) for index in range(len(header))]
+        assert results[:-1] == [None] * (len(header) - 1)
+        assert results[-1] == b""
+        assert reader.client == ("192.0.2.1", 5000)
+        assert reader.destination == ("198.51.100.2", 80)
+        assert HeaderReader().feed(data) == b"GET / HTTP/1.1\r\n"
+    with pytest.raises(ProxyHeaderError):
+        HeaderReader().feed(b"GET / HTTP/1.1\r\n")
