@@ -10,6 +10,7 @@ writes of one event-loop iteration and makes them together at its end. Nothing h
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
 # uvloop's default low-water mark differs from CPython's: set both on every transport, the same way.
@@ -47,6 +48,25 @@ class Listening(Protocol):
     connections_total: int
     rejected: int
     max_connections: int
+
+
+class Timed(Protocol):
+    """A client leg with one deadline (0: none) and what to do when it passes."""
+
+    deadline: float
+
+    def deadline_passed(self) -> None: ...
+
+
+def expire(connections: Iterable[Timed], now: float) -> None:
+    """Act on every connection whose deadline has passed: the listeners' tick, the same for both proxies.
+
+    Deadlines are stored, never scheduled: the hot path creates and cancels no timer.
+    """
+    for connection in list(connections):
+        deadline = connection.deadline
+        if deadline and now >= deadline:
+            connection.deadline_passed()
 
 
 def admit(listener: Listening, connection: object, transport: asyncio.Transport) -> ReadGate | None:

@@ -213,9 +213,7 @@ class HttpListener:
 
     def tick(self, now: float) -> None:
         """Enforce the deadlines of every connection and drop stale idle upstreams; called ~4 times a second."""
-        for connection in list(self.connections):
-            if connection.deadline and now >= connection.deadline:
-                connection.deadline_passed()
+        flow.expire(self.connections, now)
         for idle in self.idle.values():
             idle.sweep(now)
 

@@ -87,9 +87,7 @@ class TcpListener:
 
     def tick(self, now: float) -> None:
         """Close connections idle past idle_timeout; the runtime calls this a few times a second."""
-        for connection in list(self.connections):
-            if now >= connection.deadline:
-                connection.deadline_passed()
+        flow.expire(self.connections, now)
 
     def close_idle(self) -> None:
         pass  # no idle server connections in tcp mode
