@@ -27,7 +27,7 @@ from lbproxy.request_head import RequestHead
 if TYPE_CHECKING:
     from lbproxy.pool import Server
 
-# Phases (ints: set on the hot path). PHASES names them, for logs and the docs.
+# Phases: ints, set on the hot path (docs/architecture.md, "The phases of a request", names them).
 QUEUED: Final = 0
 CONNECTING: Final = 1
 SENDING: Final = 2
@@ -35,7 +35,6 @@ AWAITING: Final = 3
 RELAYING: Final = 4
 TUNNEL: Final = 5
 DONE: Final = 6
-PHASES: Final = ("queued", "connecting", "sending", "awaiting", "relaying", "tunnel", "done")
 
 # RFC 9110 §9.2.2: methods whose repetition has the effect of one request.
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})

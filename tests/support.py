@@ -40,6 +40,19 @@ async def running(yaml_text: str, directory: Path, **substitutions: object) -> A
         await runtime.stop()
 
 
+def admin_farm(admin: str = "", pool: str = "") -> str:
+    """A config text for `running()`: the admin server and listener `web` on 127.0.0.1:0, and pool
+    `farm` with servers a and b at `{a}` and `{b}`. `admin` and `pool` are more lines for those
+    blocks, indented as they are to stand (2 and 4 spaces); they may hold `running()` fields too."""
+    return (
+        "\nadmin:\n  bind: 127.0.0.1:0\n"
+        + admin
+        + "listeners:\n  - name: web\n    bind: 127.0.0.1:0\n    pool: farm\npools:\n  farm:\n"
+        + pool
+        + '    servers:\n      - {{name: a, address: "{a}"}}\n      - {{name: b, address: "{b}"}}\n'
+    )
+
+
 def port_of(runtime: Runtime, listener: str = "web") -> int:
     return runtime.bound[listener].port
 

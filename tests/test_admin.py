@@ -20,22 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbproxy import admin
 from lbproxy.ctl import ago, status_table
 from lbproxy.pool import AdminState
-from tests.support import LOCALHOST, Backend, ctl, eventually, get, port_of, running
+from tests.support import LOCALHOST, Backend, admin_farm, ctl, eventually, get, port_of, running
 
-CONFIG = """
-admin:
-  bind: 127.0.0.1:0
-{token}
-listeners:
-  - name: web
-    bind: 127.0.0.1:0
-    pool: farm
-pools:
-  farm:
-    servers:
-      - {{name: a, address: "{a}"}}
-      - {{name: b, address: "{b}"}}
-"""
+CONFIG = admin_farm(admin="{token}\n")
 
 
 def admin_url(runtime: object) -> str:
@@ -374,20 +361,7 @@ async def test_ctl_status_shows_rates(tmp_path: Path) -> None:
     assert header[4:7] == ["INFLIGHT", "REQ/S", "ERR/S"]
 
 
-PROBED = """
-admin:
-  bind: 127.0.0.1:0
-listeners:
-  - name: web
-    bind: 127.0.0.1:0
-    pool: farm
-pools:
-  farm:
-    health: {{type: tcp, interval: 100ms, timeout: 500ms, rise: 1, fall: 1}}
-    servers:
-      - {{name: a, address: "{a}"}}
-      - {{name: b, address: "{b}"}}
-"""
+PROBED = admin_farm(pool="    health: {{type: tcp, interval: 100ms, timeout: 500ms, rise: 1, fall: 1}}\n")
 
 
 def table(out: str) -> list[dict[str, str]]:

@@ -14,22 +14,9 @@ import sys
 from pathlib import Path
 
 from lbproxy.pool import AdminState
-from tests.support import Backend, free_port, running
+from tests.support import Backend, admin_farm, free_port, running
 
-CONFIG = """
-admin:
-  bind: 127.0.0.1:0
-  token: {token}
-listeners:
-  - name: web
-    bind: 127.0.0.1:0
-    pool: farm
-pools:
-  farm:
-    servers:
-      - {{name: a, address: "{a}"}}
-      - {{name: b, address: "{b}"}}
-"""
+CONFIG = admin_farm(admin="  token: {token}\n")
 
 # Modules that make `import lbproxy.cli` slow (about 0.3 s together): `ctl` must load none of them.
 HEAVY = ("asyncio", "uvloop", "aiohttp", "yaml", "httptools", "prometheus_client", "lbproxy.config", "lbproxy.runtime")

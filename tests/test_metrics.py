@@ -22,22 +22,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbproxy.runtime import Runtime
-from tests.support import LOCALHOST, Backend, eventually, free_port, get, port_of, running
+from tests.support import LOCALHOST, Backend, admin_farm, eventually, free_port, get, port_of, running
 
-CONFIG = """
-admin:
-  bind: 127.0.0.1:0
-listeners:
-  - name: web
-    bind: 127.0.0.1:0
-    pool: farm
-pools:
-  farm:
-    servers:
-      - {{name: a, address: "{a}"}}
-      - {{name: b, address: "{b}"}}
-{health}
-"""
+CONFIG = admin_farm(pool="{health}\n")
 HTTP_CHECK = "    health: {{type: http, path: /health, interval: {interval}, timeout: 500ms, fall: 2, rise: 2}}"
 
 # The contract of issue #5: every sample name, its family's type and its labels.

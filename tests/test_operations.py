@@ -42,6 +42,7 @@ from tests.support import (
     Client,
     Request,
     Responder,
+    admin_farm,
     answers_when,
     ctl,
     eventually,
@@ -279,19 +280,7 @@ async def test_a_removed_listener_lets_go_of_its_server_connections(tmp_path: Pa
 
 # -- reload: invalid files ----------------------------------------------------------------------------
 
-WITH_ADMIN = """
-admin:
-  bind: 127.0.0.1:0
-listeners:
-  - name: web
-    bind: 127.0.0.1:0
-    pool: farm
-pools:
-  farm:
-    servers:
-      - {{name: a, address: "{a}"}}
-      - {{name: b, address: "{b}"}}
-"""
+WITH_ADMIN = admin_farm()
 
 INVALID = """
 admin:
