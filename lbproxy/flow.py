@@ -1,10 +1,15 @@
-"""How bytes move between the two legs of a relay: back-pressure, and when writes are made.
+"""How bytes move between the two legs of a relay: back-pressure, half-close, and when writes are made.
 
 When one leg's transport says its write buffer is above the high-water mark (`pause_writing`), the
 other leg stops reading until it drains (`resume_writing`). Reading on a leg can be paused for
 several reasons at once (the peer is slow, a pipelined request waits its turn, a server connection is
 being opened); a `ReadGate` resumes only when the last reason is gone. An `Outbox` holds the small
 writes of one event-loop iteration and makes them together at its end. Nothing here holds data longer.
+
+A `Relay` is the one byte relay of both proxies: an L4 connection once its server connection is
+open, and an L7 connection after the server switched protocols (101). The protocols feed it their
+reads and EOFs; it counts, writes, keeps the client leg's deadline ahead and passes half-closes on.
+The legs' openings, closings and lingers (`admit`, `linger`, `expire`) are here too, shared alike.
 """
 
 from __future__ import annotations
@@ -48,6 +53,13 @@ class Listening(Protocol):
     connections_total: int
     rejected: int
     max_connections: int
+
+
+class Counted(Protocol):
+    """Where a relay counts the bytes it moves: the server (sent to it, received from it)."""
+
+    sent_bytes: int
+    received_bytes: int
 
 
 class Timed(Protocol):
@@ -149,3 +161,71 @@ class Outbox:
             for transport, data in pending:
                 if not transport.is_closing():
                     transport.write(data)
+
+
+class Relay:
+    """Bytes both ways between a client leg and a server leg, untouched, until both ways are done.
+
+    Every byte either way keeps the client leg's deadline `timeout` ahead (the idle timeout of an L4
+    connection, `tunnel_timeout` of a tunnel). An EOF from one side becomes a `write_eof` on the
+    other, and the other way flows on until it ends too (`client_ended`, `server_ended` say False
+    when the relay is over and the legs are to be closed). Writes go through the L7 listener's
+    outbox, so that they keep their order after the response head; the L4 proxy writes at once.
+    """
+
+    __slots__ = ("loop", "client", "server", "timed", "timeout", "counts", "outbox", "client_eof", "server_eof")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: asyncio.WriteTransport,
+        server: asyncio.WriteTransport,
+        timed: Timed,
+        timeout: float,
+        counts: Counted,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.server = server
+        self.timed = timed
+        self.timeout = timeout
+        self.counts = counts
+        self.outbox = outbox
+        self.client_eof = False
+        self.server_eof = False
+
+    def from_client(self, data: bytes) -> None:
+        self.counts.sent_bytes += len(data)
+        self._write(self.server, data)
+        self.timed.deadline = self.loop.time() + self.timeout
+
+    def from_server(self, data: bytes) -> None:
+        self.counts.received_bytes += len(data)
+        self._write(self.client, data)
+        self.timed.deadline = self.loop.time() + self.timeout
+
+    def client_ended(self) -> bool:
+        """The client shut its writing: the server is told. False when both ways are now done."""
+        self.client_eof = True
+        return self._pass_eof(self.server, self.server_eof)
+
+    def server_ended(self) -> bool:
+        """The server shut its writing: the client is told. False when both ways are now done."""
+        self.server_eof = True
+        return self._pass_eof(self.client, self.client_eof)
+
+    def _write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        outbox = self.outbox
+        if outbox is not None:
+            outbox.write(transport, data)
+        elif not transport.is_closing():
+            transport.write(data)
+
+    def _pass_eof(self, transport: asyncio.WriteTransport, other_way_done: bool) -> bool:
+        if other_way_done or transport.is_closing() or not transport.can_write_eof():
+            return False
+        if self.outbox is not None:
+            self.outbox.flush()  # what was written before the EOF goes before it
+        transport.write_eof()
+        return True

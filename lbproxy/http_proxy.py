@@ -30,7 +30,7 @@ from lbproxy.pool import Pool, Server
 from lbproxy.request_head import RequestReader
 from lbproxy.selection import select
 from lbproxy.transaction import AWAITING, CONNECTING, DONE, IDEMPOTENT, RELAYING, REPLAY_LIMIT, SENDING
-from lbproxy.upstream import Endpoint, IdleConnections, connect
+from lbproxy.upstream import Endpoint, IdleConnections, dial
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -305,6 +305,7 @@ class HttpProxy(asyncio.Protocol):
         "queue",
         "pinned",
         "tunnel",
+        "relay",
         "early",
         "refusal",
         "proxy_header",
@@ -336,7 +337,8 @@ class HttpProxy(asyncio.Protocol):
         self.active: Exchange | None = None  # the request being served; later ones wait in `queue`
         self.queue: deque[Exchange] = deque()
         self.pinned: UpstreamConnection | None = None  # NTLM/Negotiate: this client keeps that connection
-        self.tunnel: UpstreamConnection | None = None
+        self.tunnel: UpstreamConnection | None = None  # after a 101: the server leg of `relay`
+        self.relay: flow.Relay | None = None
         self.early: list[bytes] = []  # bytes after an upgrade request, for the new protocol
         self.refusal: tuple[int, str] | None = None  # an error owed after the requests ahead of it
         # with accept_proxy, until the PROXY header is read
@@ -384,16 +386,14 @@ class HttpProxy(asyncio.Protocol):
     def eof_received(self) -> bool:
         # A client may half-close after its last request: answer it, then close.
         self.client_eof = True
-        tunnel = self.tunnel
-        if tunnel is not None:
+        relay = self.relay
+        if relay is not None:
             # A half-close is passed on: the server may still answer, until it is done too.
-            transport = tunnel.transport
-            if tunnel.eof or transport is None or not transport.can_write_eof():
-                tunnel.close()
-                return False
-            self.listener.outbox.flush()
-            transport.write_eof()
-            return True
+            if relay.client_ended():
+                return True
+            if self.tunnel is not None:
+                self.tunnel.close()
+            return False
         reading = self.reading
         if reading is not None:
             # The body still owed can never come: give up on the request now (HAProxy and nginx do)
@@ -435,9 +435,9 @@ class HttpProxy(asyncio.Protocol):
                 self._arm(IDLE, self.listener.keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.send(data)
-            self.deadline = self.loop.time() + self.listener.tunnel_timeout
+        relay = self.relay
+        if relay is not None:
+            relay.from_client(data)
             return
         if self.closed or self.refusal is not None:
             return
@@ -557,7 +557,7 @@ class HttpProxy(asyncio.Protocol):
         if max_body is not None and size > max_body:
             raise BadRequest(413, "request body too large")
         upstream = exchange.upstream
-        if upstream is not None and exchange.sent:
+        if upstream is not None:  # attached: the request is going to it
             upstream.send_body(exchange, body)
             if exchange.replayable:
                 if size <= REPLAY_LIMIT:
@@ -580,7 +580,7 @@ class HttpProxy(asyncio.Protocol):
         if exchange.phase == SENDING:
             exchange.phase = AWAITING
         upstream = exchange.upstream
-        if upstream is not None and exchange.sent and exchange.chunked:
+        if upstream is not None and exchange.chunked:
             upstream.send(_CHUNK_END)
         if exchange is self.active and (upstream is None or not upstream.response_started):
             self._arm(RESPONSE, self.listener.response_timeout)
@@ -622,18 +622,10 @@ class HttpProxy(asyncio.Protocol):
 
     async def _open(self, exchange: Exchange, server: Server) -> None:
         listener = self.listener
-        try:
-            upstream = await connect(
-                self.loop,
-                lambda: UpstreamConnection(server, listener),
-                server.endpoint,
-                listener.connect_timeout,
-            )
-        except (OSError, TimeoutError) as error:
-            server.connect_failures += 1
+        upstream = await dial(self.loop, lambda: UpstreamConnection(server, listener), server, listener.connect_timeout)
+        if isinstance(upstream, str):
             if exchange is self.active and not self.closed:
-                reason = "connect timeout" if isinstance(error, TimeoutError) else f"connect failed: {error}"
-                self.upstream_failed(exchange, None, reason, timeout=False)
+                self.upstream_failed(exchange, None, upstream, timeout=False)
             else:
                 self._release(exchange)
             return
@@ -649,7 +641,6 @@ class HttpProxy(asyncio.Protocol):
     def _attach(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
         exchange.phase = AWAITING if exchange.request_done else SENDING
         exchange.upstream = upstream
-        exchange.sent = True
         upstream.begin(self, exchange)
         if self.client_busy and upstream.gate is not None:
             upstream.gate.pause(flow.PEER_BUSY)  # the new peer must hear that the client is not reading
@@ -684,7 +675,7 @@ class HttpProxy(asyncio.Protocol):
         stale = upstream is not None and upstream.reused and not timeout and not upstream.response_started
         if not stale:
             server.pool.report_failure(server, reason)
-        if exchange.answered:
+        if exchange.phase >= RELAYING:
             # The client already has part of this response: all we can do is cut it short.
             log.warning("server %s/%s failed mid-response: %s", server.pool.name, server.name, reason)
             self._close()
@@ -706,7 +697,6 @@ class HttpProxy(asyncio.Protocol):
         self._refuse(504 if timeout else 502, reason)
 
     def _redispatch(self, exchange: Exchange, server: Server | None, fresh: bool) -> None:
-        exchange.sent = False
         if exchange.request_done:
             self._arm(RESPONSE, self.listener.response_timeout)
         if server is not None:
@@ -805,17 +795,26 @@ class HttpProxy(asyncio.Protocol):
             self._arm(BODY, self.listener.body_timeout)
         self._dispatch(following)
 
-    def start_tunnel(self, upstream: UpstreamConnection) -> None:
+    def start_tunnel(self, upstream: UpstreamConnection) -> flow.Relay:
         """The server switched protocols (101): from now on, bytes flow both ways untouched."""
+        listener = self.listener
+        client, server = self.transport, upstream.transport
+        assert client is not None
+        assert server is not None
+        relay = flow.Relay(self.loop, client, server, self, listener.tunnel_timeout, upstream.server, listener.outbox)
         self.tunnel = upstream
+        self.relay = relay
         if self.active is not None:
             self.active.phase = transaction.TUNNEL
-        self._arm(TUNNEL, self.listener.tunnel_timeout)
+        self._arm(TUNNEL, listener.tunnel_timeout)
         if self.early:
-            upstream.send_parts(self.early)
+            relay.from_client(b"".join(self.early))
             self.early = []
+        if self.client_eof:
+            relay.client_ended()  # the client finished writing before the server switched
         assert self.gate is not None
         self.gate.resume(flow.WAITING)
+        return relay
 
     def _upgrade_requested(self, rest: bytes) -> None:
         """httptools stops after a request that asks to switch protocols; `rest` is what followed it."""
@@ -855,7 +854,7 @@ class HttpProxy(asyncio.Protocol):
             log.info("listener %s: %d for %s: %s", listener.name, status, self.reader.client_ip.decode(), reason)
         exchange = self.active
         if exchange is not None:
-            if exchange.answered:
+            if exchange.phase >= RELAYING:
                 self._close()  # part of an earlier response is out: an error now would corrupt it
                 return
             exchange.status = status
@@ -1002,7 +1001,7 @@ class UpstreamConnection(asyncio.Protocol):
         "chunked_out",
         "framing",
         "complete",
-        "tunnel",
+        "relay",
         "closed",
         "pin",
         "served",
@@ -1034,13 +1033,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunked_out = False
         self.framing = framing.NO_BODY
         self.complete = False
-        self.tunnel = False
+        self.relay: flow.Relay | None = None  # after a 101: bytes both ways, untouched
         self.closed = False
         self.pin = False
         self.served = 0
         self.out: list[bytes] = []  # bytes for the client, gathered during one read, written at once
         self.busy = False  # the server is not reading what we write (pause_writing)
-        self.eof = False  # the server half-closed a tunnel
 
     def is_open(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
@@ -1096,13 +1094,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         proxy = self.proxy
         exchange = self.exchange
-        if self.tunnel:
+        if self.relay is not None:
             if proxy is not None:
                 proxy.close_now()
             return
         if proxy is None or exchange is None:
             return  # idle, or abandoned
-        if self.framing == framing.UNTIL_CLOSE and exchange.answered and not self.in_head:
+        if self.framing == framing.UNTIL_CLOSE and exchange.phase >= RELAYING and not self.in_head:
             self._finish()  # RFC 9112 §6.3: the close delimits the body
             return
         self.proxy = None
@@ -1113,16 +1111,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         proxy = self.proxy
-        if not self.tunnel or proxy is None:
+        relay = self.relay
+        if relay is None or proxy is None:
             return False  # outside a tunnel a server's FIN ends the connection: connection_lost decides
-        self.eof = True
-        transport = proxy.transport
-        if proxy.client_eof or transport is None or not transport.can_write_eof():
-            proxy.close_now()
-            return False
-        proxy.listener.outbox.flush()
-        transport.write_eof()  # the client may still send, until it is done too
-        return True
+        if relay.server_ended():
+            return True  # the client may still send, until it is done too
+        proxy.close_now()
+        return False
 
     def pause_writing(self) -> None:
         self.busy = True
@@ -1137,13 +1132,13 @@ class UpstreamConnection(asyncio.Protocol):
             proxy.gate.resume(flow.PEER_BUSY)
 
     def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            if self.proxy is not None and not self.proxy.closed:
+                relay.from_server(data)
+            return
         self.server.received_bytes += len(data)
         proxy = self.proxy
-        if self.tunnel:
-            if proxy is not None:
-                proxy.write(data)
-                proxy.deadline = proxy.loop.time() + self.listener.tunnel_timeout
-            return
         exchange = self.exchange
         if proxy is None or exchange is None or self.complete:
             self.close()  # nothing was asked: a server talking out of turn is not reused
@@ -1246,7 +1241,6 @@ class UpstreamConnection(asyncio.Protocol):
                 self.out += (head.head, b"Connection: upgrade\r\n\r\n")
             else:
                 self.out += (head.head, _CRLF)  # an interim response (100 Continue); the final one follows
-            exchange.answered = True
             exchange.phase = RELAYING
             return
         self.in_head = False
@@ -1276,7 +1270,6 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange.upgrade:
             keep_client = False  # the server declined to switch: the client's next bytes are not HTTP
         self.pin = head.pin
-        exchange.answered = True
         exchange.phase = RELAYING
         if not keep_client:
             exchange.keep_alive = False
@@ -1350,10 +1343,9 @@ class UpstreamConnection(asyncio.Protocol):
         if proxy is None or exchange is None or not exchange.upgrade or exchange.status != 101:
             self._garbage("unexpected protocol switch")
             return
-        self.tunnel = True
-        proxy.start_tunnel(self)
+        self.relay = proxy.start_tunnel(self)
         if rest:
-            proxy.write(rest)
+            proxy.write(rest)  # counted as it was read
 
     def _garbage(self, reason: str) -> None:
         proxy = self.proxy

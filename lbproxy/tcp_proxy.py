@@ -1,11 +1,12 @@
 """The L4 proxy: each accepted connection relayed to a server its pool picks, bytes both ways.
 
 Two `asyncio.Protocol`s per connection, `TcpClient` facing the client and `TcpServer` facing the
-server; no parsing, no copies beyond what the transports need, back-pressure both ways through
-flow.ReadGate. Half-close is honoured: one side's EOF becomes a `write_eof` on the other, and traffic
-the other way flows until it ends too. A connect failure or timeout tries another server (up to the
-pool's `retries`) and is reported to passive detection. With `accept_proxy` the connection must open
-with a PROXY header; with the pool's `send_proxy` lbproxy writes one to the server.
+server; once the server connection is open, a `flow.Relay` moves the bytes (the same relay as an L7
+tunnel's): no parsing, no copies beyond what the transports need, back-pressure both ways through
+flow.ReadGate, half-close honoured. A connect failure or timeout tries another server (up to the
+pool's `retries`, `selection.retry_elsewhere`) and is reported to passive detection. With
+`accept_proxy` the connection must open with a PROXY header; with the pool's `send_proxy` lbproxy
+writes one to the server.
 
 This module reads its settings from a `TcpListener` that the runtime builds, never the config file.
 """
@@ -18,8 +19,8 @@ from typing import Final, cast
 
 from lbproxy import flow, proxy_protocol
 from lbproxy.pool import Pool, Server
-from lbproxy.selection import select
-from lbproxy.upstream import connect
+from lbproxy.selection import retry_elsewhere, select
+from lbproxy.upstream import dial
 
 log = logging.getLogger("lbproxy.tcp")
 
@@ -129,6 +130,7 @@ class TcpClient(asyncio.Protocol):
         "gate",
         "server",
         "upstream",
+        "relay",
         "early",
         "early_size",
         "client",
@@ -146,6 +148,7 @@ class TcpClient(asyncio.Protocol):
         self.gate: flow.ReadGate | None = None
         self.server: Server | None = None
         self.upstream: TcpServer | None = None
+        self.relay: flow.Relay | None = None  # once the server connection is open
         self.early: list[bytes] = []  # client bytes before the server connection is open
         self.early_size = 0
         self.client: proxy_protocol.Address = ("", 0)
@@ -177,10 +180,9 @@ class TcpClient(asyncio.Protocol):
         self.deadline = self.listener.loop.time() + self.listener.idle_timeout
 
     def data_received(self, data: bytes) -> None:
-        upstream = self.upstream
-        if upstream is not None and self.proxy_header is None:
-            upstream.send(data)
-            self.deadline = self.listener.loop.time() + self.listener.idle_timeout
+        relay = self.relay
+        if relay is not None:
+            relay.from_client(data)
             return
         if self.proxy_header is not None:
             self._read_proxy_header(data)
@@ -213,10 +215,11 @@ class TcpClient(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.shut_writing()
-            return True  # keep reading the other way until the server is done too
+        relay = self.relay
+        if relay is not None:
+            if not relay.client_ended() and self.upstream is not None:
+                self.upstream.close()  # both ways done: its loss closes this leg
+            return True
         return self.server is not None  # still connecting: the EOF is passed on once connected
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -253,21 +256,14 @@ class TcpClient(asyncio.Protocol):
 
     async def _open(self, server: Server) -> None:
         listener = self.listener
-        try:
-            upstream = await connect(
-                listener.loop,
-                lambda: TcpServer(self, server),
-                server.endpoint,
-                listener.connect_timeout,
-            )
-        except (OSError, TimeoutError) as error:
-            server.connect_failures += 1
-            reason = "connect timeout" if isinstance(error, TimeoutError) else f"connect failed: {error}"
+        upstream = await dial(listener.loop, lambda: TcpServer(self, server), server, listener.connect_timeout)
+        if isinstance(upstream, str):
+            reason = upstream
             self._release()
             server.pool.report_failure(server, reason)
             if self.closed:
                 return
-            if len(self.tried) < listener.pool.retries:
+            if retry_elsewhere(len(self.tried), listener.pool.retries, reached=False, idempotent=False):
                 self.tried += (server,)
                 listener.retries += 1
                 listener.pool.retried += 1
@@ -281,17 +277,20 @@ class TcpClient(asyncio.Protocol):
             return
         if server.consecutive_failures:
             server.consecutive_failures = 0
+        relay = upstream.relay
+        assert relay is not None  # made as the connection was
         self.upstream = upstream
         if listener.send_proxy == "v1":
-            upstream.send(proxy_protocol.header_v1(self.client, self.local))
+            relay.from_client(proxy_protocol.header_v1(self.client, self.local))
         elif listener.send_proxy == "v2":
-            upstream.send(proxy_protocol.header_v2(self.client, self.local))
+            relay.from_client(proxy_protocol.header_v2(self.client, self.local))
         if self.early:
-            upstream.send(b"".join(self.early))
+            relay.from_client(b"".join(self.early))
             self.early = []
             self.early_size = 0
-        if self.eof:
-            upstream.shut_writing()
+        self.relay = relay
+        if self.eof and not relay.client_ended():
+            upstream.close()
         if self.gate is not None:
             self.gate.resume(flow.WAITING)
 
@@ -329,47 +328,34 @@ class TcpClient(asyncio.Protocol):
 class TcpServer(asyncio.Protocol):
     """The server leg of one relayed connection."""
 
-    __slots__ = ("client", "server", "transport", "gate", "eof")
+    __slots__ = ("client", "server", "transport", "gate", "relay")
 
     def __init__(self, client: TcpClient, server: Server) -> None:
         self.client = client
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.gate: flow.ReadGate | None = None
-        self.eof = False
+        self.relay: flow.Relay | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         flow.set_limits(transport)
         self.gate = flow.ReadGate(transport)
-
-    def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.server.sent_bytes += len(data)
-        self.transport.write(data)
-
-    def shut_writing(self) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
-        if self.eof:
-            self.close()  # both ways done
+        client = self.client
+        assert client.transport is not None  # a client leg connects only once it is made
+        # The server may speak first (a banner), before the client leg has heard the connection is open.
+        listener = client.listener
+        self.relay = flow.Relay(listener.loop, client.transport, transport, client, listener.idle_timeout, self.server)
 
     def data_received(self, data: bytes) -> None:
-        self.server.received_bytes += len(data)
-        client = self.client
-        if client.transport is not None and not client.closed:
-            client.transport.write(data)
-            client.deadline = client.listener.loop.time() + client.listener.idle_timeout
+        relay = self.relay
+        if relay is not None and not self.client.closed:
+            relay.from_server(data)
 
     def eof_received(self) -> bool:
-        self.eof = True
-        client = self.client
-        transport = client.transport
-        if transport is not None and not client.closed and transport.can_write_eof():
-            transport.write_eof()
-        return not client.eof  # both ways done: close
+        relay = self.relay
+        return relay is not None and relay.server_ended()  # False: both ways done, close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.server_closed()

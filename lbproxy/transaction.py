@@ -13,6 +13,12 @@ A request with no body skips SENDING; one that reuses an idle connection skips C
 server connection sends it back to CONNECTING (a retry) or ends it (`after_failure`). The client
 connection's deadlines follow the active exchange's phase (docs/architecture.md, "Timers").
 
+What the phase implies is not stored again: "some of the response reached the client" is
+`phase >= RELAYING`, "the request is being written to a server" is `upstream is not None`. Two facts
+of the request's body run beside the phase, because a body may still arrive while the response is
+relayed (a server may answer early): `request_done` (the client sent all of it) and `replayable`
+(every byte of it so far is still held, so the request can go again).
+
 `after_failure` is the one retry policy: the stale-connection rule, idempotency and the replay
 buffer, decided from facts the protocols pass in. The protocols act on its answer.
 """
@@ -23,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from lbproxy.request_head import RequestHead
+from lbproxy.selection import retry_elsewhere
 
 if TYPE_CHECKING:
     from lbproxy.pool import Server
@@ -62,13 +69,11 @@ class Exchange(RequestHead, Generic[U]):
         "held",
         "replayable",
         "request_done",
-        "sent",
         "server",
         "tried",
         "upstream",
         "status",
         "timed_out",
-        "answered",
         "response_bytes",
         "started",
     )
@@ -89,13 +94,11 @@ class Exchange(RequestHead, Generic[U]):
         self.held: list[bytes] = []  # body parts not yet sent, or kept to replay the request
         self.replayable = True  # every byte of the request so far is still held
         self.request_done = False
-        self.sent = False  # some of the request was written to the current server connection
         self.server: Server | None = None
         self.tried: tuple[Server, ...] = ()  # servers that failed it, for a retry elsewhere (rare)
         self.upstream: U | None = None  # the server connection serving it now
         self.status = 0
         self.timed_out = False  # the last server failed by staying silent
-        self.answered = False  # some of the response reached the client
         self.response_bytes = 0
         self.started = time.monotonic()
 
@@ -109,7 +112,7 @@ def after_failure(
     it). `stale`: it was a reused keep-alive connection that closed with no response byte, the race
     every proxy has. `retries`: how many servers the pool lets a request try after the first.
     """
-    if exchange.answered or not exchange.replayable or response_started:
+    if exchange.phase >= RELAYING or not exchange.replayable or response_started:
         return GIVE_UP  # part of the response is out, or the request is no longer held whole
     idempotent = exchange.method in IDEMPOTENT
     if stale and idempotent:
@@ -119,6 +122,6 @@ def after_failure(
         return SAME_SERVER
     # Another server, when provably nothing reached this one (the connection never opened), or
     # when sending it twice is harmless.
-    if len(exchange.tried) < retries and (not connection_opened or idempotent):
+    if retry_elsewhere(len(exchange.tried), retries, connection_opened, idempotent):
         return OTHER_SERVER
     return GIVE_UP

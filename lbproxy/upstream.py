@@ -84,8 +84,25 @@ class IdleConnections(Generic[C]):
         return len(self._idle)
 
 
-async def connect(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], endpoint: Endpoint, timeout: float) -> P:
-    """Open a connection to `endpoint`; raises OSError, or TimeoutError after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        _, protocol = await loop.create_connection(factory, endpoint.host, endpoint.port)
-    return protocol
+class Target(Protocol):
+    """What `dial` needs of a server: where it is, and where to count a failed connect."""
+
+    endpoint: Endpoint
+    connect_failures: int
+
+
+async def dial(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], target: Target, timeout: float) -> P | str:
+    """A new connection to `target`, for both proxies: its protocol, or why none opened within
+    `timeout` seconds (counted on the target). What follows a failure (another server, an error to
+    the client) is the caller's: the rule is `selection.retry_elsewhere`."""
+    endpoint = target.endpoint
+    try:
+        async with asyncio.timeout(timeout):
+            _, protocol = await loop.create_connection(factory, endpoint.host, endpoint.port)
+        return protocol
+    except TimeoutError:
+        reason = "connect timeout"
+    except OSError as error:
+        reason = f"connect failed: {error}"
+    target.connect_failures += 1
+    return reason

@@ -96,3 +96,90 @@ async def test_flush_writes_now_and_skips_a_closed_transport(
     outbox.write(transport, b"dropped")
     outbox.flush()  # uvloop raises on a write to a closed transport: it is skipped
     assert outbox.pending == []
+
+
+class Leg:
+    """A client leg's deadline, as a relay keeps it ahead."""
+
+    deadline = 0.0
+
+    def deadline_passed(self) -> None:
+        raise AssertionError("not in these tests")
+
+
+class Counts:
+    sent_bytes = 0
+    received_bytes = 0
+
+
+@pytest.fixture
+async def two_pairs() -> AsyncIterator[tuple[tuple[asyncio.Transport, socket.socket], ...]]:
+    """Two loopback connections: lbproxy's client leg and server leg, each with its far end."""
+    loop = asyncio.get_running_loop()
+    made = []
+    with socket.create_server((LOCALHOST, 0)) as listening:
+        for _ in range(2):
+            transport, _ = await loop.create_connection(Lost, *listening.getsockname())
+            accepted, _ = listening.accept()
+            accepted.setblocking(False)
+            made.append((transport, accepted))
+    try:
+        yield tuple(made)  # type: ignore[misc]
+    finally:
+        for transport, accepted in made:
+            transport.abort()
+            accepted.close()
+
+
+@pytest.mark.parametrize("with_outbox", [False, True], ids=["l4", "tunnel"])
+async def test_a_relay_counts_moves_keeps_the_deadline_and_passes_half_closes_on(
+    two_pairs: tuple[tuple[asyncio.Transport, socket.socket], ...], with_outbox: bool
+) -> None:
+    (client, client_far), (server, server_far) = two_pairs
+    loop = asyncio.get_running_loop()
+    leg, counts = Leg(), Counts()
+    outbox = flow.Outbox(loop) if with_outbox else None
+    relay = flow.Relay(loop, client, server, leg, 30.0, counts, outbox)  # type: ignore[arg-type]
+
+    relay.from_client(b"request")
+    relay.from_server(b"answer!!")
+    assert leg.deadline >= loop.time() + 29.0
+    assert (counts.sent_bytes, counts.received_bytes) == (7, 8)
+    # The client's EOF goes after its bytes (an outbox is flushed first), and the other way stays open.
+    relay.from_client(b" more")
+    assert relay.client_ended()
+    got = bytearray()
+
+    def server_got_eof() -> bool:
+        while True:
+            try:
+                more = server_far.recv(1 << 16)
+            except BlockingIOError:
+                return False
+            if not more:
+                return True
+            got.extend(more)
+
+    await eventually(server_got_eof, what="the client's bytes, then its EOF, at the server")
+    assert bytes(got) == b"request more"
+    relay.from_server(b" still")
+    if outbox is not None:
+        outbox.flush()
+    answer = bytearray()
+
+    def client_got_all() -> bool:
+        answer.extend(received(client_far))
+        return bytes(answer) == b"answer!! still"
+
+    await eventually(client_got_all, what="the server's bytes, those after the client's EOF too")
+    # The server ends too: both ways are done, the caller closes the legs.
+    assert not relay.server_ended()
+
+
+async def test_a_relay_says_done_when_the_other_side_cannot_be_half_closed(
+    two_pairs: tuple[tuple[asyncio.Transport, socket.socket], ...],
+) -> None:
+    (client, _), (server, _) = two_pairs
+    relay = flow.Relay(asyncio.get_running_loop(), client, server, Leg(), 30.0, Counts())  # type: ignore[arg-type]
+    server.close()
+    assert not relay.client_ended()  # the server leg is closing: nothing to pass the EOF to

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 
 from lbproxy import transaction
 from lbproxy.pool import Server
-from lbproxy.transaction import GIVE_UP, OTHER_SERVER, SAME_SERVER, Exchange, after_failure
+from lbproxy.transaction import AWAITING, GIVE_UP, OTHER_SERVER, RELAYING, SAME_SERVER, Exchange, after_failure
 
 METHODS = [b"GET", b"HEAD", b"PUT", b"DELETE", b"POST", b"PATCH", b"CONNECT"]
 
 
 def exchange(method: bytes, answered: bool = False, replayable: bool = True, tried: int = 0) -> Exchange[object]:
     made: Exchange[object] = Exchange(method, b"/", b"", True, True)
-    made.answered = answered
+    made.phase = RELAYING if answered else AWAITING  # some of the response reached the client, or not
     made.replayable = replayable
     made.tried = tuple(object.__new__(Server) for _ in range(tried))
     return made
