@@ -17,6 +17,12 @@ the proxy's process (from /proc) per request is the steadiest figure on a shared
 Scenarios: keep-alive small responses with 50 and 500 connections; a new connection per request
 (`Connection: close`); 64 KiB and 1 MiB responses; latency with everything on one core and one
 connection (the latency a proxy adds); and L4 bulk, 1 GiB through one connection (benchmarks/bulk.py).
+
+`--base DIR` measures another checkout's lbproxy as well (`git worktree add DIR REV`): targets
+lbproxy-http@base and lbproxy-tcp@base, interleaved in every round with the others, run by the same
+Python and venv with DIR first on the import path; it prints the markdown report, which compares
+each scenario's ratios to HAProxy before and after. `--targets` runs some targets alone, e.g.
+`--targets haproxy-http,lbproxy-http,lbproxy-http@base`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -36,11 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bulk
+import report
 from harness import (
     DEBIAN_PACKAGES,
     Processes,
     WrkResult,
     cores,
+    cpu_model,
     cpu_seconds,
     find_tool,
     free_port,
@@ -53,6 +62,7 @@ from harness import (
 )
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 SMALL_BODY = "hello world\n"  # 12 bytes
 
 BACKEND_NGINX = """
@@ -205,6 +215,10 @@ SCENARIOS = (
         seconds_factor=0.75,
     ),
 )
+# The targets, in report order; with --base each lbproxy target has a twin running the base checkout.
+TARGET_KEYS = ("direct", "lbproxy-http", "haproxy-http", "nginx", "aiohttp", "lbproxy-tcp", "haproxy-tcp")
+LBPROXY_KEYS = ("lbproxy-http", "lbproxy-tcp")
+BASE = report.BASE  # "@base": the suffix of the base checkout's targets
 BULK = "bulk"
 BULK_TITLE = "L4 bulk: {size} through one connection"
 GIB = 1024**3
@@ -217,28 +231,74 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 4; 2 with --quick)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--only", help="comma-separated scenario keys (bulk included), e.g. keepalive-c50,1m")
+    parser.add_argument(
+        "--targets", help=f"comma-separated target keys, e.g. haproxy-http,lbproxy-http (all: {','.join(TARGET_KEYS)})"
+    )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="another checkout (git worktree add DIR REV): its lbproxy measured too, as lbproxy-http@base "
+        "and lbproxy-tcp@base; prints the markdown report (with --json: FILE and FILE.md)",
+    )
     args = parser.parse_args()
     missing = missing_tools()
     if missing:
         print(f"not installed: {', '.join(missing)} (Debian: {DEBIAN_PACKAGES})", file=sys.stderr)
         return 2
-    results = run(args.quick, args.rounds, args.seconds, args.only.split(",") if args.only else None)
-    text = json.dumps(results, indent=2)
+    keys = args.targets.split(",") if args.targets else None
+    if keys is not None:
+        known = target_keys(args.base is not None)
+        unknown = [key for key in keys if key not in known]
+        if unknown:
+            parser.error(f"unknown targets {', '.join(unknown)}; known: {', '.join(known)}")
+        for key in keys:
+            reference = report.REFERENCE["tcp" if key.startswith("lbproxy-tcp") else "http"]
+            if key.startswith("lbproxy") and reference not in keys:
+                print(f"warning: {key} without {reference}: no ratio to HAProxy", file=sys.stderr)
+    if args.base is not None and not (args.base / "lbproxy" / "__init__.py").is_file():
+        parser.error(f"{args.base} holds no lbproxy package")
+    only = args.only.split(",") if args.only else None
+    if args.base is None:
+        results = run(args.quick, args.rounds, args.seconds, only, keys)
+        text = json.dumps(results, indent=2)
+        if args.json is not None:
+            args.json.write_text(text + "\n")
+        else:
+            print(text)
+        return 0
+    # A comparison: the results in run.py's shape, so that report.py renders (and re-renders) them.
+    compared: dict[str, object] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["python", "benchmarks/macro.py", *sys.argv[1:]]),
+        "quick": args.quick,
+        "machine": machine(),
+    }
+    compared["macro"] = run(args.quick, args.rounds, args.seconds, only, keys, args.base)
+    text = report.markdown(compared)
     if args.json is not None:
-        args.json.write_text(text + "\n")
-    else:
-        print(text)
+        args.json.write_text(json.dumps(compared, indent=2) + "\n")
+        args.json.with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 
 def run(
-    quick: bool, rounds: int | None = None, seconds: float | None = None, only: list[str] | None = None
+    quick: bool,
+    rounds: int | None = None,
+    seconds: float | None = None,
+    only: list[str] | None = None,
+    keys: list[str] | None = None,
+    base: Path | None = None,
 ) -> dict[str, object]:
     """Start everything, run every scenario over every target, stop everything; the results as a dict.
 
-    `only` names the scenarios to run (keys of SCENARIOS, and "bulk"); None runs them all.
+    `only` names the scenarios to run (keys of SCENARIOS, and "bulk"); None runs them all. `keys`
+    names the targets to measure (see target_keys); None measures them all. `base`: another
+    checkout, whose lbproxy is measured too (targets with the @base suffix).
     """
     scenarios = [s for s in SCENARIOS if only is None or s.key in only]
+    base = base.resolve() if base is not None else None
     rounds = rounds or (1 if quick else 3)
     seconds = seconds or (2.0 if quick else 4.0)
     bulk_size = GIB // 4 if quick else GIB
@@ -249,7 +309,9 @@ def run(
     work = Path(tempfile.mkdtemp(prefix="lbproxy-macro-"))
     try:
         with Processes() as processes:
-            targets = start(processes, work, load_core, proxy_core)
+            checkouts = None if base is None else {"this": checkout(REPO), "base": checkout(base)}
+            targets = start(processes, work, load_core, proxy_core, base)
+            targets = [target for target in targets if keys is None or target.key in keys]
             warm_up(targets, load_core, 1.0)
             runs: dict[str, dict[str, list[dict[str, object]]]] = {}
             started = time.monotonic()
@@ -269,7 +331,7 @@ def run(
                         f"[{round_index + 1}/{rounds}] {BULK} {target.name}: {measured['gib_s']:.2f} GiB/s",
                         file=sys.stderr,
                     )
-            return {
+            results: dict[str, object] = {
                 "rounds": rounds,
                 "seconds": seconds,
                 "bulk_bytes": bulk_size,
@@ -284,13 +346,21 @@ def run(
                 "runs": runs,
                 "medians": medians(runs),
             }
+            if checkouts is not None:
+                results["checkouts"] = checkouts
+            return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
         os.sched_setaffinity(0, affinity)
 
 
-def start(processes: Processes, work: Path, load_core: int | None, proxy_core: int | None) -> list[Target]:
-    """Write the configs, start the back-ends and every proxy; the targets, in report order."""
+def start(
+    processes: Processes, work: Path, load_core: int | None, proxy_core: int | None, base: Path | None = None
+) -> list[Target]:
+    """Write the configs, start the back-ends and every proxy; the targets, in report order (target_keys).
+
+    With `base`, a second lbproxy runs that checkout's package, and both run through checkout_command.
+    """
     nginx, haproxy = find_tool("nginx"), find_tool("haproxy")
     assert nginx is not None
     assert haproxy is not None
@@ -303,6 +373,8 @@ def start(processes: Processes, work: Path, load_core: int | None, proxy_core: i
     source = free_port()
     ports = {name: free_port() for name in ("haproxy-http", "haproxy-tcp", "haproxy-bulk", "nginx", "aiohttp")}
     ports |= {name: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
+    if base is not None:
+        ports |= {name + BASE: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
 
     (work / "backend.conf").write_text(backend_nginx(work, backends))
     upstreams = "\n".join(f"    server 127.0.0.1:{port};" for port in backends)
@@ -317,15 +389,16 @@ def start(processes: Processes, work: Path, load_core: int | None, proxy_core: i
             source=source,
         )
     )
-    (work / "lbproxy.yaml").write_text(
-        LBPROXY.format(
-            http_port=ports["lbproxy-http"],
-            tcp_port=ports["lbproxy-tcp"],
-            bulk_port=ports["lbproxy-bulk"],
-            servers=lbproxy_servers(backends),
-            source=source,
+    for suffix in ("", BASE) if base is not None else ("",):
+        (work / f"lbproxy{suffix}.yaml").write_text(
+            LBPROXY.format(
+                http_port=ports["lbproxy-http" + suffix],
+                tcp_port=ports["lbproxy-tcp" + suffix],
+                bulk_port=ports["lbproxy-bulk" + suffix],
+                servers=lbproxy_servers(backends),
+                source=source,
+            )
         )
-    )
 
     def nginx_command(config: str) -> list[str]:
         return [nginx, "-p", str(work), "-e", str(work / f"{config}.startup.err"), "-c", str(work / config)]
@@ -334,7 +407,12 @@ def start(processes: Processes, work: Path, load_core: int | None, proxy_core: i
     processes.start("source", [sys.executable, str(HERE / "bulk.py"), "serve", str(source)], load_core)
     processes.start("haproxy", [haproxy, "-f", str(work / "haproxy.cfg")], proxy_core, work / "haproxy.out")
     processes.start("nginx", nginx_command("proxy.conf"), proxy_core, work / "proxy.out")
-    processes.start("lbproxy", lbproxy_command(work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
+    if base is None:
+        processes.start("lbproxy", lbproxy_command(work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
+    else:
+        processes.start("lbproxy", checkout_command(REPO, work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
+        command = checkout_command(base, work / f"lbproxy{BASE}.yaml")
+        processes.start("lbproxy" + BASE, command, proxy_core, work / f"lbproxy{BASE}.out")
     aiohttp = [sys.executable, str(HERE / "aiohttp_proxy.py"), str(ports["aiohttp"]), *map(str, backends)]
     processes.start("aiohttp", aiohttp, proxy_core, work / "aiohttp.out")
     for port in [*backends, source, *ports.values()]:
@@ -344,7 +422,7 @@ def start(processes: Processes, work: Path, load_core: int | None, proxy_core: i
             for output in sorted(work.glob("*.out")) + sorted(work.glob("*.err")):
                 print(f"--- {output.name}\n{output.read_text(errors='replace')[-2000:]}", file=sys.stderr)
             raise
-    return [
+    targets = [
         Target("direct", "direct (one nginx back-end)", backends[0], None, "direct", source),
         Target("lbproxy-http", "lbproxy L7", ports["lbproxy-http"], "lbproxy", "http"),
         Target("haproxy-http", "HAProxy mode http", ports["haproxy-http"], "haproxy", "http"),
@@ -353,6 +431,65 @@ def start(processes: Processes, work: Path, load_core: int | None, proxy_core: i
         Target("lbproxy-tcp", "lbproxy L4", ports["lbproxy-tcp"], "lbproxy", "tcp", ports["lbproxy-bulk"]),
         Target("haproxy-tcp", "HAProxy mode tcp", ports["haproxy-tcp"], "haproxy", "tcp", ports["haproxy-bulk"]),
     ]
+    if base is not None:
+        twins = {
+            "lbproxy-http": Target(
+                "lbproxy-http" + BASE, "lbproxy L7 @base", ports["lbproxy-http" + BASE], "lbproxy" + BASE, "http"
+            ),
+            "lbproxy-tcp": Target(
+                "lbproxy-tcp" + BASE,
+                "lbproxy L4 @base",
+                ports["lbproxy-tcp" + BASE],
+                "lbproxy" + BASE,
+                "tcp",
+                ports["lbproxy-bulk" + BASE],
+            ),
+        }
+        targets = [twin for target in targets for twin in (target, twins.get(target.key)) if twin is not None]
+    assert [target.key for target in targets] == target_keys(base is not None)
+    return targets
+
+
+def target_keys(base: bool) -> list[str]:
+    """The keys of the targets `start` returns, in its order: with `base`, each lbproxy key then its twin."""
+    keys: list[str] = []
+    for key in TARGET_KEYS:
+        keys.append(key)
+        if base and key in LBPROXY_KEYS:
+            keys.append(key + BASE)
+    return keys
+
+
+def checkout_python(root: Path) -> list[str]:
+    """This Python (and its venv), importing lbproxy from the checkout at `root`.
+
+    The venv holds an editable install of one checkout, and `python -m` or `-c` put the working
+    directory first on sys.path: `-P` leaves the working directory out and PYTHONPATH puts `root`
+    before site-packages (the editable install's finder comes after both), so `root` wins.
+    """
+    return ["env", f"PYTHONPATH={root}", sys.executable, "-P"]
+
+
+def checkout_command(root: Path, config: Path) -> list[str]:
+    """`lbproxy run` with the package of the checkout at `root`."""
+    return [*checkout_python(root), *lbproxy_command(config)[1:]]
+
+
+def checkout(root: Path) -> dict[str, str]:
+    """Where checkout_python(root) imports lbproxy from, checked to be `root`'s, and its revision."""
+    root = root.resolve()
+    probe = [*checkout_python(root), "-c", "import lbproxy; print(lbproxy.__file__)"]
+    imported = Path(subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()).resolve()
+    if imported.parent != root / "lbproxy":
+        raise RuntimeError(f"{' '.join(probe)} imports {imported}, not the package of {root}")
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    revision = head.stdout.strip() if head.returncode == 0 else "?"
+    changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "lbproxy"], check=False)
+    if changed.returncode == 1:
+        revision += " + uncommitted changes to lbproxy/"
+    return {"path": str(root), "revision": revision, "lbproxy": str(imported)}
 
 
 def _size(count: int) -> str:
@@ -436,6 +573,17 @@ def medians(runs: dict[str, dict[str, list[dict[str, object]]]]) -> dict[str, di
             figures["errors"] = float(sum(sum(result.get("errors", {}).values()) for result in results))  # type: ignore[union-attr]
             out.setdefault(scenario, {})[target] = figures
     return out
+
+
+def machine() -> dict[str, object]:
+    """The machine, as run.py records it (report.setup_text shows it)."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_before": " ".join(f"{value:.1f}" for value in os.getloadavg()),
+    }
 
 
 def versions() -> dict[str, str]:

@@ -3,15 +3,21 @@
 Every figure is shown beside its ratio to the direct run (the ceiling) and to HAProxy in the same
 mode (`mode http` for the L7 proxies, `mode tcp` for the L4 ones): absolute numbers on a shared
 machine mean little, ratios measured in the same interleaved rounds do. Reads only the results dict
-that benchmarks/run.py writes as JSON, so a saved result can be re-rendered:
+that benchmarks/run.py (or `macro.py --base DIR --json FILE`) writes as JSON, so a saved result
+can be re-rendered:
 
     python benchmarks/report.py benchmarks/results/DATE.json
+
+A run with `macro.py --base DIR` also gets the table "this checkout vs base": each lbproxy target's
+ratios to HAProxy beside those of its twin running the base checkout (the targets whose key ends in
+@base).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 import textwrap
 from collections.abc import Callable
@@ -21,6 +27,7 @@ from typing import Any
 Results = dict[str, Any]
 
 REFERENCE = {"direct": "haproxy-http", "http": "haproxy-http", "tcp": "haproxy-tcp"}
+BASE = "@base"  # the suffix of the targets that run the base checkout's lbproxy (macro.py --base)
 # Counter updates on the L7 path per request (listener and server requests/responses, in-flight up
 # and down, bytes each way, response bytes, the duration histogram and its sum): for the cost estimate.
 COUNTER_UPDATES_PER_REQUEST = 11
@@ -146,6 +153,9 @@ def goals(results: Results) -> list[tuple[str, str, str, bool | None]]:
 def markdown(results: Results, heading: str = "#") -> str:
     """Every table of a run: the goals, each scenario, the micro-benchmarks and the failover run."""
     lines = [f"{heading} lbproxy benchmarks, {results['date']}", "", setup_text(results), ""]
+    if "checkouts" in results["macro"]:
+        lines += [f"{heading}# This checkout vs base", "", comparison_text(results), ""]
+        lines += [*comparison_table(results), ""]
     lines += [f"{heading}# Goals (issue #6)", "", *goals_table(results), ""]
     for scenario in results["macro"]["scenarios"]:
         if scenario["key"] not in results["macro"]["medians"]:
@@ -182,6 +192,63 @@ def setup_text(results: Results, command: bool = True) -> str:
         "the steadiest figure on a shared machine. Ratios are to the direct run (xdirect) and to HAProxy in "
         "the same mode (xHAProxy: `mode http` for L7 rows, `mode tcp` for L4 rows)."
     )
+
+
+def comparison_text(results: Results) -> str:
+    checkouts = results["macro"]["checkouts"]
+    this, base = checkouts["this"], checkouts["base"]
+    return (
+        f"this: lbproxy of {this['path']} ({this['revision']}); base (@base): lbproxy of {base['path']} "
+        f"({base['revision']}); both run by the same Python and venv, interleaved with HAProxy in every round. "
+        f"Each cell is the median over the {results['macro']['rounds']} rounds of that round's ratio to HAProxy "
+        "in the same mode (`mode http` for L7, `mode tcp` for L4), the lowest and highest rounds in brackets. "
+        "Throughput is requests/s (GiB/s for bulk), higher is better; CPU is the proxy's CPU time per request "
+        "(per GiB for bulk), lower is better. change: this / base - 1."
+    )
+
+
+def comparison_table(results: Results) -> list[str]:
+    """For each scenario and each lbproxy target with a twin @base: both ratios to HAProxy, this and base."""
+    lines = [
+        "| scenario | proxy | throughput xHAProxy: this | base | change | CPU xHAProxy: this | base | change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    runs = results["macro"]["runs"]
+    for scenario in results["macro"]["scenarios"]:
+        by_target = runs.get(scenario["key"], {})
+        bulk = scenario["key"] == "bulk"
+        throughput, cost = ("gib_s", "cpu_s_per_gib") if bulk else ("rps", "cpu_us")
+        for key, proxy, mode in (("lbproxy-http", "L7", "http"), ("lbproxy-tcp", "L4", "tcp")):
+            reference = by_target.get(REFERENCE[mode])
+            if key not in by_target or key + BASE not in by_target or not reference:
+                continue
+            cells = [f"`{scenario['key']}`", proxy]
+            for field in (throughput, cost):
+                ours = _round_ratios(by_target[key], reference, field)
+                theirs = _round_ratios(by_target[key + BASE], reference, field)
+                change = "-"
+                if ours and theirs:
+                    change = f"{statistics.median(ours) / statistics.median(theirs) - 1:+.1%}"
+                cells += [_spread(ours), _spread(theirs), change]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _round_ratios(ours: list[dict[str, Any]], reference: list[dict[str, Any]], field: str) -> list[float]:
+    """Round by round (the runs of one scenario are in round order), `field` of ours over the reference's."""
+    return [
+        float(mine[field]) / float(theirs[field])
+        for mine, theirs in zip(ours, reference, strict=True)
+        if mine.get(field) and theirs.get(field)
+    ]
+
+
+def _spread(ratios: list[float]) -> str:
+    if not ratios:
+        return "-"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}"
+    return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
 
 
 def goals_table(results: Results) -> list[str]:
@@ -365,6 +432,8 @@ COLOURS = {
     "haproxy-tcp": "#fdae6b",
     "nginx": "#2ca02c",
     "aiohttp": "#7f7f7f",
+    "lbproxy-http" + BASE: "#9467bd",
+    "lbproxy-tcp" + BASE: "#c5b0d5",
 }
 
 
