@@ -407,7 +407,20 @@ def pool_state(pool: Pool) -> dict[str, Any]:
         "servers_up": sum(1 for server in pool.servers if server.up),
         "servers_available": sum(1 for server in pool.servers if server.available),
         "counters": {"failovers": pool.failovers, "retries": pool.retried, "depool_refusals": pool.depool_refusals},
+        "persistence": _persistence(pool),
         "servers": [server_state(server) for server in pool.servers],
+    }
+
+
+def _persistence(pool: Pool) -> dict[str, Any] | None:
+    persistence = pool.persistence
+    if persistence is None:
+        return None
+    return {
+        "type": persistence.kind,
+        "hits": persistence.hits,
+        "misses": persistence.misses,
+        "redispatches": persistence.redispatches,
     }
 
 

@@ -26,6 +26,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 from yaml.resolver import Resolver
 
+from lbproxy import routing
+from lbproxy.routing import Match, RouteSpec
+
 Mode = Literal["http", "tcp"]
 PolicyName = Literal["round_robin", "least_connections", "ratio", "dynamic_ratio"]
 HealthType = Literal["http", "tcp", "none"]
@@ -94,6 +97,7 @@ class ListenerConfig:
     limits: ListenerLimits = ListenerLimits()
     accept_proxy: bool = False  # a PROXY header (v1 or v2) opens every connection
     idle_timeout: float = 3600.0  # tcp: a connection with no byte either way for this long is closed
+    routes: tuple[RouteSpec, ...] = ()  # http: first match wins; no match: `pool`
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,19 @@ class KeepaliveConfig:
     idle_timeout: float = 30.0  # below the usual server keep-alive timeouts, so we close first
 
 
+PersistenceType = Literal["cookie", "source_ip", "header"]
+
+
+@dataclass(frozen=True, slots=True)
+class PersistenceConfig:
+    type: PersistenceType
+    cookie: str = "LBSRV"  # type cookie: the cookie lbproxy inserts
+    max_age: float | None = None  # None: a session cookie
+    header: str | None = None  # type header: the request header whose value is the key
+    balance: float = 1.25  # source_ip, header: no server takes more than this times the average load
+    secret: str = ""  # mixed into the cookie values, so that they cannot be computed from the names
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
@@ -155,6 +172,7 @@ class PoolConfig:
     max_down_fraction: float | None = None  # the depool guard; None: off
     slow_start: float | None = None  # seconds over which a server coming up ramps to full share
     disable_grace: float = 10.0  # after `disable`, what is still in flight is cut after this
+    persistence: PersistenceConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +368,10 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "limits",
         "accept_proxy",
         "idle_timeout",
+        "routes",
     ),
+    "listeners[].routes[]": ("name", "match", "pool", "deny"),
+    "listeners[].routes[].match": ("host", "path_prefix", "path_regex", "header", "methods"),
     "listeners[].timeouts": ("request_header", "keepalive", "request_body", "tunnel"),
     "listeners[].limits": ("header_size", "header_count", "target_size", "max_body_size"),
     "listeners[].tls": ("cert", "key"),
@@ -368,7 +389,9 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "slow_start",
         "disable_grace",
         "send_proxy",
+        "persistence",
     ),
+    "pools.<name>.persistence": ("type", "cookie", "max_age", "header", "balance", "secret"),
     "pools.<name>.servers[]": ("name", "address", "ratio", "backup"),
     "pools.<name>.health": (
         "type",
@@ -605,8 +628,17 @@ class _Reader:
                 )
             tls = self.tls(entries["tls"], _join(key, "tls")) if "tls" in entries else None
             access_log = self.value(entries, "access_log", key, _access_log, None)
+            routes = self.routes(entries["routes"], _join(key, "routes"), pools) if "routes" in entries else ()
             if mode != "http":
-                for http_only in ("tls", "access_log", "forwarded_headers", "limits", "timeouts", "retry_after"):
+                for http_only in (
+                    "tls",
+                    "access_log",
+                    "forwarded_headers",
+                    "limits",
+                    "timeouts",
+                    "retry_after",
+                    "routes",
+                ):
                     if http_only in entries:
                         self.problem(entries[http_only], _join(key, http_only), "only http listeners take this key")
             elif "idle_timeout" in entries:
@@ -618,6 +650,14 @@ class _Reader:
                     _join(key, "pool"),
                     f"pool '{pool}' sends a PROXY header (send_proxy), which only tcp listeners do: "
                     "http listeners pass the client address in X-Forwarded-For",
+                )
+            persistence = pools[pool].persistence if pool in pools else None
+            if mode == "tcp" and persistence is not None and persistence.type != "source_ip":
+                self.problem(
+                    entries["pool"],
+                    _join(key, "pool"),
+                    f"pool '{pool}' keeps sessions by {persistence.type}, which only http listeners can: "
+                    "tcp listeners keep them by source_ip",
                 )
             listeners.append(
                 ListenerConfig(
@@ -635,9 +675,90 @@ class _Reader:
                     limits=self.listener_limits(entries, key),
                     accept_proxy=self.value(entries, "accept_proxy", key, _boolean, False),
                     idle_timeout=self.value(entries, "idle_timeout", key, _duration, 3600.0),
+                    routes=routes,
                 )
             )
         return tuple(listeners)
+
+    def routes(self, node: Node, key: str, pools: Mapping[str, PoolConfig]) -> tuple[RouteSpec, ...]:
+        items = self.sequence(node, key)
+        if items is None:
+            return ()
+        specs: list[RouteSpec] = []
+        spec_nodes: list[tuple[Node, str]] = []
+        for index, item in enumerate(items):
+            where = f"{key}[{index}]"
+            entries = self.mapping(item, where, "listeners[].routes[]")
+            if entries is None:
+                continue
+            name = self.value(entries, "name", where, _name, str(index))
+            match = self.route_match(entries["match"], _join(where, "match")) if "match" in entries else Match()
+            pool = self.value(entries, "pool", where, _optional(_string), None)
+            deny = self.value(entries, "deny", where, _optional(_integer(100, 599)), None)
+            if (pool is None) == (deny is None):
+                self.problem(
+                    item, where, "a route takes exactly one of 'pool' (where it goes) or 'deny' (a 4xx status)"
+                )
+            if pool is not None and pool not in pools:
+                self.problem(entries["pool"], _join(where, "pool"), f"no pool named '{pool}'{_known(pools)}")
+            if deny is not None and not 400 <= deny <= 499:
+                self.problem(
+                    entries["deny"], _join(where, "deny"), f"deny takes a 4xx status (403, 404, 429...), not {deny}"
+                )
+            if match.path_regex is not None:
+                try:
+                    re.compile(match.path_regex)
+                except re.error as error:
+                    regex_node = _entry(entries["match"], "path_regex")
+                    self.problem(regex_node, _join(where, "match.path_regex"), f"invalid regular expression: {error}")
+                    continue
+            specs.append(RouteSpec(name, match, pool, deny))
+            spec_nodes.append((item, where))
+        # What is left for routing.check to find: a name used twice, a route shadowed by an earlier
+        # one, a host or prefix no request can meet; each reported at the route it names first.
+        reported = ("neither pool nor deny", "both pool and deny", "deny must be", "invalid path_regex")
+        for message in routing.check(specs):
+            if not any(part in message for part in reported):
+                named = re.match(r"route (\d+)", message)
+                item, where = spec_nodes[int(named.group(1))] if named else (node, key)
+                self.problem(item, where, message)
+        return tuple(specs)
+
+    def route_match(self, node: Node, key: str) -> Match:
+        entries = self.mapping(node, key, "listeners[].routes[].match")
+        if entries is None:
+            return Match()
+        host = self.value(entries, "host", key, _route_host, None)
+        prefixes: tuple[str, ...] = ()
+        if "path_prefix" in entries:
+            where = _join(key, "path_prefix")
+            prefix_node = entries["path_prefix"]
+            prefix_nodes = self.sequence(prefix_node, where) if isinstance(prefix_node, SequenceNode) else [prefix_node]
+            prefixes = tuple(
+                self.value({"path_prefix": item}, "path_prefix", key, _request_path, "/") for item in prefix_nodes or ()
+            )
+        regex = self.value(entries, "path_regex", key, _optional(_nonempty), None)
+        header: list[tuple[str, str | None]] = []
+        if "header" in entries:
+            where = _join(key, "header")
+            for name, value_node in (self.mapping(entries["header"], where, None) or {}).items():
+                if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+                    self.problem(value_node, _join(where, name), f"{name!r} is not a header name")
+                    continue
+                if isinstance(value_node, MappingNode):
+                    found = self.mapping(value_node, _join(where, name), None) or {}
+                    if set(found) != {"present"} or self.value(found, "present", where, _boolean, False) is not True:
+                        self.problem(value_node, _join(where, name), "expected a value, or {present: true}")
+                        continue
+                    header.append((name.lower(), None))
+                else:
+                    header.append((name.lower(), self.value({name: value_node}, name, where, _string, "")))
+        methods: frozenset[str] | None = None
+        if "methods" in entries:
+            where = _join(key, "methods")
+            items = self.sequence(entries["methods"], where) or []
+            methods = frozenset(self.value({"methods": item}, "methods", key, _method, "GET") for item in items)
+        return Match(host, prefixes, regex, tuple(header), methods)
 
     def tls(self, node: Node, key: str) -> TlsConfig | None:
         entries = self.mapping(node, key, "listeners[].tls", ("cert", "key"))
@@ -719,6 +840,9 @@ class _Reader:
                     "min_up activates the pool's backup servers (backup: true), and it has none",
                 )
         health = self.health(entries["health"], _join(key, "health")) if "health" in entries else HealthConfig()
+        persistence = (
+            self.persistence(entries["persistence"], _join(key, "persistence")) if "persistence" in entries else None
+        )
         passive = self.passive(entries["passive"], _join(key, "passive")) if "passive" in entries else None
         if passive is not None and health.type == "none":
             # Passive detection only takes servers out; without probes nothing would bring them back.
@@ -738,6 +862,29 @@ class _Reader:
             slow_start=self.value(entries, "slow_start", key, _optional(_duration), None),
             disable_grace=self.value(entries, "disable_grace", key, _duration, 10.0),
             send_proxy=self.value(entries, "send_proxy", key, _optional(_choice(("v1", "v2"))), None),  # type: ignore[arg-type]
+            persistence=persistence,
+        )
+
+    def persistence(self, node: Node, key: str) -> PersistenceConfig | None:
+        entries = self.mapping(node, key, "pools.<name>.persistence", ("type",))
+        if entries is None or "type" not in entries:
+            return None
+        kind = self.value(entries, "type", key, _choice(("cookie", "source_ip", "header")), "cookie")
+        header = self.value(entries, "header", key, _optional(_header_name), None)
+        if kind == "header" and header is None:
+            self.problem(node, key, "type header needs 'header': the request header whose value is the key")
+        for own, owner in (("cookie", "cookie"), ("max_age", "cookie"), ("secret", "cookie"), ("header", "header")):
+            if own in entries and kind != owner:
+                self.problem(entries[own], _join(key, own), f"only type {owner} takes this key")
+        if "balance" in entries and kind == "cookie":
+            self.problem(entries["balance"], _join(key, "balance"), "only types source_ip and header take this key")
+        return PersistenceConfig(
+            type=kind,  # type: ignore[arg-type]
+            cookie=self.value(entries, "cookie", key, _header_name, "LBSRV"),
+            max_age=self.value(entries, "max_age", key, _optional(_duration), None),
+            header=header,
+            balance=self.value(entries, "balance", key, _balance, 1.25),
+            secret=self.value(entries, "secret", key, _string, ""),
         )
 
     def servers(self, node: Node, key: str) -> tuple[ServerConfig, ...]:
@@ -1002,6 +1149,27 @@ def _method(value: object) -> str:
     text = _string(value)
     if not re.fullmatch(r"[A-Z]{1,20}", text):
         raise _Invalid(f"expected an HTTP method such as GET or HEAD, got {text!r}")
+    return text
+
+
+def _header_name(value: object) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", text):
+        raise _Invalid(f"expected a name of letters, digits and -_.!#$%&'*+^`|~, got {text!r}")
+    return text
+
+
+def _balance(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 100:
+        raise _Invalid(f"expected a factor of at least 1 such as 1.25, got {value!r}")
+    return float(value)
+
+
+def _route_host(value: object) -> str:
+    text = _string(value).lower().rstrip(".")
+    name = text.removeprefix("*.")
+    if not name or not _HOSTNAME.fullmatch(name):
+        raise _Invalid(f"expected a host name such as api.example.com or *.example.com, got {value!r}")
     return text
 
 

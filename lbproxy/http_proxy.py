@@ -28,12 +28,15 @@ from lbproxy import flow, framing, proxy_protocol, transaction
 from lbproxy.framing import BadRequest
 from lbproxy.pool import Pool, Server
 from lbproxy.request_head import RequestReader
-from lbproxy.selection import select
+from lbproxy.selection import Steering, select
 from lbproxy.transaction import AWAITING, CONNECTING, DONE, IDEMPOTENT, RELAYING, REPLAY_LIMIT, SENDING
 from lbproxy.upstream import Endpoint, IdleConnections, dial
 
 if TYPE_CHECKING:
     from typing import TypeAlias
+
+    from lbproxy.request_head import Steer
+    from lbproxy.routing import RouteTable
 
     Exchange: TypeAlias = transaction.Exchange["UpstreamConnection"]
 
@@ -108,11 +111,16 @@ class HttpListener:
         "bad_proxy_headers",
         "draining",
         "outbox",
+        "routes",
+        "steer",
+        "secure",
     )
 
     # What a reload may change in place (the rest are counters and live state).
     SETTINGS = (
         "pool",
+        "routes",
+        "steer",
         "proto_field",
         "forwarded",
         "maintenance",
@@ -159,9 +167,14 @@ class HttpListener:
         idle_timeout: float = 30.0,
         access_log: logging.Logger | None = None,
         accept_proxy: bool = False,
+        routes: RouteTable | None = None,
     ) -> None:
         self.name = name
         self.pool = pool
+        self.routes = routes  # the route table, whose routes' targets are the runtime's pools
+        # Only a listener with routes, or whose pool keeps sessions, reads where a head goes.
+        self.steer: Steer | None = Steering(routes, pool).steer if routes is not None or pool.persistent else None
+        self.secure = tls  # a persistence cookie gets `Secure`
         self.loop = loop
         self.idle: dict[Endpoint, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
         self.max_idle = max_idle
@@ -236,10 +249,27 @@ class HttpListener:
                 "retries": self.retries,
                 "bad_proxy_headers": self.bad_proxy_headers,
             },
+            "routes": [
+                {
+                    "name": route.name,
+                    "pool": route.pool_name,
+                    "deny": route.deny,
+                    "requests": route.requests,
+                }
+                for route in (self.routes.routes if self.routes is not None else ())
+            ],
         }
+
+    def route_counts(self) -> list[tuple[str, int]]:
+        """(route name, requests) in the listener's order: what metrics and the workers' sums read."""
+        return [(route.name, route.requests) for route in self.routes.routes] if self.routes is not None else []
 
     def reconfigure(self, other: HttpListener) -> None:
         """Take the settings of `other` (built from a reloaded config), keeping counters and connections."""
+        if self.routes is not None and other.routes is not None:  # a route's counter lives on by its name
+            counted = {route.name: route.requests for route in self.routes.routes}
+            for route in other.routes.routes:
+                route.requests += counted.get(route.name, 0)
         for name in self.SETTINGS:
             setattr(self, name, getattr(other, name))
         for idle in self.idle.values():
@@ -418,7 +448,7 @@ class HttpProxy(asyncio.Protocol):
             upstream.gate.pause(flow.PEER_BUSY)
         if self.deadline_kind == RESPONSE:
             # The server is held back by the client: if time runs out now, it is the client's fault.
-            self._arm(UNREAD, self.listener.response_timeout)
+            self._arm(UNREAD, self._response_timeout(active))
 
     def resume_writing(self) -> None:
         self.client_busy = False
@@ -428,7 +458,7 @@ class HttpProxy(asyncio.Protocol):
             upstream.gate.resume(flow.PEER_BUSY)
         if self.deadline_kind == UNREAD:
             if active is not None:
-                self._arm(RESPONSE, self.listener.response_timeout)
+                self._arm(RESPONSE, self._response_timeout(active))
             elif self.queue:
                 self._serve_next()  # a pipelined request waited for the client to read
             else:
@@ -540,7 +570,10 @@ class HttpProxy(asyncio.Protocol):
             self.active = exchange
             if not has_body:  # _arm(RESPONSE), inline: this runs for nearly every request
                 self.deadline_kind = RESPONSE
-                self.deadline = self.loop.time() + listener.response_timeout
+                pool = exchange.pool
+                self.deadline = self.loop.time() + (
+                    listener.response_timeout if pool is None else pool.response_timeout
+                )
             self._dispatch(exchange)
         else:
             self.queue.append(exchange)  # pipelined: it waits its turn, and we read no further
@@ -583,7 +616,7 @@ class HttpProxy(asyncio.Protocol):
         if upstream is not None and exchange.chunked:
             upstream.send(_CHUNK_END)
         if exchange is self.active and (upstream is None or not upstream.response_started):
-            self._arm(RESPONSE, self.listener.response_timeout)
+            self._arm(RESPONSE, self._response_timeout(exchange))
 
     # -- serving a request --
 
@@ -597,7 +630,7 @@ class HttpProxy(asyncio.Protocol):
                 self._attach(exchange, pinned)
                 return
             self.pinned = None
-        server = select(self.listener.pool, exchange, exchange.tried)
+        server = select(exchange.pool or self.listener.pool, exchange, exchange.tried)
         if server is None:
             if exchange.tried:
                 # what the client would have got without retries: the last server's failure
@@ -622,7 +655,9 @@ class HttpProxy(asyncio.Protocol):
 
     async def _open(self, exchange: Exchange, server: Server) -> None:
         listener = self.listener
-        upstream = await dial(self.loop, lambda: UpstreamConnection(server, listener), server, listener.connect_timeout)
+        pool = exchange.pool
+        timeout = listener.connect_timeout if pool is None else pool.connect_timeout
+        upstream = await dial(self.loop, lambda: UpstreamConnection(server, listener), server, timeout)
         if isinstance(upstream, str):
             if exchange is self.active and not self.closed:
                 self.upstream_failed(exchange, None, upstream, timeout=False)
@@ -681,16 +716,15 @@ class HttpProxy(asyncio.Protocol):
             self._close()
             return
         response_started = upstream is not None and upstream.response_started
-        decision = transaction.after_failure(
-            exchange, upstream is not None, stale, response_started, listener.pool.retries
-        )
+        pool = exchange.pool or listener.pool
+        decision = transaction.after_failure(exchange, upstream is not None, stale, response_started, pool.retries)
         if decision == transaction.SAME_SERVER:
             self._redispatch(exchange, server, fresh=True)
             return
         if decision == transaction.OTHER_SERVER:
             exchange.tried += (server,)
             listener.retries += 1
-            listener.pool.retried += 1
+            pool.retried += 1
             self._redispatch(exchange, None, fresh=False)
             return
         log.warning("server %s/%s failed: %s", server.pool.name, server.name, reason)
@@ -698,7 +732,7 @@ class HttpProxy(asyncio.Protocol):
 
     def _redispatch(self, exchange: Exchange, server: Server | None, fresh: bool) -> None:
         if exchange.request_done:
-            self._arm(RESPONSE, self.listener.response_timeout)
+            self._arm(RESPONSE, self._response_timeout(exchange))
         if server is not None:
             exchange.server = server
             server.pool.taken(server)
@@ -764,7 +798,7 @@ class HttpProxy(asyncio.Protocol):
             if self.client_busy:
                 # No response is produced for a client that is not reading the last one (the
                 # pipelined requests behind it wait): what it leaves unread stays bounded.
-                self._arm(UNREAD, listener.response_timeout)
+                self._arm(UNREAD, self._response_timeout(self.queue[0]))
             else:
                 self._serve_next()
             return
@@ -790,7 +824,7 @@ class HttpProxy(asyncio.Protocol):
             assert self.gate is not None
             self.gate.resume(flow.WAITING)
         if following.request_done:
-            self._arm(RESPONSE, self.listener.response_timeout)
+            self._arm(RESPONSE, self._response_timeout(following))
         else:
             self._arm(BODY, self.listener.body_timeout)
         self._dispatch(following)
@@ -915,9 +949,18 @@ class HttpProxy(asyncio.Protocol):
         self.deadline_kind = kind
         self.deadline = self.loop.time() + seconds
 
+    def _response_timeout(self, exchange: Exchange | None) -> float:
+        """`timeouts.response` of the exchange's pool: a route's, or the listener's."""
+        pool = exchange.pool if exchange is not None else None
+        return self.listener.response_timeout if pool is None else pool.response_timeout
+
     def extend_response_deadline(self) -> None:
-        if self.deadline_kind == RESPONSE:
-            self.deadline = self.loop.time() + self.listener.response_timeout
+        if self.deadline_kind == RESPONSE:  # per read of a response body: _response_timeout, inline
+            active = self.active
+            pool = active.pool if active is not None else None
+            self.deadline = self.loop.time() + (
+                self.listener.response_timeout if pool is None else pool.response_timeout
+            )
 
     def deadline_passed(self) -> None:
         """Called by the listener's tick when this connection's deadline has gone by."""
@@ -1273,12 +1316,20 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.phase = RELAYING
         if not keep_client:
             exchange.keep_alive = False
+        out = self.out
+        out.append(head.head)
+        if exchange.cookie is not None:  # persistence: this client now sticks to this server
+            out.append(exchange.cookie[proxy.listener.secure])
         if head.codings and self.chunked_out:
             # RFC 9112 §6.1: the codings before chunked go on as they came; lbproxy only re-chunks
-            self.out += (head.head, b"Transfer-Encoding: ", head.codings, b", chunked\r\n")
-            self.out.append(_HEAD_ENDS[False, keep_client, exchange.client_11])
+            out += (
+                b"Transfer-Encoding: ",
+                head.codings,
+                b", chunked\r\n",
+                _HEAD_ENDS[False, keep_client, exchange.client_11],
+            )
         else:
-            self.out += (head.head, _HEAD_ENDS[self.chunked_out, keep_client, exchange.client_11])
+            out.append(_HEAD_ENDS[self.chunked_out, keep_client, exchange.client_11])
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange

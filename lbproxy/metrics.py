@@ -91,6 +91,7 @@ class PoolReading(NamedTuple):
     failovers: int
     retries: int
     depool_refusals: int
+    persistence: tuple[int, int, int] | None  # hits, misses, redispatches; None: no persistence
 
 
 class ListenerReading(NamedTuple):
@@ -104,6 +105,7 @@ class ListenerReading(NamedTuple):
     errors: tuple[tuple[int, int], ...]  # (status, count), by status
     durations: tuple[int, ...]  # per bucket of DURATION_BOUNDS, then +Inf; not cumulative
     duration_sum: float
+    routes: tuple[tuple[str, int], ...] = ()  # (route name, requests), in the listener's order
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +155,7 @@ def read(source: Source) -> Reading:
             pool.failovers,
             pool.retried,
             pool.depool_refusals,
+            _persistence(pool),
         )
         for pool in source.pools.values()
     ]
@@ -168,6 +171,7 @@ def read(source: Source) -> Reading:
             tuple(sorted(listener.errors.items())),
             tuple(listener.durations),
             listener.duration_sum,
+            tuple(listener.route_counts()),
         )
         if listener.mode == "http"
         else ListenerReading(
@@ -194,6 +198,13 @@ def read(source: Source) -> Reading:
         dict(workers) if workers is not None else None,
         getattr(source, "worker_restarts", 0),
     )
+
+
+def _persistence(pool: Pool) -> tuple[int, int, int] | None:
+    persistence = pool.persistence
+    if persistence is None:
+        return None
+    return (persistence.hits, persistence.misses, persistence.redispatches)
 
 
 def families(reading: Reading) -> Iterator[Metric]:
@@ -309,14 +320,31 @@ def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
         " backup_pool, none: 503 or the maintenance page).",
         labels=["pool", "tier"],
     )
+    hits = CounterMetricFamily(
+        "lbproxy_pool_persistence_hits", "Requests whose persistence key led to its server.", labels=["pool"]
+    )
+    misses = CounterMetricFamily(
+        "lbproxy_pool_persistence_misses",
+        "Requests with no persistence key, or a cookie naming no server of the pool: balanced by the policy.",
+        labels=["pool"],
+    )
+    redispatches = CounterMetricFamily(
+        "lbproxy_pool_persistence_redispatches",
+        "Requests whose persisted server could not take them (down, disabled, failed): sent to another.",
+        labels=["pool"],
+    )
     for pool in pools:
+        if pool.persistence is not None:
+            hits.add_metric([pool.name], pool.persistence[0])
+            misses.add_metric([pool.name], pool.persistence[1])
+            redispatches.add_metric([pool.name], pool.persistence[2])
         for tier in Tier:
             tiers.add_metric([pool.name, tier.value], 1 if pool.tier is tier else 0)
         servers_up.add_metric([pool.name], pool.servers_up)
         failovers.add_metric([pool.name], pool.failovers)
         retries.add_metric([pool.name], pool.retries)
         refusals.add_metric([pool.name], pool.depool_refusals)
-    yield from (servers_up, tiers, failovers, retries, refusals)
+    yield from (servers_up, tiers, failovers, retries, refusals, hits, misses, redispatches)
 
 
 def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
@@ -338,8 +366,13 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
         "From a request's head to the end of its response.",
         labels=labels,
     )
+    routes = CounterMetricFamily(
+        "lbproxy_route_requests", "Requests a route matched (a deny's too), by its name.", labels=[*labels, "route"]
+    )
     for listener in listeners:
         name = [listener.name]
+        for route, count in listener.routes:
+            routes.add_metric([*name, route], count)
         active.add_metric(name, listener.active_connections)
         accepted.add_metric(name, listener.connections_total)
         rejected.add_metric(name, listener.rejected)
@@ -356,7 +389,7 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         duration.add_metric(name, buckets, listener.duration_sum)
-    yield from (active, accepted, rejected, requests, responses, errors, duration)
+    yield from (active, accepted, rejected, requests, responses, errors, duration, routes)
 
 
 class Collector(CollectorBase):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
+from lbproxy.persistence import COOKIE, Persistence
 from lbproxy.upstream import Endpoint
 
 log = logging.getLogger("lbproxy.pool")
@@ -159,6 +160,8 @@ class Pool:
         "name",
         "policy_name",
         "retries",
+        "connect_timeout",
+        "response_timeout",
         "servers",
         "by_name",
         "backup_pool",
@@ -174,6 +177,8 @@ class Pool:
         "retried",
         "depool_refusals",
         "on_down",
+        "persistent",
+        "persistence",
         "_primary",
         "_backup",
         "_all",
@@ -195,6 +200,8 @@ class Pool:
         self.name = config.name
         self.policy_name = config.policy
         self.retries = config.retries
+        self.connect_timeout = config.timeouts.connect
+        self.response_timeout = config.timeouts.response
         self.backup_pool: Pool | None = None  # linked by the controller once every pool exists
         self.min_up = config.min_up
         self.passive_failures = config.passive.consecutive_failures if config.passive is not None else 0
@@ -209,6 +216,8 @@ class Pool:
         self.retried = 0  # requests sent again to another server
         self.depool_refusals = 0  # downs the depool guard refused
         self._rotation = config.policy == "round_robin"
+        self.persistent = config.persistence is not None  # known before take_over builds `persistence`
+        self.persistence: Persistence[Server] | None = None  # built with the servers, in take_over
         self.servers: list[Server] = []
         self.by_name: dict[str, Server] = {}
         self._pending: tuple[PoolConfig, Pool | None, bool] | None = (config, previous, reloading)
@@ -244,10 +253,13 @@ class Pool:
             for server in config.servers
         ]
         self.by_name = {server.name: server for server in self.servers}
+        self.persistence = _persistence(config, self.servers, [s for s in self.servers if not s.backup])
         if previous is not None:  # counters only ever go up, across reloads too
             self.failovers = previous.failovers
             self.retried = previous.retried
             self.depool_refusals = previous.depool_refusals
+            if self.persistence is not None and previous.persistence is not None:
+                self.persistence.carry_on(previous.persistence)
         primaries = [s for s in self.servers if not s.backup]
         self._primaries = primaries
         self._primary = make_policy(config.policy, primaries)
@@ -499,3 +511,23 @@ class Pool:
 
     def _group(self, server: Server) -> Policy[Server]:
         return self._backup if server.backup else self._primary
+
+
+def _persistence(config: PoolConfig, servers: list[Server], primaries: list[Server]) -> Persistence[Server] | None:
+    """The pool's persistence over its servers: a cookie may name any of them, backups too (a
+    session begun on a backup stays there while it is up); hashing spreads keys over the primaries."""
+    settings = config.persistence
+    if settings is None:
+        return None
+    return Persistence(
+        settings.type,
+        config.name,
+        servers if settings.type == COOKIE else primaries,
+        lambda server: server.name,
+        lambda server: float(server.ratio),
+        cookie=settings.cookie,
+        max_age=round(settings.max_age) if settings.max_age is not None else None,
+        header=settings.header,
+        balance=settings.balance,
+        secret=settings.secret.encode(),
+    )

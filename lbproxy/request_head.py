@@ -26,6 +26,11 @@ from lbproxy.framing import BadRequest
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from lbproxy.pool import Pool
+
+    # selection.Steering.steer: (method, target, Host, fields, client address) -> (pool, persistence key)
+    Steer = Callable[[bytes, bytes, bytes | None, list[bytes], bytes], tuple[Pool, bytes | None]]
+
 # Header names looked at are recognised by length first: most headers are then skipped without
 # lower-casing them (Content-Type 12, Accept 6, User-Agent 10 but also Connection 10...).
 _NAMES: Final = framing.HOP_BY_HOP | framing.FORWARDED | {b"host", b"content-length", b"authorization"}
@@ -42,6 +47,7 @@ class Settings(Protocol):
     max_header_count: int
     max_target: int
     max_body: int | None
+    steer: Steer | None  # routes or persistence (selection.Steering), else None: nothing to read
 
     def default_host(self) -> bytes: ...
 
@@ -49,7 +55,20 @@ class Settings(Protocol):
 class RequestHead:
     """One request as lbproxy forwards it: `forward` is the whole head for the server."""
 
-    __slots__ = ("method", "target", "forward", "client_11", "keep_alive", "chunked", "upgrade", "has_body", "pin")
+    __slots__ = (
+        "method",
+        "target",
+        "forward",
+        "client_11",
+        "keep_alive",
+        "chunked",
+        "upgrade",
+        "has_body",
+        "pin",
+        "pool",
+        "key",
+        "cookie",
+    )
 
     def __init__(self, method: bytes, target: bytes, forward: bytes, client_11: bool, keep_alive: bool) -> None:
         self.method = method
@@ -61,6 +80,9 @@ class RequestHead:
         self.upgrade = False  # asks to switch protocols (WebSocket): the Upgrade field goes on
         self.has_body = False
         self.pin = False  # NTLM or Negotiate credentials: they authenticate the connection
+        self.pool: Pool | None = None  # the route's pool, or the pool of a listener that steers; None: the listener's
+        self.key: bytes | None = None  # the persistence key (selection)
+        self.cookie: tuple[bytes, bytes] | None = None  # the Set-Cookie line for the response, plain and Secure
 
 
 H = TypeVar("H", bound=RequestHead)
@@ -230,6 +252,9 @@ class RequestReader(Generic[H]):
         has_body = te is not None or (content_length is not None and content_length != b"0")
         client_11 = version == "1.1"
         fields = self.fields
+        steer = settings.steer
+        if steer is not None:  # before the head is built: a persistence cookie leaves `fields`
+            pool, key = steer(method, url, host, fields, self.client_ip)
         parts = [method, b" ", url, b" HTTP/1.1\r\n", *fields]
         upgrade = False
         if self.unusual:  # a Connection, Transfer-Encoding, Upgrade, Authorization or X-Forwarded-* field
@@ -273,6 +298,9 @@ class RequestReader(Generic[H]):
                 parts += (b"X-Forwarded-Host: ", host, _CRLF)
         parts.append(_CRLF)
         head = self.make(method, url, b"".join(parts), client_11, keep_alive)
+        if steer is not None:
+            head.pool = pool
+            head.key = key
         if has_body:
             head.has_body = True
             self.in_body = True

@@ -28,6 +28,7 @@ from lbproxy.control import StartError as StartError  # re-exported: cli and wor
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener, HttpProxy
 from lbproxy.pool import Pool, Server
+from lbproxy.routing import RouteTable
 from lbproxy.tcp_proxy import TcpClient, TcpListener
 
 log = logging.getLogger("lbproxy")
@@ -319,6 +320,7 @@ class Runtime:
             idle_timeout=pool_config.keepalive.idle_timeout,
             access_log=self._access_logger(config, opened),
             accept_proxy=config.accept_proxy,
+            routes=_route_table(config, pools),
         )
         context = None
         if config.tls is not None:
@@ -597,3 +599,14 @@ class _Stages:
 def _socket_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
     """Whether a listener needs a new socket (its address, mode or TLS changed)."""
     return old.bind != new.bind or old.mode != new.mode or old.tls != new.tls
+
+
+def _route_table(config: ListenerConfig, pools: Mapping[str, Pool]) -> RouteTable | None:
+    """The listener's routes compiled, each aimed at its runtime pool; None without routes."""
+    if not config.routes:
+        return None
+    table = RouteTable(config.routes)
+    for route in table.routes:
+        if route.pool_name is not None:
+            route.target = pools[route.pool_name]
+    return table

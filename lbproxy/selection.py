@@ -1,25 +1,132 @@
 """Which server gets a request, or a connection: one call for both proxies, no I/O.
 
-`select` is the step between a request's head and the server it goes to. Today it asks the pool
-(the failover order and the policy, `Pool.pick`), or, for a retry, for a server not yet tried
-(`Pool.pick_other`). It is the one place where what the next issues add will plug in, in this order:
-the route that names the pool (#15), persistence that may name the server (#15), per-server limits
-and the queue that may say "wait" (#17); the protocols do not change when they come. The TCP proxy
-calls it with no head. `retry_elsewhere` is the one rule for trying another server after a failure.
+Selection has two halves. As a request's head ends, `Steering.steer` reads what the head says about
+where it goes: the listener's route (`routing`) names the pool, or denies the request; the pool's
+persistence (`persistence`) reads its key (a cookie, taken out of the head that goes on; a header;
+the client's address). A listener with neither has no `Steering`: its heads pay nothing for it.
+
+Then `select` picks the server, whenever a request is sent or sent again: the server its persistence
+key names while that server may keep it, else the pool's failover order and policy (`Pool.pick`), or,
+for a retry, a server not yet tried (`Pool.pick_other`). Per-server limits and the queue (#17) plug
+in here too. The TCP proxy calls it with no head, and the client's address as the key.
+`retry_elsewhere` is the one rule for trying another server after a failure.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+from lbproxy.framing import BadRequest
+from lbproxy.persistence import COOKIE
+from lbproxy.pool import AdminState
+
+_DISABLED: Final = AdminState.DISABLED
 
 if TYPE_CHECKING:
+    from lbproxy.persistence import Persistence
     from lbproxy.pool import Pool, Server
     from lbproxy.request_head import RequestHead
+    from lbproxy.routing import Route, RouteTable
 
 
-def select(pool: Pool, request: RequestHead | None, tried: tuple[Server, ...]) -> Server | None:
-    """The server for `request` (None in tcp mode) from `pool`, never one of `tried`; None if there is none."""
-    return pool.pick_other(tried) if tried else pool.pick()
+class Denied(BadRequest):
+    """A route's `deny`: lbproxy answers with its status, and the request goes nowhere."""
+
+    def __init__(self, route: Route) -> None:
+        assert route.deny is not None
+        super().__init__(route.deny, f"denied by route {route.name}")
+
+
+class Steering:
+    """What a listener with routes, or whose pool keeps sessions, reads in each request's head."""
+
+    __slots__ = ("routes", "default")
+
+    def __init__(self, routes: RouteTable | None, default: Pool) -> None:
+        self.routes = routes
+        self.default = default
+
+    def steer(
+        self, method: bytes, target: bytes, host: bytes | None, fields: list[bytes], client_ip: bytes
+    ) -> tuple[Pool, bytes | None]:
+        """The pool for a request and its persistence key; raises `Denied` for a route's deny.
+
+        `fields` is the head as the reader gathered it (name, b": ", value, CRLF, ...); a
+        persistence cookie is taken out of it before the head that goes to the server is built.
+        """
+        pool = self.default
+        routes = self.routes
+        if routes is not None:
+            route = routes.pick(method, target, host, fields)
+            if route is not None:
+                route.requests += 1
+                if route.deny is not None:
+                    raise Denied(route)
+                pool = route.target  # type: ignore[assignment]  # the runtime fills it with the Pool
+        persistence = pool.persistence
+        return pool, (persistence.key_of(fields, client_ip) if persistence is not None else None)
+
+
+def select(
+    pool: Pool, request: RequestHead | None, tried: tuple[Server, ...], key: bytes | None = None
+) -> Server | None:
+    """The server for `request` (None in tcp mode) from `pool`, never one of `tried`; None if there is none.
+
+    `key` is the tcp proxy's persistence key (the client's address); a request carries its own.
+    """
+    persistence = pool.persistence
+    if persistence is None:
+        return pool.pick_other(tried) if tried else pool.pick()
+    if request is not None:
+        key = request.key
+        if key is not None and not tried:  # a cookie's usual case, inline: its server, still serving
+            server = persistence.named.get(key)
+            # A draining server keeps its sessions (HAProxy's semantics): only down or disabled loses them.
+            if server is not None and server.up and server.admin is not _DISABLED:
+                persistence.hits += 1
+                return server
+    return _persisted(pool, persistence, request, tried, key)
+
+
+def _persisted(
+    pool: Pool,
+    persistence: Persistence[Server],
+    request: RequestHead | None,
+    tried: tuple[Server, ...],
+    key: bytes | None,
+) -> Server | None:
+    if persistence.kind == COOKIE:
+        jar = persistence.jar
+        assert jar is not None
+        server = jar.server_for(key) if key is not None else None
+        if server is not None and server.up and server.admin is not _DISABLED and server not in tried:
+            persistence.hits += 1
+            return server
+        if server is None:
+            persistence.misses += 1
+        else:
+            persistence.redispatches += 1
+        chosen = pool.pick_other(tried) if tried else pool.pick()
+        if chosen is not None and request is not None:
+            request.cookie = persistence.lines.get(chosen)  # None for a server of the backup pool
+        return chosen
+    ring = persistence.ring
+    assert ring is not None
+    if key is None:  # type header, and the request has none: the pool's policy
+        persistence.misses += 1
+        return pool.pick_other(tried) if tried else pool.pick()
+    if tried:
+        persistence.redispatches += 1
+    else:
+        persistence.hits += 1
+    chosen = ring.pick(key, lambda server: server.available and server not in tried, _inflight)
+    if chosen is not None:
+        return chosen
+    return pool.pick_other(tried) if tried else pool.pick()  # no primary left: backups, the backup pool
+
+
+def _inflight(server: Server) -> int:
+    return server.inflight
 
 
 def retry_elsewhere(tried: int, retries: int, reached: bool, idempotent: bool) -> bool:

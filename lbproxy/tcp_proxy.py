@@ -243,7 +243,9 @@ class TcpClient(asyncio.Protocol):
 
     def _connect(self) -> None:
         pool = self.listener.pool
-        server = select(pool, None, self.tried)
+        # source_ip persistence (the only kind a tcp listener takes): the client's address is the key
+        key = self.client[0].encode() if pool.persistence is not None else None
+        server = select(pool, None, self.tried, key)
         if server is None:
             self.listener.unavailable += 1
             self.close()

@@ -89,6 +89,9 @@ class Exchange(RequestHead, Generic[U]):
         self.upgrade = False
         self.has_body = False
         self.pin = False
+        self.pool = None
+        self.key = None
+        self.cookie = None
         self.phase = QUEUED
         self.body_size = 0
         self.held: list[bytes] = []  # body parts not yet sent, or kept to replay the request

@@ -178,10 +178,16 @@ def _stats(runtime: Runtime) -> Message:
                 errors=dict(listener.errors),
                 durations=list(listener.durations),
                 duration_sum=listener.duration_sum,
+                routes=dict(listener.route_counts()),
             )
         listeners[name] = numbers
     pools = {name: pool.retried for name, pool in runtime.pools.items()}
-    return {"servers": servers, "listeners": listeners, "pools": pools}
+    persistence = {
+        name: [pool.persistence.hits, pool.persistence.misses, pool.persistence.redispatches]
+        for name, pool in runtime.pools.items()
+        if pool.persistence is not None
+    }
+    return {"servers": servers, "listeners": listeners, "pools": pools, "persistence": persistence}
 
 
 class _Reload:
@@ -391,7 +397,7 @@ def _at_rest(stats: Message) -> Message:
     """A dead worker's last counters, kept in the totals: its gauges (in flight, open) are gone with it."""
     servers = {key: {**numbers, "inflight": 0} for key, numbers in stats["servers"].items()}
     listeners = {name: {**numbers, "active": 0} for name, numbers in stats["listeners"].items()}
-    return {"servers": servers, "listeners": listeners, "pools": stats["pools"]}
+    return {"servers": servers, "listeners": listeners, "pools": stats["pools"], "persistence": stats["persistence"]}
 
 
 def _requests(stats: Message | None) -> int:
@@ -417,12 +423,17 @@ class ListenerTotals:
         self.errors: dict[int, int] = {}
         self.durations = [0] * (len(DURATION_BOUNDS) + 1)
         self.duration_sum = 0.0
+        self.routes: dict[str, int] = {}
         if self.mode == "http":
+            self.routes = numbers["routes"]
             self.requests = numbers["requests"]
             self.responses = numbers["responses"]
             self.errors = {int(status): count for status, count in numbers["errors"].items()}
             self.durations = numbers["durations"]
             self.duration_sum = numbers["duration_sum"]
+
+    def route_counts(self) -> list[tuple[str, int]]:
+        return list(self.routes.items())
 
     def state(self) -> dict[str, object]:
         counters: dict[str, object] = {
@@ -442,6 +453,7 @@ class ListenerTotals:
             "pool": self.pool_name,
             "active_connections": self.active_connections,
             "counters": counters,
+            "routes": [{"name": name, "requests": count} for name, count in self.routes.items()],
         }
 
 
@@ -524,7 +536,12 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._asked = 0  # numbers the stats requests and the reloads
         self._pushed: Message = {}
-        self._retired: Message = {"servers": {}, "listeners": {}, "pools": {}}  # dead workers' last counters
+        self._retired: Message = {
+            "servers": {},
+            "listeners": {},
+            "pools": {},
+            "persistence": {},
+        }  # dead workers' last counters
 
     async def start(self) -> None:
         await self.runtime.start()
@@ -725,6 +742,9 @@ class Supervisor:
                 total = _add(total, worker.stats)
         for pool in self.runtime.pools.values():
             pool.retried = total["pools"].get(pool.name, pool.retried)
+            persisted = total["persistence"].get(pool.name)
+            if pool.persistence is not None and persisted is not None:
+                pool.persistence.hits, pool.persistence.misses, pool.persistence.redispatches = persisted
             for server in pool.servers:
                 numbers = total["servers"].get(f"{pool.name}/{server.name}")
                 if numbers is None:

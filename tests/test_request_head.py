@@ -23,6 +23,7 @@ class Settings:
     max_header_count: int = 10
     max_target: int = 1024
     max_body: int | None = None
+    steer: None = None  # no routes, no persistence
 
     def default_host(self) -> bytes:
         return b"10.0.0.1:80"
