@@ -1,6 +1,6 @@
 """Instructions per keep-alive request on the L7 hot path, counted by valgrind: steady where timings are not.
 
-    python benchmarks/instructions.py [--request wrk|browser] [--base DIR]
+    python benchmarks/instructions.py [--request wrk|browser] [--listener plain|routes|cookie] [--base DIR]
 
 Runs the request/response cycle of micro/bench_http.py (stub transports, no event loop, no kernel)
 under `valgrind --tool=cachegrind` for 2,000 and for 6,000 cycles and divides the difference by
@@ -9,8 +9,15 @@ from one run to the next; the count moves by well under 1%, which makes it the m
 of a few per cent to the Python work (which, with uvloop, is nearly all of lbproxy's user time).
 It is a count, not a time: check a change that moves memory around with `make bench` as well.
 
+`--listener` picks the listener the cycle runs through (issue #15): `plain` (the default: no routes,
+no persistence), `routes` (10 host routes, the one the request's Host matches written last, to a
+second pool) or `cookie` (a pool with cookie persistence, the request carrying its server's cookie,
+which is taken out before the server). The difference from `plain` is what routing or persistence
+costs per request.
+
 `--base DIR` counts the lbproxy package of another checkout as well (`git worktree add DIR REV`),
-for a before-and-after from one command.
+for a before-and-after from one command; `routes` and `cookie` need a checkout with lbproxy/routing.py
+and lbproxy/persistence.py (issue #15): with an older one only `plain` can be counted.
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ WRK_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"  # what `wrk` se
 SHORT, LONG = 2_000, 6_000
 
 
-def run_cycles(cycles: int, request: str) -> None:
+LISTENERS = ("plain", "routes", "cookie")  # as micro/bench_http.py's
+STEERING_MODULES = ("routing.py", "persistence.py")  # what `routes` and `cookie` need in a checkout
+
+
+def run_cycles(cycles: int, request: str, listener: str) -> None:
     """The measured part: `cycles` request/response exchanges on one client and one server connection."""
     sys.path.insert(0, str(HERE / "micro"))
     import uvloop
@@ -37,14 +48,21 @@ def run_cycles(cycles: int, request: str) -> None:
     from conftest import BROWSER_REQUEST
 
     loop = uvloop.new_event_loop()
-    cycle = Cycle(loop, WRK_REQUEST if request == "wrk" else BROWSER_REQUEST)
+    if listener == "plain":  # as before issue #15, so that --base counts older checkouts
+        cycle = Cycle(loop, WRK_REQUEST if request == "wrk" else BROWSER_REQUEST)
+    else:
+        cycle = Cycle(loop, WRK_REQUEST if request == "wrk" else BROWSER_REQUEST, listener)
     for _ in range(cycles):
         cycle()
     assert cycle.listener.requests == cycles
+    if listener != "plain":  # every request went where the route or the cookie says
+        assert cycle.server.responses[2] == cycles
+        persistence = cycle.pool.persistence
+        assert listener != "cookie" or (persistence is not None and persistence.hits == cycles)
     loop.close()
 
 
-def count(package_root: Path, cycles: int, request: str) -> int:
+def count(package_root: Path, cycles: int, request: str, listener: str) -> int:
     """Instructions valgrind counts for a whole run of `cycles` cycles with lbproxy from `package_root`."""
     command = [
         "valgrind",
@@ -57,6 +75,8 @@ def count(package_root: Path, cycles: int, request: str) -> int:
         str(cycles),
         "--request",
         request,
+        "--listener",
+        listener,
     ]
     env = {**os.environ, "PYTHONPATH": str(package_root)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
@@ -66,26 +86,43 @@ def count(package_root: Path, cycles: int, request: str) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def per_request(package_root: Path, request: str) -> float:
-    return (count(package_root, LONG, request) - count(package_root, SHORT, request)) / (LONG - SHORT)
+def per_request(package_root: Path, request: str, listener: str) -> float:
+    long, short = count(package_root, LONG, request, listener), count(package_root, SHORT, request, listener)
+    return (long - short) / (LONG - SHORT)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--request", choices=("wrk", "browser"), default="wrk", help="the request head (default wrk)")
+    parser.add_argument(
+        "--listener",
+        choices=LISTENERS,
+        default="plain",
+        help="plain (default), with 10 host routes, or with cookie persistence and the cookie sent",
+    )
     parser.add_argument("--base", type=Path, help="another checkout to count as well")
     parser.add_argument("--cycles", type=int, help=argparse.SUPPRESS)  # the run under valgrind
     args = parser.parse_args()
     if args.cycles is not None:
-        run_cycles(args.cycles, args.request)
+        run_cycles(args.cycles, args.request, args.listener)
         return 0
+    if args.base is not None:
+        if not (args.base / "lbproxy" / "__init__.py").is_file():
+            parser.error(f"{args.base} holds no lbproxy package")
+        missing = [name for name in STEERING_MODULES if not (args.base / "lbproxy" / name).is_file()]
+        if args.listener != "plain" and missing:
+            parser.error(
+                f"--listener {args.listener} needs routing and persistence (issue #15), which {args.base} "
+                f"lacks (no lbproxy/{', lbproxy/'.join(missing)}): only --listener plain can be counted there"
+            )
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 1
-    here = per_request(REPO, args.request)
-    print(f"{REPO}: {here:,.0f} instructions per request ({args.request} request)")
+    what = f"{args.request} request, {args.listener} listener"
+    here = per_request(REPO, args.request, args.listener)
+    print(f"{REPO}: {here:,.0f} instructions per request ({what})")
     if args.base is not None:
-        base = per_request(args.base.resolve(), args.request)
+        base = per_request(args.base.resolve(), args.request, args.listener)
         print(f"{args.base}: {base:,.0f} instructions per request; this checkout {here / base - 1:+.1%}")
     return 0
 

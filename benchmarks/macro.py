@@ -18,10 +18,18 @@ Scenarios: keep-alive small responses with 50 and 500 connections; a new connect
 (`Connection: close`); 64 KiB and 1 MiB responses; latency with everything on one core and one
 connection (the latency a proxy adds); and L4 bulk, 1 GiB through one connection (benchmarks/bulk.py).
 
+Two more lbproxy L7 targets run in the keep-alive 50-connection scenario only (issue #15), each its
+own lbproxy process with the plain target's http listener and four back-ends: lbproxy-http-routes,
+a listener with 10 host routes (8 exact hosts and a wildcard that wrk never sends, then the route for
+wrk's `Host: 127.0.0.1`, last, to a second pool of the same back-ends), and lbproxy-http-cookie, a
+pool with cookie persistence and wrk sending the cookie of one server (every request a persistence
+hit, the cookie taken out). The report sets their CPU per request beside the plain L7 target's.
+
 `--base DIR` measures another checkout's lbproxy as well (`git worktree add DIR REV`): targets
 lbproxy-http@base and lbproxy-tcp@base, interleaved in every round with the others, run by the same
-Python and venv with DIR first on the import path; it prints the markdown report, which compares
-each scenario's ratios to HAProxy before and after. `--targets` runs some targets alone, e.g.
+Python and venv with DIR first on the import path (the routes and cookie targets have no twin: they
+run this checkout only); it prints the markdown report, which compares each scenario's ratios to
+HAProxy before and after. `--targets` runs some targets alone, e.g.
 `--targets haproxy-http,lbproxy-http,lbproxy-http@base`.
 """
 
@@ -176,6 +184,43 @@ pools:
       - {{name: source, address: "127.0.0.1:{source}"}}
 """
 
+# The plain target's http listener with 10 host routes: none but the last matches wrk's requests
+# (routes ignore the Host's port), so a request passes the table as far as a host route can take it;
+# its pool has the same four back-ends as the default one, so the work behind it is the same.
+LBPROXY_ROUTES = """
+listeners:
+  - name: web
+    bind: "127.0.0.1:{port}"
+    pool: farm
+    routes:
+{routes}
+pools:
+  farm:
+    policy: round_robin
+    servers:
+{servers}
+  routed:
+    policy: round_robin
+    servers:
+{servers}
+"""
+# As micro/bench_http.py's routed listener: hosts that wrk never sends, then one wildcard.
+DECOY_HOSTS = (*(f"app{index}.example.com" for index in range(1, 9)), "*.apps.example.com")
+WRK_HOST = "127.0.0.1"  # wrk sends `Host: 127.0.0.1:PORT`
+
+# The plain target's http listener, its pool keeping sessions by cookie; wrk sends the cookie.
+LBPROXY_COOKIE = """
+listeners:
+  - {{name: web, bind: "127.0.0.1:{port}", pool: farm}}
+pools:
+  farm:
+    policy: round_robin
+    persistence: {{type: cookie, cookie: {cookie}}}
+    servers:
+{servers}
+"""
+COOKIE = "LBSRV"
+
 
 @dataclass(frozen=True)
 class Target:
@@ -185,6 +230,11 @@ class Target:
     process: str | None  # the name of the proxy's process in Processes; None: direct
     mode: str  # "direct", "http" or "tcp": HAProxy of the same mode is the reference
     bulk_port: int | None = None  # where the L4 bulk source is reached through this target
+    headers: tuple[str, ...] = ()  # sent with every request, besides the scenario's
+    only: str | None = None  # the one scenario this target runs in; None: all of them
+
+    def runs_in(self, scenario: str) -> bool:
+        return self.only is None or self.only == scenario
 
 
 @dataclass(frozen=True)
@@ -218,6 +268,10 @@ SCENARIOS = (
 # The targets, in report order; with --base each lbproxy target has a twin running the base checkout.
 TARGET_KEYS = ("direct", "lbproxy-http", "haproxy-http", "nginx", "aiohttp", "lbproxy-tcp", "haproxy-tcp")
 LBPROXY_KEYS = ("lbproxy-http", "lbproxy-tcp")
+# lbproxy L7 with routes, with cookie persistence: in VARIANT_SCENARIO only, after lbproxy-http (and
+# its twin), this checkout only.
+VARIANTS = tuple(report.VARIANTS)
+VARIANT_SCENARIO = "keepalive-c50"
 BASE = report.BASE  # "@base": the suffix of the base checkout's targets
 BULK = "bulk"
 BULK_TITLE = "L4 bulk: {size} through one connection"
@@ -255,9 +309,13 @@ def main() -> int:
             reference = report.REFERENCE["tcp" if key.startswith("lbproxy-tcp") else "http"]
             if key.startswith("lbproxy") and reference not in keys:
                 print(f"warning: {key} without {reference}: no ratio to HAProxy", file=sys.stderr)
+            if key in VARIANTS and report.VARIANTS[key].plain not in keys:
+                print(f"warning: {key} without {report.VARIANTS[key].plain}: no ratio to it", file=sys.stderr)
+    only = args.only.split(",") if args.only else None
+    if only is not None and VARIANT_SCENARIO not in only and keys is not None and set(keys) & set(VARIANTS):
+        print(f"warning: {', '.join(VARIANTS)} run in {VARIANT_SCENARIO} only", file=sys.stderr)
     if args.base is not None and not (args.base / "lbproxy" / "__init__.py").is_file():
         parser.error(f"{args.base} holds no lbproxy package")
-    only = args.only.split(",") if args.only else None
     if args.base is None:
         results = run(args.quick, args.rounds, args.seconds, only, keys)
         text = json.dumps(results, indent=2)
@@ -310,14 +368,20 @@ def run(
     try:
         with Processes() as processes:
             checkouts = None if base is None else {"this": checkout(REPO), "base": checkout(base)}
-            targets = start(processes, work, load_core, proxy_core, base)
+            # the processes of the routes and cookie targets start only when they are to be measured
+            variants = [
+                key
+                for key in VARIANTS
+                if (keys is None or key in keys) and any(s.key == VARIANT_SCENARIO for s in scenarios)
+            ]
+            targets = start(processes, work, load_core, proxy_core, base, variants)
             targets = [target for target in targets if keys is None or target.key in keys]
             warm_up(targets, load_core, 1.0)
             runs: dict[str, dict[str, list[dict[str, object]]]] = {}
             started = time.monotonic()
             for round_index in range(rounds):
                 for scenario in scenarios:
-                    order = rotated(targets, round_index)
+                    order = rotated([target for target in targets if target.runs_in(scenario.key)], round_index)
                     for target in order:
                         processes.check_alive()
                         result = measure(processes, target, scenario, seconds, load_core, proxy_core)
@@ -355,11 +419,17 @@ def run(
 
 
 def start(
-    processes: Processes, work: Path, load_core: int | None, proxy_core: int | None, base: Path | None = None
+    processes: Processes,
+    work: Path,
+    load_core: int | None,
+    proxy_core: int | None,
+    base: Path | None = None,
+    variants: Sequence[str] = VARIANTS,
 ) -> list[Target]:
     """Write the configs, start the back-ends and every proxy; the targets, in report order (target_keys).
 
     With `base`, a second lbproxy runs that checkout's package, and both run through checkout_command.
+    `variants`: which of the routes and cookie targets to start, each an lbproxy process of its own.
     """
     nginx, haproxy = find_tool("nginx"), find_tool("haproxy")
     assert nginx is not None
@@ -375,6 +445,7 @@ def start(
     ports |= {name: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
     if base is not None:
         ports |= {name + BASE: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
+    ports |= {key: free_port() for key in variants}
 
     (work / "backend.conf").write_text(backend_nginx(work, backends))
     upstreams = "\n".join(f"    server 127.0.0.1:{port};" for port in backends)
@@ -400,6 +471,20 @@ def start(
             )
         )
 
+    extra: dict[str, tuple[str, ...]] = {}  # the headers of each variant's requests
+    if "lbproxy-http-routes" in variants:
+        (work / "lbproxy-http-routes.yaml").write_text(
+            LBPROXY_ROUTES.format(
+                port=ports["lbproxy-http-routes"], routes=lbproxy_routes(), servers=lbproxy_servers(backends)
+            )
+        )
+        extra["lbproxy-http-routes"] = ()
+    if "lbproxy-http-cookie" in variants:
+        (work / "lbproxy-http-cookie.yaml").write_text(
+            LBPROXY_COOKIE.format(port=ports["lbproxy-http-cookie"], cookie=COOKIE, servers=lbproxy_servers(backends))
+        )
+        extra["lbproxy-http-cookie"] = (f"Cookie: {COOKIE}={server_cookie('farm', 's1')}",)  # the first server
+
     def nginx_command(config: str) -> list[str]:
         return [nginx, "-p", str(work), "-e", str(work / f"{config}.startup.err"), "-c", str(work / config)]
 
@@ -413,6 +498,10 @@ def start(
         processes.start("lbproxy", checkout_command(REPO, work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
         command = checkout_command(base, work / f"lbproxy{BASE}.yaml")
         processes.start("lbproxy" + BASE, command, proxy_core, work / f"lbproxy{BASE}.out")
+    for key in variants:
+        config = work / f"{key}.yaml"
+        command = lbproxy_command(config) if base is None else checkout_command(REPO, config)
+        processes.start(key, command, proxy_core, config.with_suffix(".out"))
     aiohttp = [sys.executable, str(HERE / "aiohttp_proxy.py"), str(ports["aiohttp"]), *map(str, backends)]
     processes.start("aiohttp", aiohttp, proxy_core, work / "aiohttp.out")
     for port in [*backends, source, *ports.values()]:
@@ -425,6 +514,11 @@ def start(
     targets = [
         Target("direct", "direct (one nginx back-end)", backends[0], None, "direct", source),
         Target("lbproxy-http", "lbproxy L7", ports["lbproxy-http"], "lbproxy", "http"),
+        *(
+            Target(key, report.VARIANTS[key].name, ports[key], key, "http", headers=extra[key], only=VARIANT_SCENARIO)
+            for key in VARIANTS
+            if key in variants
+        ),
         Target("haproxy-http", "HAProxy mode http", ports["haproxy-http"], "haproxy", "http"),
         Target("nginx", "nginx proxy_pass", ports["nginx"], "nginx", "http"),
         Target("aiohttp", "aiohttp proxy (floor)", ports["aiohttp"], "aiohttp", "http"),
@@ -446,18 +540,38 @@ def start(
             ),
         }
         targets = [twin for target in targets for twin in (target, twins.get(target.key)) if twin is not None]
-    assert [target.key for target in targets] == target_keys(base is not None)
+    assert [target.key for target in targets] == target_keys(base is not None, variants)
     return targets
 
 
-def target_keys(base: bool) -> list[str]:
-    """The keys of the targets `start` returns, in its order: with `base`, each lbproxy key then its twin."""
+def target_keys(base: bool, variants: Sequence[str] = VARIANTS) -> list[str]:
+    """The keys of the targets `start` returns, in its order: with `base`, each lbproxy key then its
+    twin; after lbproxy-http (and its twin), the `variants` (see VARIANTS)."""
     keys: list[str] = []
     for key in TARGET_KEYS:
         keys.append(key)
         if base and key in LBPROXY_KEYS:
             keys.append(key + BASE)
+        if key == "lbproxy-http":
+            keys += [variant for variant in VARIANTS if variant in variants]
     return keys
+
+
+def lbproxy_routes() -> str:
+    """The `routes:` entries of LBPROXY_ROUTES: the decoys to `farm`, then wrk's host to `routed`."""
+    entries = [
+        f'      - {{name: decoy{index}, match: {{host: "{host}"}}, pool: farm}}'
+        for index, host in enumerate(DECOY_HOSTS, 1)
+    ]
+    entries.append(f'      - {{name: wrk, match: {{host: "{WRK_HOST}"}}, pool: routed}}')
+    return "\n".join(entries)
+
+
+def server_cookie(pool: str, server: str) -> str:
+    """The persistence cookie's value for `server` of `pool`, as this checkout's lbproxy computes it."""
+    from lbproxy.persistence import cookie_value  # this checkout's: the cookie target never runs @base
+
+    return cookie_value(pool, server).decode()
 
 
 def checkout_python(root: Path) -> list[str]:
@@ -504,7 +618,7 @@ def rotated(targets: list[Target], shift: int) -> list[Target]:
 def warm_up(targets: list[Target], core: int | None, seconds: float) -> None:
     """One short unrecorded run per target: connection pools filled, caches warm."""
     for target in targets:
-        run_wrk(f"http://127.0.0.1:{target.port}/", seconds, 50, core, None)
+        run_wrk(f"http://127.0.0.1:{target.port}/", seconds, 50, core, None, target.headers)
 
 
 def measure(
@@ -528,7 +642,7 @@ def measure(
             scenario.connections,
             load_core,
             pid,
-            scenario.headers,
+            scenario.headers + target.headers,
         )
     finally:
         if moved:

@@ -11,6 +11,10 @@ can be re-rendered:
 A run with `macro.py --base DIR` also gets the table "this checkout vs base": each lbproxy target's
 ratios to HAProxy beside those of its twin running the base checkout (the targets whose key ends in
 @base).
+
+The table "Routing and persistence (issue #15)" sets lbproxy L7 with 10 host routes and with cookie
+persistence (macro.py's variants, keep-alive with 50 connections only) beside the plain lbproxy L7
+target: CPU per request as the median over the rounds of each round's ratio to the plain one.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 Results = dict[str, Any]
 
@@ -32,6 +36,22 @@ BASE = "@base"  # the suffix of the targets that run the base checkout's lbproxy
 # and down, bytes each way, response bytes, the duration histogram and its sum): for the cost estimate.
 COUNTER_UPDATES_PER_REQUEST = 11
 SCRAPE_INTERVAL = 15.0  # Prometheus' default scrape interval, seconds
+
+
+class Variant(NamedTuple):
+    """An lbproxy target that measures a feature's cost beside a plain one (macro.py runs it)."""
+
+    name: str
+    plain: str  # the key of the target it is compared with, round by round
+    scenario: str  # the one scenario it runs in
+
+
+# Issue #15: each within 5% of the plain keep-alive row's CPU per request.
+VARIANTS = {
+    "lbproxy-http-routes": Variant("lbproxy L7, 10 host routes", "lbproxy-http", "keepalive-c50"),
+    "lbproxy-http-cookie": Variant("lbproxy L7, cookie persistence", "lbproxy-http", "keepalive-c50"),
+}
+VARIANT_CPU_GOAL = 1.05
 
 
 # -- reading the results --
@@ -157,6 +177,9 @@ def markdown(results: Results, heading: str = "#") -> str:
         lines += [f"{heading}# This checkout vs base", "", comparison_text(results), ""]
         lines += [*comparison_table(results), ""]
     lines += [f"{heading}# Goals (issue #6)", "", *goals_table(results), ""]
+    variants = variants_table(results)
+    if variants:
+        lines += [f"{heading}# Routing and persistence (issue #15)", "", variants_text(results), "", *variants, ""]
     for scenario in results["macro"]["scenarios"]:
         if scenario["key"] not in results["macro"]["medians"]:
             continue
@@ -249,6 +272,52 @@ def _spread(ratios: list[float]) -> str:
     if len(ratios) == 1:
         return f"{ratios[0]:.2f}"
     return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+
+
+def variants_text(results: Results) -> str:
+    return (
+        "lbproxy L7 with 10 host routes (the one wrk's Host matches written last, to a pool of the same four "
+        "back-ends) and with cookie persistence (wrk sends one server's cookie: every request a hit, the "
+        "cookie taken out), each an lbproxy process of its own, interleaved with the plain lbproxy L7 "
+        f"target in the keep-alive scenario with 50 connections. x plain: the median over the "
+        f"{results['macro']['rounds']} rounds of that round's ratio to the plain target (lowest and highest "
+        f"in brackets). Goal: CPU per request within {VARIANT_CPU_GOAL - 1:.0%} of the plain target's."
+    )
+
+
+def variants_table(results: Results) -> list[str]:
+    """Each variant measured (VARIANTS) beside its plain target; no lines when none was measured."""
+    runs = results["macro"]["runs"]
+    names = {t["key"]: t["name"] for t in _targets(results)}
+    rows: list[str] = []
+    plains: list[str] = []
+    for key, variant in VARIANTS.items():
+        by_target = runs.get(variant.scenario, {})
+        if key not in by_target:
+            continue
+        medians = _medians(results, variant.scenario)
+        plain = by_target.get(variant.plain)
+        cpu = _round_ratios(by_target[key], plain, "cpu_us") if plain else []
+        rps = _round_ratios(by_target[key], plain, "rps") if plain else []
+        met = "-" if not cpu else ("yes" if statistics.median(cpu) <= VARIANT_CPU_GOAL else "**no**")
+        if plain and variant.plain not in plains:
+            plains.append(variant.plain)
+            row = _medians(results, variant.scenario)[variant.plain]
+            rows.append(
+                f"| {names[variant.plain]} | {row['rps']:,.0f} | 1.00 | {_cpu(row['cpu_us'], '.1f')} | 1.00 | |"
+            )
+        row = medians[key]
+        rows.append(
+            f"| {names[key]} | {row['rps']:,.0f} | {_spread(rps)} | {_cpu(row['cpu_us'], '.1f')} | "
+            f"{_spread(cpu)} | {met} |"
+        )
+    if not rows:
+        return []
+    return [
+        f"| target | requests/s | x plain | CPU µs/request | CPU x plain | CPU ≤ {VARIANT_CPU_GOAL:g}x plain |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def goals_table(results: Results) -> list[str]:
@@ -359,6 +428,8 @@ def readme_section(results: Results, files: str) -> str:
     lines = [header, "|---" * (len(columns) + 1) + "|"]
     for target in _targets(results):
         key = target["key"]
+        if key in VARIANTS:  # one scenario only: in the table of their own, below
+            continue
         cells = [names[key]]
         for scenario, _, field, spec in columns:
             medians = _medians(results, scenario)
@@ -400,10 +471,19 @@ def readme_section(results: Results, files: str) -> str:
             "",
             *lines,
             "",
+            *variants_readme(results),
             _wrap(after),
             "",
         ]
     )
+
+
+def variants_readme(results: Results) -> list[str]:
+    """The README's lines for the routing and persistence table, when it was measured."""
+    table = variants_table(results)
+    if not table:
+        return []
+    return [_wrap("Routing and persistence (issue #15): " + variants_text(results)), "", *table, ""]
 
 
 def _wrap(text: str) -> str:
@@ -455,7 +535,7 @@ def chart(results: Results, path: Path) -> None:
         ("one-core", "Latency added on one core\nµs at p50 (lower is better)", "added_us", lambda v: f"{v:.0f}"),
     ]
     names = {t["key"]: t["name"] for t in _targets(results)}
-    order = [t["key"] for t in _targets(results)]
+    order = [t["key"] for t in _targets(results) if t["key"] not in VARIANTS]  # one scenario only: the tables
     rows = list(range(len(order)))[::-1]  # the first target on top, the same row in every panel
     figure, axes = plt.subplots(2, 4, figsize=(18, 8.5), sharey=True)
     for axis, (scenario, title, field, label) in zip(axes.flat, panels, strict=True):
