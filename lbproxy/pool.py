@@ -56,6 +56,7 @@ class Server:
         "name",
         "address",
         "ratio",
+        "full_weight",
         "backup",
         "pool",
         "up",
@@ -90,6 +91,7 @@ class Server:
         self.name = config.name
         self.address: Address = config.address
         self.ratio = config.ratio
+        self.full_weight = config.ratio * WEIGHT_SCALE  # the live weight at full share, read per pick
         self.backup = config.backup
         self.pool = pool
         self.up = True
@@ -136,13 +138,10 @@ class Server:
         if config.ratio != self.ratio:
             self.weight = self.weight * config.ratio // self.ratio
         self.ratio = config.ratio
+        self.full_weight = config.ratio * WEIGHT_SCALE
         self.backup = config.backup
         self.pool = pool
         return self
-
-    @property
-    def full_weight(self) -> int:
-        return self.ratio * WEIGHT_SCALE
 
     @property
     def available(self) -> bool:
