@@ -80,12 +80,8 @@ def find_cookie(header_value: bytes, name: bytes) -> tuple[bytes | None, bytes |
     returned. A pair without '=' is a nameless cookie to browsers, never ours. Called once per
     Cookie header line (HTTP/2 clients may split cookies over several).
     """
-    at = header_value.find(name)
-    if at < 0:  # no such cookie: one C-level scan
+    if name not in header_value:  # the common case: one C-level scan
         return None, header_value
-    end = at + len(name)
-    if at == 0 and header_value[end : end + 1] == b"=" and b";" not in header_value:
-        return header_value[end + 1 :].strip(_OWS), None  # the cookie alone in its field
     found: bytes | None = None
     kept: list[bytes] = []
     first_removed = False
@@ -319,7 +315,20 @@ class Persistence(Generic[S]):
     CRLF, ...); the value of the configured header; or the client's address.
     """
 
-    __slots__ = ("kind", "cookie", "header", "jar", "named", "ring", "lines", "hits", "misses", "redispatches")
+    __slots__ = (
+        "kind",
+        "cookie",
+        "pair",
+        "header",
+        "jar",
+        "named",
+        "ring",
+        "lines",
+        "hits",
+        "misses",
+        "redispatches",
+        "key_of",
+    )
 
     def __init__(
         self,
@@ -337,6 +346,7 @@ class Persistence(Generic[S]):
     ) -> None:
         self.kind = kind
         self.cookie = cookie.encode()
+        self.pair = self.cookie + b"="  # how a Cookie field holding only ours begins
         self.header = header.lower().encode() if header is not None else b""
         self.jar: CookieJar[S] | None = None
         self.named: dict[bytes, S] = {}  # cookie value -> server: the jar's table, read by select's fast path
@@ -359,6 +369,10 @@ class Persistence(Generic[S]):
         self.hits = 0  # a request whose key led to its server
         self.misses = 0  # no key, or a cookie naming no server of the pool
         self.redispatches = 0  # the key's server could not take it (down, disabled, failed on this request)
+        # The request's key, read as the head ends (the method for the kind, chosen once).
+        self.key_of: Callable[[list[bytes], bytes], bytes | None] = (
+            self._cookie if kind == COOKIE else self._client if kind == SOURCE_IP else self._header
+        )
 
     def carry_on(self, previous: Persistence[S]) -> None:
         """Take the counters of the persistence this one replaces (a reload): they only go up."""
@@ -366,21 +380,49 @@ class Persistence(Generic[S]):
         self.misses += previous.misses
         self.redispatches += previous.redispatches
 
-    def key_of(self, fields: list[bytes], client_ip: bytes) -> bytes | None:
-        """The request's key, from its head; for a cookie, taken out of the fields that go on."""
-        kind = self.kind
-        if kind == SOURCE_IP:
-            return client_ip
-        wanted = b"cookie" if kind == COOKIE else self.header
+    def _client(self, fields: list[bytes], client_ip: bytes) -> bytes | None:
+        return client_ip
+
+    def _header(self, fields: list[bytes], client_ip: bytes) -> bytes | None:
+        wanted = self.header
         size = len(wanted)
+        for index in range(0, len(fields), 4):
+            name = fields[index]
+            if len(name) == size and name.lower() == wanted:  # the length first: most names differ in it
+                return fields[index + 2]
+        return None
+
+    def _cookie(self, fields: list[bytes], client_ip: bytes) -> bytes | None:
+        """The persistence cookie's value, taken out of every Cookie field (a field left empty goes)."""
+        at = -1
+        for index in range(0, len(fields), 4):
+            name = fields[index]
+            if len(name) == 6 and name.lower() == b"cookie":
+                if at >= 0:
+                    return self._cookies(fields)  # several Cookie fields: rare, the long way
+                at = index
+        if at < 0:
+            return None
+        value = fields[at + 2]
+        pair = self.pair
+        if value.startswith(pair) and b";" not in value:  # ours alone in its field: the usual case
+            del fields[at : at + 4]
+            return value[len(pair) :].strip(_OWS)
+        found, rest = find_cookie(value, self.cookie)
+        if found is not None:
+            if rest is None:
+                del fields[at : at + 4]
+            else:
+                fields[at + 2] = rest
+        return found
+
+    def _cookies(self, fields: list[bytes]) -> bytes | None:
         found: bytes | None = None
         emptied: list[int] = []
         for index in range(0, len(fields), 4):
             name = fields[index]
-            if len(name) != size or name.lower() != wanted:  # the length first: most names differ in it
+            if len(name) != 6 or name.lower() != b"cookie":
                 continue
-            if kind != COOKIE:
-                return fields[index + 2]
             value, rest = find_cookie(fields[index + 2], self.cookie)
             if value is None:
                 continue

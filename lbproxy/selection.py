@@ -25,7 +25,7 @@ _DISABLED: Final = AdminState.DISABLED
 if TYPE_CHECKING:
     from lbproxy.persistence import Persistence
     from lbproxy.pool import Pool, Server
-    from lbproxy.request_head import RequestHead
+    from lbproxy.request_head import RequestHead, Steer
     from lbproxy.routing import Route, RouteTable
 
 
@@ -40,13 +40,21 @@ class Denied(BadRequest):
 class Steering:
     """What a listener with routes, or whose pool keeps sessions, reads in each request's head."""
 
-    __slots__ = ("routes", "default")
+    __slots__ = ("routes", "default", "steer")  # `steer`: the method for this listener, chosen once
 
     def __init__(self, routes: RouteTable | None, default: Pool) -> None:
         self.routes = routes
         self.default = default
+        self.steer: Steer = self._routed if routes is not None else self._persisted
 
-    def steer(
+    def _persisted(
+        self, method: bytes, target: bytes, host: bytes | None, fields: list[bytes], client_ip: bytes
+    ) -> tuple[Pool, bytes | None]:
+        pool = self.default
+        persistence = pool.persistence
+        return pool, (persistence.key_of(fields, client_ip) if persistence is not None else None)
+
+    def _routed(
         self, method: bytes, target: bytes, host: bytes | None, fields: list[bytes], client_ip: bytes
     ) -> tuple[Pool, bytes | None]:
         """The pool for a request and its persistence key; raises `Denied` for a route's deny.
