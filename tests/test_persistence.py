@@ -24,6 +24,7 @@ from lbproxy.persistence import (
     HEADER,
     SOURCE_IP,
     CookieJar,
+    Persistence,
     Rendezvous,
     cookie_value,
     find_cookie,
@@ -440,3 +441,41 @@ def test_rendezvous_refuses_weights_that_are_not_positive(weight: float) -> None
 def test_rendezvous_refuses_two_servers_of_one_name() -> None:
     with pytest.raises(ValueError, match="name"):
         Rendezvous(members("aba"), name_of)
+
+
+def _fields(*pairs: tuple[bytes, bytes]) -> list[bytes]:
+    return [part for name, value in pairs for part in (name, b": ", value, b"\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("given", "key", "left"),
+    [
+        ([(b"Host", b"h"), (b"Cookie", b"LBSRV=abc")], b"abc", [(b"Host", b"h")]),
+        ([(b"cookie", b"a=1; LBSRV=abc; b=2")], b"abc", [(b"cookie", b"a=1; b=2")]),
+        ([(b"Cookie", b"LBSRV=abc;")], b"abc", []),
+        ([(b"Cookie", b"LBSRVX=1")], None, [(b"Cookie", b"LBSRVX=1")]),
+        (
+            [(b"Cookie", b"a=1"), (b"X", b"y"), (b"COOKIE", b"LBSRV=abc; c=3")],
+            b"abc",
+            [(b"Cookie", b"a=1"), (b"X", b"y"), (b"COOKIE", b"c=3")],
+        ),
+        ([(b"Cookie", b"LBSRV=abc"), (b"Cookie", b"LBSRV=def; d=4")], b"abc", [(b"Cookie", b"d=4")]),
+        ([(b"Host", b"h")], None, [(b"Host", b"h")]),
+    ],
+)
+def test_the_cookie_key_leaves_every_cookie_field(
+    given: list[tuple[bytes, bytes]], key: bytes | None, left: list[tuple[bytes, bytes]]
+) -> None:
+    """Ours alone in a field, among others, in a second field, in several: found once, taken out of all."""
+    persistence = Persistence("cookie", "farm", ["a", "b"], str, lambda server: 1.0)
+    fields = _fields(*given)
+    assert persistence.key_of(fields, b"192.0.2.1") == key
+    assert fields == _fields(*left)
+
+
+def test_the_header_and_source_keys() -> None:
+    by_header = Persistence("header", "farm", ["a", "b"], str, lambda server: 1.0, header="X-Session-Id")
+    assert by_header.key_of(_fields((b"Host", b"h"), (b"x-session-ID", b"s1")), b"192.0.2.1") == b"s1"
+    assert by_header.key_of(_fields((b"Host", b"h")), b"192.0.2.1") is None
+    by_client = Persistence("source_ip", "farm", ["a", "b"], str, lambda server: 1.0)
+    assert by_client.key_of([], b"192.0.2.1") == b"192.0.2.1"
