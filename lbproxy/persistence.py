@@ -27,6 +27,8 @@ from typing import Final, Generic, TypeVar
 
 S = TypeVar("S")  # a server: hashable (by identity, as lbproxy's are)
 
+REMEMBERED: Final = 100_000  # keys whose last server a pool keeps (source_ip, header): a few MB at most
+
 COOKIE: Final = "cookie"
 SOURCE_IP: Final = "source_ip"
 HEADER: Final = "header"
@@ -328,6 +330,7 @@ class Persistence(Generic[S]):
         "misses",
         "redispatches",
         "key_of",
+        "last",
     )
 
     def __init__(
@@ -369,16 +372,33 @@ class Persistence(Generic[S]):
         self.hits = 0  # a request whose key led to its server
         self.misses = 0  # no key, or a cookie naming no server of the pool
         self.redispatches = 0  # the key's server could not take it (down, disabled, failed on this request)
+        # source_ip, header: the server each recent key last went to. A hash cannot tell a known user
+        # from a new one; this can, so that a draining server keeps the users it has (`recall`).
+        self.last: dict[bytes, S] = {}
         # The request's key, read as the head ends (the method for the kind, chosen once).
         self.key_of: Callable[[list[bytes], bytes], bytes | None] = (
             self._cookie if kind == COOKIE else self._client if kind == SOURCE_IP else self._header
         )
 
     def carry_on(self, previous: Persistence[S]) -> None:
-        """Take the counters of the persistence this one replaces (a reload): they only go up."""
+        """Take the counters, and the keys' last servers, of the persistence this one replaces (a
+        reload): counters only go up, and a reload does not forget who was on a draining server."""
         self.hits += previous.hits
         self.misses += previous.misses
         self.redispatches += previous.redispatches
+        if self.ring is not None:
+            self.last = previous.last
+
+    def recall(self, key: bytes) -> S | None:
+        """The server `key` last went to, if it is still remembered."""
+        return self.last.get(key)
+
+    def remember(self, key: bytes, server: S) -> None:
+        """`key` went to `server`. The most recent REMEMBERED keys are kept; the oldest go first."""
+        last = self.last
+        if key not in last and len(last) >= REMEMBERED:
+            del last[next(iter(last))]
+        last[key] = server
 
     def _client(self, fields: list[bytes], client_ip: bytes) -> bytes | None:
         return client_ip

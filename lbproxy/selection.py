@@ -21,6 +21,7 @@ from lbproxy.persistence import COOKIE
 from lbproxy.pool import AdminState
 
 _DISABLED: Final = AdminState.DISABLED
+_DRAINING: Final = AdminState.DRAINING
 
 if TYPE_CHECKING:
     from lbproxy.persistence import Persistence
@@ -127,10 +128,15 @@ def _persisted(
         persistence.redispatches += 1
     else:
         persistence.hits += 1
+        known = persistence.recall(key)
+        if known is not None and known.admin is _DRAINING and known.up and known.pool is pool:
+            return known  # a draining server keeps the users it has; new keys go elsewhere
     chosen = ring.pick(key, lambda server: server.available and server not in tried, _inflight)
+    if chosen is None:
+        chosen = pool.pick_other(tried) if tried else pool.pick()  # no primary left: backups, the backup pool
     if chosen is not None:
-        return chosen
-    return pool.pick_other(tried) if tried else pool.pick()  # no primary left: backups, the backup pool
+        persistence.remember(key, chosen)
+    return chosen
 
 
 def _inflight(server: Server) -> int:

@@ -479,3 +479,15 @@ def test_the_header_and_source_keys() -> None:
     assert by_header.key_of(_fields((b"Host", b"h")), b"192.0.2.1") is None
     by_client = Persistence("source_ip", "farm", ["a", "b"], str, lambda server: 1.0)
     assert by_client.key_of([], b"192.0.2.1") == b"192.0.2.1"
+
+
+def test_the_keys_a_pool_remembers_are_bounded_the_oldest_going_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lbproxy.persistence.REMEMBERED", 3)
+    persistence = Persistence("source_ip", "farm", ["a", "b"], str, lambda server: 1.0)
+    for key in (b"k1", b"k2", b"k3"):
+        persistence.remember(key, "a")
+    persistence.remember(b"k2", "b")  # known: updated in place, nothing forgotten
+    assert [persistence.recall(key) for key in (b"k1", b"k2", b"k3")] == ["a", "b", "a"]
+    persistence.remember(b"k4", "b")  # a fourth key: the oldest goes
+    assert persistence.recall(b"k1") is None
+    assert len(persistence.last) == 3

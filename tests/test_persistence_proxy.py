@@ -516,6 +516,30 @@ async def test_header_key_sticks_spreads_and_falls_back_to_the_policy(tmp_path: 
         assert (persistence_state.hits, persistence_state.misses) == (100, 6)
 
 
+async def test_a_draining_server_keeps_the_header_keys_it_has_and_gets_no_new_ones(tmp_path: Path) -> None:
+    """A hash cannot tell a known user from a new one; the pool's memory of recent keys can."""
+    persistence = {"type": "header", "header": "X-Session-Id"}
+    async with backends("a", "b") as servers, running(lbconfig(persistence, servers), tmp_path) as lb:
+        port = port_of(lb)
+
+        async def served(session: bytes) -> bytes:
+            return (await send(port, request(b"/", fields=b"X-Session-Id: %s\r\n" % session))).body
+
+        known = [b"user-%d" % index for index in range(20)]
+        on_a = [session for session in known if await served(session) == b"a"]
+        assert on_a, "some of 20 keys hash to a"
+        lb.drain(lb.server("farm", "a"))
+        for session in on_a:
+            assert await served(session) == b"a", session  # a known user stays on the draining server
+        new = [b"new-%d" % index for index in range(20)]
+        assert any(expected_server(session) == b"a" for session in new)  # some would go to a by the hash
+        for session in new:
+            assert await served(session) == b"b", session  # but a new user never does
+        lb.disable(lb.server("farm", "a"))
+        for session in on_a:
+            assert await served(session) == b"b", session  # disabled: its users move, with no error
+
+
 # -- Cookie headers written to confuse ----------------------------------------------------------------------
 
 
