@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 from yaml.resolver import Resolver
 
-from lbproxy import routing
+from lbproxy import routing, tls
 from lbproxy.routing import Match, RouteSpec
+from lbproxy.tls import Certificate
 
 Mode = Literal["http", "tcp"]
 PolicyName = Literal["round_robin", "least_connections", "ratio", "dynamic_ratio"]
@@ -61,8 +63,9 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
-    cert: Path
-    key: Path
+    certificates: tuple[Certificate, ...]  # read from their files; the first is the default (no SNI)
+    min_version: str = "TLSv1.2"
+    ciphers: str | None = None  # OpenSSL syntax, TLS 1.2 only
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,7 @@ class ListenerConfig:
     pool: str
     mode: Mode = "http"
     maintenance_page: Path | None = None
+    redirect_https: int | None = None  # a plain listener that answers every request 308 to https
     retry_after: float = 30.0
     forwarded_headers: bool = True
     max_connections: int = 10_000
@@ -369,12 +373,14 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "accept_proxy",
         "idle_timeout",
         "routes",
+        "redirect_https",
     ),
     "listeners[].routes[]": ("name", "match", "pool", "deny"),
     "listeners[].routes[].match": ("host", "path_prefix", "path_regex", "header", "methods"),
     "listeners[].timeouts": ("request_header", "keepalive", "request_body", "tunnel"),
     "listeners[].limits": ("header_size", "header_count", "target_size", "max_body_size"),
-    "listeners[].tls": ("cert", "key"),
+    "listeners[].tls": ("cert", "key", "certificates", "min_version", "ciphers"),
+    "listeners[].tls.certificates[]": ("cert", "key"),
     "pools.<name>": (
         "policy",
         "retries",
@@ -601,8 +607,12 @@ class _Reader:
         binds: dict[Address, str] = {}
         for index, item in enumerate(items):
             key = f"listeners[{index}]"
-            entries = self.mapping(item, key, "listeners[]", ("name", "bind", "pool"))
-            if entries is None or not {"name", "bind", "pool"} <= entries.keys():
+            entries = self.mapping(item, key, "listeners[]", ("name", "bind"))
+            if entries is None or not {"name", "bind"} <= entries.keys():
+                continue
+            redirect = self.value(entries, "redirect_https", key, _optional(_integer(1, 65535)), None)
+            if "pool" not in entries and redirect is None:
+                self.problem(item, key, "missing required key 'pool'")
                 continue
             name = self.value(entries, "name", key, _name, "")
             if name in names:
@@ -626,7 +636,7 @@ class _Reader:
                     _join(key, "maintenance_page"),
                     "only http listeners serve a maintenance page",
                 )
-            tls = self.tls(entries["tls"], _join(key, "tls")) if "tls" in entries else None
+            tls_config = self.tls(entries["tls"], _join(key, "tls")) if "tls" in entries else None
             access_log = self.value(entries, "access_log", key, _access_log, None)
             routes = self.routes(entries["routes"], _join(key, "routes"), pools) if "routes" in entries else ()
             if mode != "http":
@@ -638,12 +648,21 @@ class _Reader:
                     "timeouts",
                     "retry_after",
                     "routes",
+                    "redirect_https",
                 ):
                     if http_only in entries:
                         self.problem(entries[http_only], _join(key, http_only), "only http listeners take this key")
             elif "idle_timeout" in entries:
                 where = _join(key, "idle_timeout")
                 self.problem(entries["idle_timeout"], where, "only tcp listeners take this key (http: timeouts)")
+            if redirect is not None:
+                for other in ("tls", "routes", "pool"):
+                    if other in entries:
+                        self.problem(
+                            entries[other],
+                            _join(key, other),
+                            "a redirect_https listener answers every request with a redirect: it takes no " + other,
+                        )
             if mode == "http" and pool in pools and pools[pool].send_proxy is not None:
                 self.problem(
                     entries["pool"],
@@ -669,13 +688,14 @@ class _Reader:
                     retry_after=self.value(entries, "retry_after", key, _duration, 30.0),
                     forwarded_headers=self.value(entries, "forwarded_headers", key, _boolean, True),
                     max_connections=self.value(entries, "max_connections", key, _integer(1, 1_000_000), 10_000),
-                    tls=tls,
+                    tls=tls_config,
                     access_log=access_log if access_log in (None, "-") else str(self.base / str(access_log)),
                     timeouts=self.listener_timeouts(entries, key),
                     limits=self.listener_limits(entries, key),
                     accept_proxy=self.value(entries, "accept_proxy", key, _boolean, False),
                     idle_timeout=self.value(entries, "idle_timeout", key, _duration, 3600.0),
                     routes=routes,
+                    redirect_https=redirect,
                 )
             )
         return tuple(listeners)
@@ -761,12 +781,53 @@ class _Reader:
         return Match(host, prefixes, regex, tuple(header), methods)
 
     def tls(self, node: Node, key: str) -> TlsConfig | None:
-        entries = self.mapping(node, key, "listeners[].tls", ("cert", "key"))
-        if entries is None or len(entries) < 2:
+        entries = self.mapping(node, key, "listeners[].tls")
+        if entries is None:
             return None
-        cert = self.value(entries, "cert", key, self._file, None)
-        private_key = self.value(entries, "key", key, self._file, None)
-        return TlsConfig(cert, private_key) if cert and private_key else None
+        pairs: list[tuple[Node, str, dict[str, Node]]] = []
+        if "certificates" in entries:
+            if "cert" in entries or "key" in entries:
+                self.problem(node, key, "write either cert and key (one certificate) or certificates, not both")
+            where = _join(key, "certificates")
+            items = self.sequence(entries["certificates"], where) or []
+            if not items:
+                self.problem(entries["certificates"], where, "at least one certificate is needed")
+            for index, item in enumerate(items):
+                found = self.mapping(item, f"{where}[{index}]", "listeners[].tls.certificates[]", ("cert", "key"))
+                if found is not None:
+                    pairs.append((item, f"{where}[{index}]", found))
+        else:
+            for required in ("cert", "key"):
+                if required not in entries:
+                    self.problem(node, key, f"missing required key '{required}' (or a list of certificates)")
+            pairs.append((node, key, entries))
+        certificates: list[Certificate] = []
+        for item, where, found in pairs:
+            cert = self.value(found, "cert", where, self._file, None)
+            private_key = self.value(found, "key", where, self._file, None)
+            if cert is None or private_key is None:
+                continue
+            try:
+                certificates.append(tls.inspect(cert, private_key))
+            except tls.TlsError as error:
+                self.problem(item, where, str(error))
+        for certificate, earlier in tls.unreachable(certificates):
+            self.problem(
+                node,
+                key,
+                f"{certificate.cert}: no name can reach it: {earlier.cert} comes first for all of "
+                f"{', '.join(certificate.names)}",
+            )
+        min_version = self.value(entries, "min_version", key, _choice(tuple(tls.VERSIONS)), "TLSv1.2")
+        ciphers = self.value(entries, "ciphers", key, _optional(_nonempty), None)
+        if ciphers is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).set_ciphers(ciphers)
+            except ssl.SSLError:
+                self.problem(entries["ciphers"], _join(key, "ciphers"), f"OpenSSL knows no cipher in {ciphers!r}")
+        if len(certificates) != len(pairs) or not certificates:
+            return None
+        return TlsConfig(tuple(certificates), min_version, ciphers)
 
     def listener_timeouts(self, entries: dict[str, Node], key: str) -> ListenerTimeouts:
         if "timeouts" not in entries:

@@ -50,10 +50,11 @@ UNTIL_CLOSE: Final = 3
 class BadRequest(Exception):
     """A request that must not be forwarded; `status` is what the client gets."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, extra: bytes = b"") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.extra = extra  # header lines of the answer (a redirect's Location), each ending CRLF
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:
@@ -260,6 +261,7 @@ def status_class(status: int) -> int:
 
 
 _REASONS: Final = {
+    308: b"Permanent Redirect",
     400: b"Bad Request",
     405: b"Method Not Allowed",
     408: b"Request Timeout",

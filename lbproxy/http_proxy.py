@@ -30,7 +30,7 @@ from lbproxy.framing import BadRequest
 from lbproxy.http_upstream import CHUNK_END, CRLF, UpstreamConnection
 from lbproxy.pool import Pool, Server
 from lbproxy.request_head import RequestReader
-from lbproxy.selection import Steering, select
+from lbproxy.selection import RedirectHttps, Steering, select
 from lbproxy.transaction import AWAITING, CONNECTING, DONE, IDEMPOTENT, RELAYING, REPLAY_LIMIT, SENDING
 from lbproxy.upstream import Endpoint, IdleConnections, dial
 
@@ -159,12 +159,15 @@ class HttpListener:
         access_log: logging.Logger | None = None,
         accept_proxy: bool = False,
         routes: RouteTable | None = None,
+        redirect_https: int | None = None,
     ) -> None:
         self.name = name
         self.pool = pool
         self.routes = routes  # the route table, whose routes' targets are the runtime's pools
         # Only a listener with routes, or whose pool keeps sessions, reads where a head goes.
         self.steer: Steer | None = Steering(routes, pool).steer if routes is not None or pool.persistent else None
+        if redirect_https is not None:
+            self.steer = RedirectHttps(redirect_https).steer  # answers every request: nothing goes on
         self.secure = tls  # a persistence cookie gets `Secure`
         self.loop = loop
         self.idle: dict[Endpoint, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
@@ -361,7 +364,7 @@ class HttpProxy(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None  # after a 101: the server leg of `relay`
         self.relay: flow.Relay | None = None
         self.early: list[bytes] = []  # bytes after an upgrade request, for the new protocol
-        self.refusal: tuple[int, str] | None = None  # an error owed after the requests ahead of it
+        self.refusal: tuple[int, str, bytes] | None = None  # an answer owed after the requests ahead of it
         # with accept_proxy, until the PROXY header is read
         self.proxy_header = proxy_protocol.HeaderReader() if listener.accept_proxy else None
         self.closed = False
@@ -488,7 +491,7 @@ class HttpProxy(asyncio.Protocol):
                 if cause.status == 505 and framing.versionless(data):
                     self._refuse_in_turn(400, "request line without an HTTP version")
                 else:
-                    self._refuse_in_turn(cause.status, cause.reason)
+                    self._refuse_in_turn(cause.status, cause.reason, cause.extra)
             else:
                 log.exception("internal error while parsing a request", exc_info=cause)
                 self._refuse_in_turn(400, "bad request")
@@ -796,7 +799,8 @@ class HttpProxy(asyncio.Protocol):
                 self._serve_next()
             return
         if self.refusal is not None:
-            self._refuse(*self.refusal)
+            status, reason, extra = self.refusal
+            self._refuse(status, reason, extra=extra)
             return
         gate = self.gate
         if gate is not None and gate.reasons:
@@ -858,17 +862,17 @@ class HttpProxy(asyncio.Protocol):
 
     # -- answering and closing --
 
-    def _refuse_in_turn(self, status: int, reason: str) -> None:
+    def _refuse_in_turn(self, status: int, reason: str, extra: bytes = b"") -> None:
         """Refuse the request being read; one pipelined behind others gets its error after their answers."""
         active = self.active
         reading = self.reading
         if active is None or reading is active:
-            self._refuse(status, reason)  # the request in flight itself is bad (its body, say)
+            self._refuse(status, reason, extra=extra)  # the request in flight itself is bad (its body, say)
             return
         if reading is not None and self.queue and self.queue[-1] is reading:
             self.queue.pop()
         self.reading = None
-        self.refusal = (status, reason)  # nothing more is read from this client
+        self.refusal = (status, reason, extra)  # nothing more is read from this client
         assert self.gate is not None
         self.gate.pause(flow.WAITING)
 

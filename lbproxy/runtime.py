@@ -30,6 +30,7 @@ from lbproxy.http_proxy import HttpListener, HttpProxy
 from lbproxy.pool import Pool, Server
 from lbproxy.routing import RouteTable
 from lbproxy.tcp_proxy import TcpClient, TcpListener
+from lbproxy.tls import ListenerContexts, TlsError
 
 log = logging.getLogger("lbproxy")
 
@@ -64,7 +65,7 @@ class Runtime:
         # With --workers, the other side's part of a reload, built after the listeners' (lbproxy.workers):
         # the supervisor's has every worker build and bind it; a worker's waits for the supervisor's word.
         self.stage_hook: Callable[[Config, Mapping[str, Pool], Hosts], Awaitable[Stage]] | None = None
-        self._contexts: dict[str, ssl.SSLContext] = {}  # per TLS listener, reloaded in place
+        self._contexts: dict[str, ListenerContexts] = {}  # per TLS listener, reloaded in place
         self._was_ready = False
         self.shutting_down = False
         self.listeners: dict[str, Listener] = {}
@@ -233,7 +234,7 @@ class Runtime:
             if name not in serving or _socket_changed(serving[name], listener)
         ]
         opened: dict[str, logging.Handler] = {}
-        built: dict[str, tuple[Listener, ssl.SSLContext | None]] = {}
+        built: dict[str, tuple[Listener, ListenerContexts | None]] = {}
         fresh: dict[str, asyncio.Server] = {}
         try:
             for listener in wanted.values():
@@ -273,12 +274,14 @@ class Runtime:
         whole: Config,
         pools: Mapping[str, Pool],
         opened: dict[str, logging.Handler],
-    ) -> tuple[Listener, ssl.SSLContext | None]:
+    ) -> tuple[Listener, ListenerContexts | None]:
         """A listener object for `config` (of the config `whole`), on the runtime pools `pools`; an access
         log it needs and the runtime has not opened yet is opened into `opened`, for
         `_install_access_logs` to attach. Touches nothing live: a reload builds beside the live state."""
-        pool_config = whole.pools[config.pool]
-        pool = pools[config.pool]
+        # A redirect_https listener has no pool: it answers every request itself. Its listener object
+        # is given the first pool, which it never sends anything to.
+        pool_config = whole.pools[config.pool] if config.pool else next(iter(whole.pools.values()))
+        pool = pools[pool_config.name]
         if config.mode == "tcp":
             tcp = TcpListener(
                 config.name,
@@ -321,14 +324,15 @@ class Runtime:
             access_log=self._access_logger(config, opened),
             accept_proxy=config.accept_proxy,
             routes=_route_table(config, pools),
+            redirect_https=config.redirect_https,
         )
         context = None
         if config.tls is not None:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            settings = config.tls
             try:
-                context.load_cert_chain(config.tls.cert, config.tls.key)
-            except (OSError, ssl.SSLError) as error:
-                raise StartError(f"listener {config.name}: cannot load the TLS certificate or key: {error}") from None
+                context = ListenerContexts(list(settings.certificates), settings.min_version, settings.ciphers)
+            except (OSError, ssl.SSLError, TlsError) as error:
+                raise StartError(f"listener {config.name}: cannot load the TLS certificates: {error}") from None
         return listener, context
 
     async def _create_server(
@@ -336,7 +340,7 @@ class Runtime:
         loop: asyncio.AbstractEventLoop,
         config: ListenerConfig,
         listener: Listener,
-        context: ssl.SSLContext | None,
+        context: ListenerContexts | None,
         serving: bool = True,
     ) -> asyncio.Server:
         """A socket bound for `listener`; with `serving` False it accepts nothing until `start_serving()`
@@ -346,7 +350,7 @@ class Runtime:
                 listener,
                 config.bind.host or None,
                 config.bind.port,
-                ssl=context,
+                ssl=context.context if context is not None else None,
                 reuse_address=True,
                 reuse_port=not self.manage,  # workers share each listening port (SO_REUSEPORT)
                 backlog=1024,
@@ -360,12 +364,16 @@ class Runtime:
         loop: asyncio.AbstractEventLoop,
         config: ListenerConfig,
         listener: Listener,
-        context: ssl.SSLContext | None,
+        context: ListenerContexts | None,
     ) -> None:
         self._adopt(config, listener, await self._create_server(loop, config, listener, context), context)
 
     def _adopt(
-        self, config: ListenerConfig, listener: Listener, server: asyncio.Server, context: ssl.SSLContext | None = None
+        self,
+        config: ListenerConfig,
+        listener: Listener,
+        server: asyncio.Server,
+        context: ListenerContexts | None = None,
     ) -> None:
         self._sockets[config.name] = server
         if context is not None:
@@ -510,7 +518,7 @@ class _ListenerStage:
         runtime: Runtime,
         wanted: Mapping[str, ListenerConfig],
         rebind: list[ListenerConfig],
-        built: Mapping[str, tuple[Listener, ssl.SSLContext | None]],
+        built: Mapping[str, tuple[Listener, ListenerContexts | None]],
         fresh: Mapping[str, asyncio.Server],
         opened: dict[str, logging.Handler],
     ) -> None:
@@ -540,9 +548,12 @@ class _ListenerStage:
                 continue
             current = runtime.listeners[listener.name]
             if listener.tls is not None and listener.name in runtime._contexts:
-                try:  # a renewed certificate under the same paths: new handshakes use it
-                    runtime._contexts[listener.name].load_cert_chain(listener.tls.cert, listener.tls.key)
-                except (OSError, ssl.SSLError) as error:
+                settings = listener.tls
+                try:  # the new set, renewed certificates too: new handshakes use it
+                    runtime._contexts[listener.name].reload(
+                        list(settings.certificates), settings.min_version, settings.ciphers
+                    )
+                except (OSError, ssl.SSLError, TlsError) as error:
                     log.error("reload: listener %s keeps its old certificate: %s", listener.name, error)
             if isinstance(current, HttpListener) and isinstance(made, HttpListener):
                 current.reconfigure(made)
@@ -597,8 +608,9 @@ class _Stages:
 
 
 def _socket_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
-    """Whether a listener needs a new socket (its address, mode or TLS changed)."""
-    return old.bind != new.bind or old.mode != new.mode or old.tls != new.tls
+    """Whether a listener needs a new socket (its address or mode changed, or TLS turned on or off;
+    a new set of certificates is loaded in place)."""
+    return old.bind != new.bind or old.mode != new.mode or (old.tls is None) != (new.tls is None)
 
 
 def _route_table(config: ListenerConfig, pools: Mapping[str, Pool]) -> RouteTable | None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 from lbproxy.framing import BadRequest
 from lbproxy.persistence import COOKIE
 from lbproxy.pool import AdminState
+from lbproxy.routing import host_key
 
 _DISABLED: Final = AdminState.DISABLED
 _DRAINING: Final = AdminState.DRAINING
@@ -36,6 +37,33 @@ class Denied(BadRequest):
     def __init__(self, route: Route) -> None:
         assert route.deny is not None
         super().__init__(route.deny, f"denied by route {route.name}")
+
+
+class RedirectHttps:
+    """`redirect_https`: every request is answered 308 to the same target over https; nothing goes on.
+
+    `Location: https://<Host without its port, lower-case>[:port]<target>`, the target byte for byte (the path of
+    an absolute-form one); no port for 443. The Host has passed `framing.check_host`, so nothing in it
+    can break the header line. A request without a Host gets 400: there is nowhere to send it.
+    """
+
+    __slots__ = ("port",)
+
+    def __init__(self, port: int) -> None:
+        self.port = b"" if port == 443 else b":%d" % port
+
+    def steer(
+        self, method: bytes, target: bytes, host: bytes | None, fields: list[bytes], client_ip: bytes
+    ) -> tuple[Pool, bytes | None]:
+        if host is None:
+            raise BadRequest(400, "no Host to redirect to https")
+        host = host_key(host)  # as routes see it: without its port, lower-case
+        if target[:1] != b"/":
+            _, sep, rest = target.partition(b"://")
+            slash = rest.find(b"/")
+            target = rest[slash:] if sep and slash >= 0 else b"/"
+        location = b"Location: https://" + host + self.port + target + b"\r\n"
+        raise BadRequest(308, "redirected to https", extra=location)
 
 
 class Steering:

@@ -1,0 +1,152 @@
+"""TLS for the http listeners: certificates read from their files, one context per certificate, SNI picks.
+
+`inspect` reads a certificate and its key as the config names them and says what is wrong before
+anything listens: a key that is not the certificate's, a certificate that has expired or that has no
+name. The names come from the certificate itself (its DNS subject alternative names, else its common
+name), never from the config. `ListenerContexts` holds the `ssl.SSLContext` a listener's socket was
+made with (the first certificate: a client that sends no SNI, or a name no certificate has, gets it)
+and one more context per other certificate; its `sni_callback` hands each handshake the context of
+the certificate whose name matches the server name (exact first, then a `*.` wildcard for one label,
+as RFC 6125 §6.4.3 lets a client accept). A reload swaps the table and reloads the first certificate
+in place, so new handshakes get the new set and connections already open keep theirs.
+
+Every context offers ALPN `http/1.1` (lbproxy speaks HTTP/1.1 only) and takes the listener's lowest
+version and, for TLS 1.2, its ciphers. The module reads files and builds contexts; it never opens a
+socket.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+ALPN: Final = ["http/1.1"]
+
+
+class TlsError(Exception):
+    """A certificate or key that cannot serve: the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """A certificate as its file says: where it and its key are, the names it serves, when it expires."""
+
+    cert: Path
+    key: Path
+    names: tuple[str, ...]  # lower-case DNS names, wildcards as written (`*.example.com`)
+    not_after: datetime.datetime  # UTC
+
+
+def inspect(cert: Path, key: Path, now: datetime.datetime | None = None) -> Certificate:
+    """Read `cert` (PEM, the leaf first) and `key`; raises TlsError on a file that cannot serve."""
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError) as error:
+        raise TlsError(f"{cert}: not a PEM certificate ({error})") from None
+    try:
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise TlsError(f"{key}: not an unencrypted PEM private key ({error})") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(serialization.Encoding.DER, public) != leaf.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
+        raise TlsError(f"{key}: this key is not the key of {cert}")
+    now = now or datetime.datetime.now(datetime.UTC)
+    if leaf.not_valid_after_utc <= now:
+        raise TlsError(f"{cert}: expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    names = _names(leaf)
+    if not names:
+        raise TlsError(f"{cert}: names no host (no DNS subject alternative name, no common name)")
+    return Certificate(cert, key, names, leaf.not_valid_after_utc)
+
+
+def _names(leaf: x509.Certificate) -> tuple[str, ...]:
+    try:
+        alternative = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        common = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return tuple(str(attribute.value).lower() for attribute in common)
+    return tuple(name.lower() for name in alternative.get_values_for_type(x509.DNSName))
+
+
+def unreachable(certificates: list[Certificate]) -> list[tuple[Certificate, Certificate]]:
+    """(certificate, the earlier one that takes every name of it) for each certificate SNI can never
+    pick; the first is always reachable (no SNI)."""
+    found = []
+    for index, certificate in enumerate(certificates[1:], 1):
+        for earlier in certificates[:index]:
+            if all(name in earlier.names for name in certificate.names):
+                found.append((certificate, earlier))
+                break
+    return found
+
+
+def context(certificate: Certificate, min_version: str, ciphers: str | None) -> ssl.SSLContext:
+    """A server context for one certificate; raises TlsError (with the file) if OpenSSL refuses it."""
+    made = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    made.minimum_version = VERSIONS[min_version]
+    made.set_alpn_protocols(ALPN)
+    try:
+        if ciphers is not None:
+            made.set_ciphers(ciphers)
+        made.load_cert_chain(certificate.cert, certificate.key)
+    except ssl.SSLError as error:
+        raise TlsError(f"{certificate.cert}: {error}") from None
+    return made
+
+
+class ListenerContexts:
+    """The contexts of one TLS listener: the socket's own (the first certificate) and, by name, the others'."""
+
+    __slots__ = ("context", "exact", "wildcards")
+
+    def __init__(self, certificates: list[Certificate], min_version: str, ciphers: str | None) -> None:
+        self.context = context(certificates[0], min_version, ciphers)
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcards: dict[str, ssl.SSLContext] = {}
+        self._fill(certificates, min_version, ciphers)
+        self.context.sni_callback = self._pick
+
+    def reload(self, certificates: list[Certificate], min_version: str, ciphers: str | None) -> None:
+        """New handshakes get `certificates`: the first reloaded into the socket's context in place,
+        the others' table replaced at once; open connections keep what they had."""
+        self.context.minimum_version = VERSIONS[min_version]
+        if ciphers is not None:
+            self.context.set_ciphers(ciphers)
+        self.context.load_cert_chain(certificates[0].cert, certificates[0].key)
+        self._fill(certificates, min_version, ciphers)
+
+    def _fill(self, certificates: list[Certificate], min_version: str, ciphers: str | None) -> None:
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcards: dict[str, ssl.SSLContext] = {}
+        for index, certificate in enumerate(certificates):
+            made = self.context if index == 0 else context(certificate, min_version, ciphers)
+            for name in certificate.names:
+                if name.startswith("*."):
+                    wildcards.setdefault(name[2:], made)
+                else:
+                    exact.setdefault(name, made)
+        self.exact, self.wildcards = exact, wildcards
+
+    def _pick(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, made: ssl.SSLContext) -> None:
+        """OpenSSL's SNI callback: the certificate for `server_name`, the first one when none matches."""
+        if server_name is None:
+            return
+        name = server_name.lower()
+        chosen = self.exact.get(name)
+        if chosen is None:
+            dot = name.find(".")
+            if dot > 0:
+                parent = name[dot + 1 :]
+                chosen = self.wildcards.get(parent)
+        if chosen is not None and chosen is not self.context:
+            connection.context = chosen
