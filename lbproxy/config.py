@@ -147,6 +147,17 @@ class KeepaliveConfig:
     idle_timeout: float = 30.0  # below the usual server keep-alive timeouts, so we close first
 
 
+@dataclass(frozen=True, slots=True)
+class PoolTlsConfig:
+    """TLS from lbproxy to the pool's servers (and its HTTP probes)."""
+
+    verify: bool = True  # the server's certificate must be valid for server_name
+    ca: Path | None = None  # None: the system's CAs
+    server_name: str | None = None  # SNI and the name verified; None: each server's host as written
+    client_cert: Path | None = None  # lbproxy's own certificate, for servers that ask for one
+    client_key: Path | None = None
+
+
 PersistenceType = Literal["cookie", "source_ip", "header"]
 
 
@@ -177,6 +188,7 @@ class PoolConfig:
     slow_start: float | None = None  # seconds over which a server coming up ramps to full share
     disable_grace: float = 10.0  # after `disable`, what is still in flight is cut after this
     persistence: PersistenceConfig | None = None
+    tls: PoolTlsConfig | None = None  # None: plain HTTP (or TCP) to the servers
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +203,20 @@ class Config:
 
     def summary(self) -> str:
         servers = sum(len(pool.servers) for pool in self.pools.values())
-        return (
+        lines = [
             f"{self.path}: OK: {_plural(len(self.listeners), 'listener')}, "
             f"{_plural(len(self.pools), 'pool')}, {_plural(servers, 'server')}"
-        )
+        ]
+        lines += (f"{self.path}: warning: {warning}" for warning in self.warnings())
+        return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """What is allowed but risky: `lbproxy check` prints it, and the runtime logs it at start and reload."""
+        return [
+            f"pools.{name}.tls.verify: false: the servers' certificates are not checked"
+            for name, pool in self.pools.items()
+            if pool.tls is not None and not pool.tls.verify
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +418,9 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "disable_grace",
         "send_proxy",
         "persistence",
+        "tls",
     ),
+    "pools.<name>.tls": ("verify", "ca", "server_name", "client_cert", "client_key"),
     "pools.<name>.persistence": ("type", "cookie", "max_age", "header", "balance", "secret"),
     "pools.<name>.servers[]": ("name", "address", "ratio", "backup"),
     "pools.<name>.health": (
@@ -670,6 +694,13 @@ class _Reader:
                     f"pool '{pool}' sends a PROXY header (send_proxy), which only tcp listeners do: "
                     "http listeners pass the client address in X-Forwarded-For",
                 )
+            if mode == "tcp" and pool in pools and pools[pool].tls is not None:
+                self.problem(
+                    entries["pool"],
+                    _join(key, "pool"),
+                    f"pool '{pool}' speaks TLS to its servers (tls), which only http listeners do: "
+                    "a tcp listener passes TLS through untouched",
+                )
             persistence = pools[pool].persistence if pool in pools else None
             if mode == "tcp" and persistence is not None and persistence.type != "source_ip":
                 self.problem(
@@ -904,6 +935,7 @@ class _Reader:
         persistence = (
             self.persistence(entries["persistence"], _join(key, "persistence")) if "persistence" in entries else None
         )
+        pool_tls = self.pool_tls(entries["tls"], _join(key, "tls")) if "tls" in entries else None
         passive = self.passive(entries["passive"], _join(key, "passive")) if "passive" in entries else None
         if passive is not None and health.type == "none":
             # Passive detection only takes servers out; without probes nothing would bring them back.
@@ -924,7 +956,29 @@ class _Reader:
             disable_grace=self.value(entries, "disable_grace", key, _duration, 10.0),
             send_proxy=self.value(entries, "send_proxy", key, _optional(_choice(("v1", "v2"))), None),  # type: ignore[arg-type]
             persistence=persistence,
+            tls=pool_tls,
         )
+
+    def pool_tls(self, node: Node, key: str) -> PoolTlsConfig | None:
+        entries = self.mapping(node, key, "pools.<name>.tls")
+        if entries is None:
+            return None
+        settings = PoolTlsConfig(
+            verify=self.value(entries, "verify", key, _boolean, True),
+            ca=self.value(entries, "ca", key, self._file, None),
+            server_name=self.value(entries, "server_name", key, _optional(_route_host), None),
+            client_cert=self.value(entries, "client_cert", key, self._file, None),
+            client_key=self.value(entries, "client_key", key, self._file, None),
+        )
+        if (settings.client_cert is None) != (settings.client_key is None):
+            self.problem(node, key, "client_cert and client_key go together")
+            return None
+        try:
+            tls.upstream_context(settings)
+        except tls.TlsError as error:
+            self.problem(node, key, str(error))
+            return None
+        return settings
 
     def persistence(self, node: Node, key: str) -> PersistenceConfig | None:
         entries = self.mapping(node, key, "pools.<name>.persistence", ("type",))

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -90,19 +91,32 @@ async def probe_tcp(host: str, port: int, timeout: float) -> Result:
 
 
 async def probe_http(session: aiohttp.ClientSession, server: Server, config: HealthConfig) -> Result:
-    endpoint = server.endpoint  # where the proxies' connections go too
-    url = f"http://{endpoint.url_host()}:{endpoint.port}{config.path}"
+    endpoint = server.endpoint  # where the proxies' connections go too, over TLS when the pool's do
+    scheme = "https" if endpoint.tls is not None else "http"
+    url = f"{scheme}://{endpoint.url_host()}:{endpoint.port}{config.path}"
     headers = {"Host": config.host or str(server.address), "User-Agent": "lbproxy-health-check"}
+    tls: dict[str, Any] = {}
+    if endpoint.tls is not None:
+        tls = {"ssl": endpoint.tls, "server_hostname": endpoint.server_name}
     try:
         async with asyncio.timeout(config.timeout):
             async with session.request(
-                config.method, url, headers=headers, allow_redirects=False, skip_auto_headers=("Accept-Encoding",)
+                config.method,
+                url,
+                headers=headers,
+                allow_redirects=False,
+                skip_auto_headers=("Accept-Encoding",),
+                **tls,
             ) as response:
                 status = response.status
                 weight = _weight(response.headers.get(WEIGHT_HEADER))
                 body = await response.content.read(MAX_BODY) if config.expect_body is not None else b""
     except TimeoutError:
         return Result(False, f"timeout after {_seconds(config.timeout)}")
+    except aiohttp.ClientConnectorCertificateError as error:
+        certificate_error = error.certificate_error
+        detail = getattr(certificate_error, "verify_message", None) or str(certificate_error)
+        return Result(False, f"certificate verify failed: {detail}")
     except aiohttp.ClientConnectorError as error:
         return Result(False, _os_reason(error.os_error))
     except (aiohttp.ClientError, OSError) as error:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import ssl
 import time
 from collections.abc import Callable, Collection
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
 from lbproxy.persistence import COOKIE, Persistence
+from lbproxy.tls import upstream_context
 from lbproxy.upstream import Endpoint
 
 log = logging.getLogger("lbproxy.pool")
@@ -120,11 +122,11 @@ class Server:
         self.failures = 0  # resets, timeouts and garbage seen on established connections
         self.sent_bytes = 0
         self.received_bytes = 0
-        self.endpoint = Endpoint(config.address.host, config.address.port)  # `reach` resolves the name
+        self.endpoint = _endpoint(config, pool)  # `reach` resolves the name
 
     def reach(self, host: str) -> None:
         """Connections go to `host`, the address the control plane resolved the server's name to."""
-        self.endpoint = Endpoint(host, self.address.port)
+        self.endpoint = self.endpoint._replace(host=host)
 
     def reconfigure(self, config: ServerConfig, pool: Pool) -> Server:
         """Take a reloaded config, keeping state and counters; returns self.
@@ -133,7 +135,9 @@ class Server:
         so there is nothing to undo.
         """
         if config.address != self.address:
-            self.endpoint = Endpoint(config.address.host, config.address.port)
+            self.endpoint = _endpoint(config, pool)
+        elif pool.tls is not self.endpoint.tls:  # TLS to the servers turned on, off, or changed
+            self.endpoint = _endpoint(config, pool)._replace(host=self.endpoint.host)
         self.address = config.address
         if config.ratio != self.ratio:
             self.weight = self.weight * config.ratio // self.ratio
@@ -161,6 +165,8 @@ class Pool:
         "retries",
         "connect_timeout",
         "response_timeout",
+        "tls_settings",
+        "tls",
         "servers",
         "by_name",
         "backup_pool",
@@ -199,6 +205,13 @@ class Pool:
         self.name = config.name
         self.policy_name = config.policy
         self.retries = config.retries
+        # TLS to the servers: one context for the pool, kept across a reload that leaves it alone (so
+        # that the idle connections, kept per endpoint, stay usable)
+        self.tls_settings = config.tls
+        self.tls: ssl.SSLContext | None = None
+        if config.tls is not None:
+            unchanged = previous is not None and previous.tls_settings == config.tls
+            self.tls = previous.tls if unchanged and previous is not None else upstream_context(config.tls)
         self.connect_timeout = config.timeouts.connect
         self.response_timeout = config.timeouts.response
         self.backup_pool: Pool | None = None  # linked by the controller once every pool exists
@@ -530,3 +543,13 @@ def _persistence(config: PoolConfig, servers: list[Server], primaries: list[Serv
         balance=settings.balance,
         secret=settings.secret.encode(),
     )
+
+
+def _endpoint(config: ServerConfig, pool: Pool) -> Endpoint:
+    """Where `config`'s connections go, before its name is resolved: with the pool's TLS, if any."""
+    address = config.address
+    if pool.tls is None:
+        return Endpoint(address.host, address.port)
+    settings = pool.tls_settings
+    name = settings.server_name if settings is not None and settings.server_name else address.host
+    return Endpoint(address.host, address.port, pool.tls, name)

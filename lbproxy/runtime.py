@@ -110,6 +110,8 @@ class Runtime:
         """Bind and serve; `hosts`: the servers' addresses as a supervisor resolved them (else looked up)."""
         loop = asyncio.get_running_loop()
         await self.controller.start(hosts)
+        for warning in self.config.warnings():
+            log.warning("config: %s", warning)
         opened: dict[str, logging.Handler] = {}
         try:
             serving = self.config.listeners if self.serve else ()
@@ -211,6 +213,8 @@ class Runtime:
 
     async def _prepare(self, new: Config, pools: Mapping[str, Pool], hosts: Hosts) -> Stage:
         """The controller's `Prepare`: the listeners' stage, then the `stage_hook`'s (with --workers)."""
+        for warning in new.warnings():
+            log.warning("reload: %s", warning)
         listeners = await self._stage_listeners(new, pools)
         if self.stage_hook is None:
             return listeners

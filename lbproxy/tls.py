@@ -1,4 +1,4 @@
-"""TLS for the http listeners: certificates read from their files, one context per certificate, SNI picks.
+"""TLS contexts: the http listeners' (certificates from their files, SNI picks) and the pools' (to the servers).
 
 `inspect` reads a certificate and its key as the config names them and says what is wrong before
 anything listens: a key that is not the certificate's, a certificate that has expired or that has no
@@ -11,8 +11,10 @@ as RFC 6125 §6.4.3 lets a client accept). A reload swaps the table and reloads 
 in place, so new handshakes get the new set and connections already open keep theirs.
 
 Every context offers ALPN `http/1.1` (lbproxy speaks HTTP/1.1 only) and takes the listener's lowest
-version and, for TLS 1.2, its ciphers. The module reads files and builds contexts; it never opens a
-socket.
+version and, for TLS 1.2, its ciphers. `upstream_context` is a pool's client context: the servers'
+certificates verified against the pool's CA (or the system's) for the pool's `server_name`, and
+lbproxy's own certificate for servers that ask for one. The module reads files and builds contexts;
+it never opens a socket.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import datetime
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+
+if TYPE_CHECKING:
+    from lbproxy.config import PoolTlsConfig
 
 VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 ALPN: Final = ["http/1.1"]
@@ -101,6 +106,25 @@ def context(certificate: Certificate, min_version: str, ciphers: str | None) -> 
         made.load_cert_chain(certificate.cert, certificate.key)
     except ssl.SSLError as error:
         raise TlsError(f"{certificate.cert}: {error}") from None
+    return made
+
+
+def upstream_context(settings: PoolTlsConfig) -> ssl.SSLContext:
+    """A pool's context for its servers; raises TlsError (naming the file) on a CA or a client
+    certificate that cannot be loaded."""
+    try:
+        made = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.ca)
+    except (OSError, ssl.SSLError) as error:
+        raise TlsError(f"{settings.ca}: not a CA file ({error})") from None
+    if not settings.verify:
+        made.check_hostname = False
+        made.verify_mode = ssl.CERT_NONE
+    if settings.client_cert is not None:
+        try:
+            made.load_cert_chain(settings.client_cert, settings.client_key)
+        except (OSError, ssl.SSLError) as error:
+            raise TlsError(f"{settings.client_cert}: cannot be lbproxy's client certificate ({error})") from None
+    made.set_alpn_protocols(ALPN)
     return made
 
 

@@ -1,17 +1,19 @@
 """Connections from lbproxy to the servers: where they go, opening them with a timeout, keeping idle ones.
 
-An `Endpoint` is where a connection to a server goes: today its resolved address and port; the TLS
-settings, the SNI name and the PROXY header will join it (#16), so that connections differing in
-any of them are never mixed. The proxies' connections and the health probes reach a server at the
-same endpoint. Each endpoint has a bounded stack of idle keep-alive connections (aiohttp's connector is the model):
-the most recently used one is taken first, and one that is closing or has been idle longer than the
-idle timeout is closed instead of reused. The module is generic over the protocol class, so the HTTP
-proxy owns what is spoken on a connection and this module only owns their lifetime.
+An `Endpoint` is where a connection to a server goes: its resolved address and port, and, for a
+pool with `tls`, the pool's TLS context and the SNI name (the PROXY header may join them), so that
+connections differing in any of them are never mixed. The proxies' connections and the health
+probes reach a server at the same endpoint. Each endpoint has a bounded stack of idle keep-alive
+connections (aiohttp's connector is the model): the most recently used one is taken first, and one
+that is closing or has been idle longer than the idle timeout is closed instead of reused. The
+module is generic over the protocol class, so the HTTP proxy owns what is spoken on a connection and
+this module only owns their lifetime.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, NamedTuple, Protocol, TypeVar
@@ -22,6 +24,8 @@ class Endpoint(NamedTuple):
 
     host: str  # an address: the runtime resolved the server's name
     port: int
+    tls: ssl.SSLContext | None = None  # the pool's context: TLS to the server (compared by identity)
+    server_name: str | None = None  # with tls: the SNI name and the name its certificate must have
 
     def url_host(self) -> str:
         """The host as a URL names it (IPv6 in brackets)."""
@@ -98,10 +102,14 @@ async def dial(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], target
     endpoint = target.endpoint
     try:
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(factory, endpoint.host, endpoint.port)
+            _, protocol = await loop.create_connection(
+                factory, endpoint.host, endpoint.port, ssl=endpoint.tls, server_hostname=endpoint.server_name
+            )
         return protocol
     except TimeoutError:
         reason = "connect timeout"
+    except ssl.SSLCertVerificationError as error:
+        reason = f"certificate verify failed: {error.verify_message}"
     except OSError as error:
         reason = f"connect failed: {error}"
     target.connect_failures += 1

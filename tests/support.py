@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import os
 import socket
+import ssl
 import sys
 import textwrap
 import time
@@ -19,6 +22,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httptools
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from lbproxy import config
 from lbproxy.runtime import Runtime
@@ -141,11 +148,12 @@ class Backend:
     accepted: int = 0
     transports: list[asyncio.Transport] = field(default_factory=list)
     tasks: set[asyncio.Future[None]] = field(default_factory=set)
+    tls: ssl.SSLContext | None = None  # a server context: the back-end speaks HTTPS
     _server: asyncio.Server | None = None
 
     async def start(self, port: int = 0) -> Backend:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _BackendProtocol(self), LOCALHOST, port)
+        self._server = await loop.create_server(lambda: _BackendProtocol(self), LOCALHOST, port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -434,3 +442,77 @@ async def held_back(server: Pausable, timeout: float = 5.0) -> None:
 def buffered_for_clients(connections: Iterable[Any]) -> int:
     """Bytes a listener's client connections hold in their transports' write buffers."""
     return sum(c.transport.get_write_buffer_size() for c in connections if c.transport is not None)
+
+
+# -- certificates --------------------------------------------------------------------------------------
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+@dataclass
+class Issued:
+    cert: Path
+    key: Path
+
+
+class Authority:
+    """A test CA that issues server certificates into a folder."""
+
+    def __init__(self, folder: Path, stem: str = "ca") -> None:
+        self.folder = folder
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"lbproxy test CA {stem}")])
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=1))
+            .not_valid_after(NOW + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = folder / f"{stem}.pem"
+        self.path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, stem: str, *names: str, days: float = 30, key_of: Issued | None = None) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=2))
+            .not_valid_after(NOW + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([_alternative(name) for name in names]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        issued = Issued(self.folder / f"{stem}.pem", self.folder / f"{stem}.key")
+        issued.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        if key_of is not None:
+            issued.key.write_bytes(key_of.key.read_bytes())  # another certificate's key
+        else:
+            issued.key.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+        return issued
+
+    def server_context(self, issued: Issued, clients: Authority | None = None) -> ssl.SSLContext:
+        """A back-end's context serving `issued`; with `clients`, a client certificate from it is required."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(issued.cert, issued.key)
+        if clients is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(clients.path)
+        return context
+
+
+def _alternative(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)

@@ -10,77 +10,16 @@ every connection goes to 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import shutil
 import ssl
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from lbproxy import config
 from lbproxy.runtime import Runtime
-from tests.support import Backend, Client, port_of, running
-
-NOW = datetime.datetime.now(datetime.UTC)
-
-
-@dataclass
-class Issued:
-    cert: Path
-    key: Path
-
-
-class Authority:
-    """A test CA that issues server certificates into a folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lbproxy test CA")])
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(self.name)
-            .issuer_name(self.name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - datetime.timedelta(days=1))
-            .not_valid_after(NOW + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.path = folder / "ca.pem"
-        self.path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, stem: str, *names: str, days: float = 30, key_of: Issued | None = None) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - datetime.timedelta(days=2))
-            .not_valid_after(NOW + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        issued = Issued(self.folder / f"{stem}.pem", self.folder / f"{stem}.key")
-        issued.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-        if key_of is not None:
-            issued.key.write_bytes(key_of.key.read_bytes())  # another certificate's key
-        else:
-            issued.key.write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                )
-            )
-        return issued
+from tests.support import Authority, Backend, Client, Issued, port_of, running
 
 
 @pytest.fixture
