@@ -66,6 +66,7 @@ class TlsConfig:
     certificates: tuple[Certificate, ...]  # read from their files; the first is the default (no SNI)
     min_version: str = "TLSv1.2"
     ciphers: str | None = None  # OpenSSL syntax, TLS 1.2 only
+    client_ca: Path | None = None  # mutual TLS: a client certificate from this CA is required
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +402,7 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "listeners[].routes[].match": ("host", "path_prefix", "path_regex", "header", "methods"),
     "listeners[].timeouts": ("request_header", "keepalive", "request_body", "tunnel"),
     "listeners[].limits": ("header_size", "header_count", "target_size", "max_body_size"),
-    "listeners[].tls": ("cert", "key", "certificates", "min_version", "ciphers"),
+    "listeners[].tls": ("cert", "key", "certificates", "min_version", "ciphers", "client_ca"),
     "listeners[].tls.certificates[]": ("cert", "key"),
     "pools.<name>": (
         "policy",
@@ -856,9 +857,16 @@ class _Reader:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).set_ciphers(ciphers)
             except ssl.SSLError:
                 self.problem(entries["ciphers"], _join(key, "ciphers"), f"OpenSSL knows no cipher in {ciphers!r}")
+        client_ca = self.value(entries, "client_ca", key, self._file, None)
         if len(certificates) != len(pairs) or not certificates:
             return None
-        return TlsConfig(tuple(certificates), min_version, ciphers)
+        settings = TlsConfig(tuple(certificates), min_version, ciphers, client_ca)
+        try:
+            tls.context(certificates[0], settings)
+        except tls.TlsError as error:
+            self.problem(node, key, str(error))
+            return None
+        return settings
 
     def listener_timeouts(self, entries: dict[str, Node], key: str) -> ListenerTimeouts:
         if "timeouts" not in entries:

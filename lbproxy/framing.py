@@ -29,6 +29,8 @@ HOP_BY_HOP: Final = frozenset(
 )
 CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})  # not header names
 FORWARDED: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# What lbproxy says of a TLS client's certificate (mutual TLS): a client's own never goes on.
+CLIENT_CERT: Final = frozenset({b"x-client-cert-subject", b"x-client-cert-verify"})
 # RFC 9110 §7.6.1 lets a sender name more hop-by-hop fields in Connection, but these are end-to-end by
 # meaning, and a message without them is framed, routed or vouched for differently: a request whose
 # Connection names Content-Length would reach the server with its body read as the next request. A

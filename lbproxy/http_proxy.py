@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from lbproxy import flow, framing, proxy_protocol, transaction
+from lbproxy import flow, framing, proxy_protocol, tls, transaction
 from lbproxy.framing import BadRequest
 from lbproxy.http_upstream import CHUNK_END, CRLF, UpstreamConnection
 from lbproxy.pool import Pool, Server
@@ -105,6 +105,7 @@ class HttpListener:
         "routes",
         "steer",
         "secure",
+        "client_certificates",
     )
 
     # What a reload may change in place (the rest are counters and live state).
@@ -160,6 +161,7 @@ class HttpListener:
         accept_proxy: bool = False,
         routes: RouteTable | None = None,
         redirect_https: int | None = None,
+        client_certificates: bool = False,
     ) -> None:
         self.name = name
         self.pool = pool
@@ -169,6 +171,7 @@ class HttpListener:
         if redirect_https is not None:
             self.steer = RedirectHttps(redirect_https).steer  # answers every request: nothing goes on
         self.secure = tls  # a persistence cookie gets `Secure`
+        self.client_certificates = client_certificates  # mutual TLS: say whose certificate it was
         self.loop = loop
         self.idle: dict[Endpoint, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
         self.max_idle = max_idle
@@ -387,6 +390,9 @@ class HttpProxy(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.reader.client_is(str(peer[0]).encode())
+        if listener.client_certificates:  # the handshake verified it: it is the same for every request
+            subject = tls.subject(transport.get_extra_info("peercert")).encode()
+            self.reader.client_cert = b"X-Client-Cert-Subject: " + subject + b"\r\nX-Client-Cert-Verify: SUCCESS\r\n"
         self._arm(HEADER, listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 # Header names looked at are recognised by length first: most headers are then skipped without
 # lower-casing them (Content-Type 12, Accept 6, User-Agent 10 but also Connection 10...).
-_NAMES: Final = framing.HOP_BY_HOP | framing.FORWARDED | {b"host", b"content-length", b"authorization"}
+_NAMES: Final = (
+    framing.HOP_BY_HOP | framing.FORWARDED | framing.CLIENT_CERT | {b"host", b"content-length", b"authorization"}
+)
 _LENGTHS: Final = frozenset(len(name) for name in _NAMES)
 _CRLF: Final = b"\r\n"
 
@@ -121,6 +123,7 @@ class RequestReader(Generic[H]):
         "content_length",
         "auth_pin",
         "in_body",
+        "client_cert",
     )
 
     def __init__(
@@ -157,6 +160,7 @@ class RequestReader(Generic[H]):
         self.content_length: bytes | None = None
         self.auth_pin = False
         self.in_body = False  # a body is being read: header callbacks are its trailer fields
+        self.client_cert = b""  # mutual TLS: the X-Client-Cert-* lines of this connection's certificate
         # llhttp, strict (no lenient flags): it calls this reader back, and the owner's body callbacks
         self.parser = httptools.HttpRequestParser(self)
 
@@ -225,7 +229,7 @@ class RequestReader(Generic[H]):
             self.xff.append(value)
         elif lname in (b"x-forwarded-proto", b"x-forwarded-host"):
             return self.settings.forwarded
-        return True  # hop-by-hop
+        return True  # hop-by-hop, or X-Client-Cert-*: lbproxy's to say
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -296,6 +300,8 @@ class RequestReader(Generic[H]):
             parts.append(settings.proto_field)
             if host is not None:
                 parts += (b"X-Forwarded-Host: ", host, _CRLF)
+        if self.client_cert:
+            parts.append(self.client_cert)
         parts.append(_CRLF)
         head = self.make(method, url, b"".join(parts), client_11, keep_alive)
         if steer is not None:

@@ -329,12 +329,13 @@ class Runtime:
             accept_proxy=config.accept_proxy,
             routes=_route_table(config, pools),
             redirect_https=config.redirect_https,
+            client_certificates=config.tls is not None and config.tls.client_ca is not None,
         )
         context = None
         if config.tls is not None:
             settings = config.tls
             try:
-                context = ListenerContexts(list(settings.certificates), settings.min_version, settings.ciphers)
+                context = ListenerContexts(settings)
             except (OSError, ssl.SSLError, TlsError) as error:
                 raise StartError(f"listener {config.name}: cannot load the TLS certificates: {error}") from None
         return listener, context
@@ -554,9 +555,7 @@ class _ListenerStage:
             if listener.tls is not None and listener.name in runtime._contexts:
                 settings = listener.tls
                 try:  # the new set, renewed certificates too: new handshakes use it
-                    runtime._contexts[listener.name].reload(
-                        list(settings.certificates), settings.min_version, settings.ciphers
-                    )
+                    runtime._contexts[listener.name].reload(settings)
                 except (OSError, ssl.SSLError, TlsError) as error:
                     log.error("reload: listener %s keeps its old certificate: %s", listener.name, error)
             if isinstance(current, HttpListener) and isinstance(made, HttpListener):
@@ -614,7 +613,12 @@ class _Stages:
 def _socket_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
     """Whether a listener needs a new socket (its address or mode changed, or TLS turned on or off;
     a new set of certificates is loaded in place)."""
-    return old.bind != new.bind or old.mode != new.mode or (old.tls is None) != (new.tls is None)
+    return old.bind != new.bind or old.mode != new.mode or _tls_kind(old) != _tls_kind(new)
+
+
+def _tls_kind(config: ListenerConfig) -> tuple[bool, bool]:
+    """(TLS, mutual TLS): what a socket's context is made with; a change of anything else is loaded in place."""
+    return (config.tls is not None, config.tls is not None and config.tls.client_ca is not None)
 
 
 def _route_table(config: ListenerConfig, pools: Mapping[str, Pool]) -> RouteTable | None:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 if TYPE_CHECKING:
-    from lbproxy.config import PoolTlsConfig
+    from lbproxy.config import PoolTlsConfig, TlsConfig
 
 VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 ALPN: Final = ["http/1.1"]
@@ -95,17 +95,23 @@ def unreachable(certificates: list[Certificate]) -> list[tuple[Certificate, Cert
     return found
 
 
-def context(certificate: Certificate, min_version: str, ciphers: str | None) -> ssl.SSLContext:
+def context(certificate: Certificate, settings: TlsConfig) -> ssl.SSLContext:
     """A server context for one certificate; raises TlsError (with the file) if OpenSSL refuses it."""
     made = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    made.minimum_version = VERSIONS[min_version]
+    made.minimum_version = VERSIONS[settings.min_version]
     made.set_alpn_protocols(ALPN)
     try:
-        if ciphers is not None:
-            made.set_ciphers(ciphers)
+        if settings.ciphers is not None:
+            made.set_ciphers(settings.ciphers)
         made.load_cert_chain(certificate.cert, certificate.key)
     except ssl.SSLError as error:
         raise TlsError(f"{certificate.cert}: {error}") from None
+    if settings.client_ca is not None:  # mutual TLS: no handshake without a certificate from this CA
+        made.verify_mode = ssl.CERT_REQUIRED
+        try:
+            made.load_verify_locations(settings.client_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise TlsError(f"{settings.client_ca}: not a CA file ({error})") from None
     return made
 
 
@@ -133,27 +139,31 @@ class ListenerContexts:
 
     __slots__ = ("context", "exact", "wildcards")
 
-    def __init__(self, certificates: list[Certificate], min_version: str, ciphers: str | None) -> None:
-        self.context = context(certificates[0], min_version, ciphers)
+    def __init__(self, settings: TlsConfig) -> None:
+        self.context = context(settings.certificates[0], settings)
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcards: dict[str, ssl.SSLContext] = {}
-        self._fill(certificates, min_version, ciphers)
+        self._fill(settings)
         self.context.sni_callback = self._pick
 
-    def reload(self, certificates: list[Certificate], min_version: str, ciphers: str | None) -> None:
-        """New handshakes get `certificates`: the first reloaded into the socket's context in place,
-        the others' table replaced at once; open connections keep what they had."""
-        self.context.minimum_version = VERSIONS[min_version]
-        if ciphers is not None:
-            self.context.set_ciphers(ciphers)
-        self.context.load_cert_chain(certificates[0].cert, certificates[0].key)
-        self._fill(certificates, min_version, ciphers)
+    def reload(self, settings: TlsConfig) -> None:
+        """New handshakes get the new certificates: the first reloaded into the socket's context in
+        place, the others' table replaced at once; open connections keep what they had. (A change of
+        `client_ca` on or off gives the listener a new socket instead: see runtime._socket_changed.)"""
+        made = self.context
+        made.minimum_version = VERSIONS[settings.min_version]
+        if settings.ciphers is not None:
+            made.set_ciphers(settings.ciphers)
+        made.load_cert_chain(settings.certificates[0].cert, settings.certificates[0].key)
+        if settings.client_ca is not None:
+            made.load_verify_locations(settings.client_ca)
+        self._fill(settings)
 
-    def _fill(self, certificates: list[Certificate], min_version: str, ciphers: str | None) -> None:
+    def _fill(self, settings: TlsConfig) -> None:
         exact: dict[str, ssl.SSLContext] = {}
         wildcards: dict[str, ssl.SSLContext] = {}
-        for index, certificate in enumerate(certificates):
-            made = self.context if index == 0 else context(certificate, min_version, ciphers)
+        for index, certificate in enumerate(settings.certificates):
+            made = self.context if index == 0 else context(certificate, settings)
             for name in certificate.names:
                 if name.startswith("*."):
                     wildcards.setdefault(name[2:], made)
@@ -174,3 +184,34 @@ class ListenerContexts:
                 chosen = self.wildcards.get(parent)
         if chosen is not None and chosen is not self.context:
             connection.context = chosen
+
+
+# RFC 4514 short names of the attributes a client certificate's subject usually has
+_SHORT: Final = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+
+
+def subject(peer: dict[str, object] | None) -> str:
+    """A verified client certificate's subject as RFC 4514 writes it (`CN=alice,O=Example`), from what
+    `ssl` gives (`getpeercert()`); characters that could break a header line are escaped (\\XX)."""
+    if not peer:
+        return ""
+    parts = []
+    for rdn in reversed(peer.get("subject", ())):  # type: ignore[call-overload]
+        for name, value in rdn:
+            escaped = "".join(
+                f"\\{ord(char):02X}" if ord(char) < 0x20 or ord(char) == 0x7F or ord(char) > 0x7E else char
+                for char in str(value)
+            )
+            for special in ',+"<>;':
+                escaped = escaped.replace(special, "\\" + special)
+            parts.append(f"{_SHORT.get(name, name)}={escaped}")
+    return ",".join(parts)

@@ -230,3 +230,70 @@ async def test_a_runtime_without_tls_listeners_builds_no_context(tmp_path: Path)
     async with Backend("a") as backend, running(REDIRECT, tmp_path, port=8443, backend=backend.address) as lb:
         assert isinstance(lb, Runtime)
         assert lb._contexts == {}
+
+
+# -- mutual TLS -------------------------------------------------------------------------------------------
+
+
+async def test_mutual_tls_passes_the_subject_on_and_refuses_other_clients(tmp_path: Path, ca: Authority) -> None:
+    www = ca.issue("www", "www.example.com")
+    clients = Authority(tmp_path, "clients")
+    alice = clients.issue("alice", "alice.example.com")
+    strangers = Authority(tmp_path, "strangers")
+    mallory = strangers.issue("mallory", "mallory.example.com")
+    extra = f"      client_ca: {clients.path}\n"
+    async with Backend("a") as backend, running(tls_config(backend, www, extra=extra), tmp_path) as lb:
+        port = port_of(lb)
+        context = client_context(ca)
+        context.load_cert_chain(alice.cert, alice.key)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="www.example.com"
+        )
+        # the client's own X-Client-Cert-* never go on: lbproxy says whose certificate it was
+        writer.write(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Client-Cert-Subject: CN=admin\r\nx-client-cert-verify: SUCCESS\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        (request,) = backend.requests
+        assert request.header_lines(b"x-client-cert-subject") == [b"CN=alice.example.com"]
+        assert request.header_lines(b"x-client-cert-verify") == [b"SUCCESS"]
+        for certificate in (None, mallory):  # no certificate, or one from another CA: no request goes on
+            other = client_context(ca)
+            if certificate is not None:
+                other.load_cert_chain(certificate.cert, certificate.key)
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):
+                await refused_after_handshake(port, other)
+        assert len(backend.requests) == 1
+
+
+async def refused_after_handshake(port: int, context: ssl.SSLContext) -> None:
+    """Connect and ask; raises when the server refuses (TLS 1.3: it judges the client's certificate
+    after the client's side of the handshake is done, so the refusal may come with the first read)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="www.example.com")
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    if not await asyncio.wait_for(reader.read(), 5):
+        raise ConnectionResetError("closed without an answer")
+
+
+PLAIN = REDIRECT.replace("redirect_https: {port}", "pool: farm")
+
+
+async def test_a_client_cannot_forge_the_certificate_headers_on_a_plain_listener(tmp_path: Path) -> None:
+    async with Backend("a") as backend, running(PLAIN, tmp_path, backend=backend.address) as lb:
+        async with await Client.connect(port_of(lb)) as client:
+            forged = b"X-Client-Cert-Subject: CN=admin\r\nX-Client-Cert-Verify: SUCCESS\r\n"
+            await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n" + forged + b"\r\n")
+            assert (await client.response()).status == 200
+        (request,) = backend.requests
+        assert request.header(b"x-client-cert-subject") is None
+        assert request.header(b"x-client-cert-verify") is None
+
+
+def test_a_subject_cannot_break_the_header_line() -> None:
+    from lbproxy.tls import subject
+
+    peer = {"subject": ((("countryName", "FR"),), (("organizationName", "Ex, Inc"),), (("commonName", "a\r\nX: y"),))}
+    assert subject(peer) == "CN=a\\0D\\0AX: y,O=Ex\\, Inc,C=FR"
+    assert subject(None) == ""
