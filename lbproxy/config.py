@@ -11,6 +11,7 @@ system resolver: the runtime calls it at start and on reload, and `load(resolve=
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import re
@@ -38,6 +39,7 @@ HealthType = Literal["http", "tcp", "none"]
 MODES: Final = ("http", "tcp")
 POLICIES: Final = ("round_robin", "least_connections", "ratio", "dynamic_ratio")
 HEALTH_TYPES: Final = ("http", "tcp", "none")
+EXPIRY_WARNING: Final = datetime.timedelta(days=14)  # a listener certificate closer to its end is warned of
 MAX_RATIO: Final = 256  # as HAProxy's weight: enough range, and keeps weighted schedules small
 
 
@@ -211,13 +213,23 @@ class Config:
         lines += (f"{self.path}: warning: {warning}" for warning in self.warnings())
         return "\n".join(lines)
 
-    def warnings(self) -> list[str]:
+    def warnings(self, now: datetime.datetime | None = None) -> list[str]:
         """What is allowed but risky: `lbproxy check` prints it, and the runtime logs it at start and reload."""
-        return [
+        found = [
             f"pools.{name}.tls.verify: false: the servers' certificates are not checked"
             for name, pool in self.pools.items()
             if pool.tls is not None and not pool.tls.verify
         ]
+        now = now or datetime.datetime.now(datetime.UTC)
+        for index, listener in enumerate(self.listeners):
+            for certificate in listener.tls.certificates if listener.tls is not None else ():
+                left = certificate.not_after - now
+                if left < EXPIRY_WARNING:
+                    found.append(
+                        f"listeners[{index}].tls: {certificate.cert} expires on "
+                        f"{certificate.not_after:%Y-%m-%d %H:%M} UTC, in {left.days} days"
+                    )
+        return found
 
 
 @dataclass(frozen=True, slots=True)

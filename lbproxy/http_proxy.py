@@ -61,6 +61,14 @@ _STATUS_LINES: Final = {status: b"HTTP/1.1 %d " % status for status in range(100
 _STATUS_CLASS: Final = [framing.status_class(status) for status in range(1000)]  # llhttp: 3 digits
 
 
+def certificate_states(certificates: tuple[tuple[str, float], ...]) -> list[dict[str, object]]:
+    """A TLS listener's names and when their certificates expire, for the API and the status page."""
+    now = time.time()
+    return [
+        {"name": name, "expires": expiry, "days_left": int((expiry - now) // 86400)} for name, expiry in certificates
+    ]
+
+
 class HttpListener:
     """What the connections of one http listener share: settings, pool, idle upstreams, counters."""
 
@@ -100,17 +108,20 @@ class HttpListener:
         "duration_sum",
         "accept_proxy",
         "bad_proxy_headers",
+        "wrong_protocol",
         "draining",
         "outbox",
         "routes",
         "steer",
         "secure",
         "client_certificates",
+        "certificates",
     )
 
     # What a reload may change in place (the rest are counters and live state).
     SETTINGS = (
         "pool",
+        "certificates",
         "routes",
         "steer",
         "proto_field",
@@ -162,6 +173,7 @@ class HttpListener:
         routes: RouteTable | None = None,
         redirect_https: int | None = None,
         client_certificates: bool = False,
+        certificates: tuple[tuple[str, float], ...] = (),
     ) -> None:
         self.name = name
         self.pool = pool
@@ -172,6 +184,7 @@ class HttpListener:
             self.steer = RedirectHttps(redirect_https).steer  # answers every request: nothing goes on
         self.secure = tls  # a persistence cookie gets `Secure`
         self.client_certificates = client_certificates  # mutual TLS: say whose certificate it was
+        self.certificates = certificates  # (name, expiry as a Unix time) of each name served over TLS
         self.loop = loop
         self.idle: dict[Endpoint, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
         self.max_idle = max_idle
@@ -202,6 +215,7 @@ class HttpListener:
         self.retries = 0
         self.accept_proxy = accept_proxy
         self.bad_proxy_headers = 0
+        self.wrong_protocol = 0  # TLS handshakes sent to this plain HTTP port
         self.draining = False  # shutting down: answer what is in flight, then close each connection
         self.outbox = flow.Outbox(loop)  # every write of this listener's connections, client and server side
         self.durations = [0] * (len(DURATION_BOUNDS) + 1)  # histogram buckets, not cumulative; last: +Inf
@@ -245,7 +259,9 @@ class HttpListener:
                 "errors": {str(status): count for status, count in sorted(self.errors.items())},
                 "retries": self.retries,
                 "bad_proxy_headers": self.bad_proxy_headers,
+                "wrong_protocol": self.wrong_protocol,
             },
+            "certificates": certificate_states(self.certificates),
             "routes": [
                 {
                     "name": route.name,
@@ -477,7 +493,10 @@ class HttpProxy(asyncio.Protocol):
                 return
         reading = self.reading
         if reading is None:  # between bodies, every byte is head: bound it before llhttp buffers it
-            if not self.got_bytes and (data[0] == 13 or data[0] == 10):
+            if not self.got_bytes and data[0] < 32:  # a request starts with a method's letter
+                if data[0] == 22 and not self.listener.secure:  # a TLS handshake record
+                    self._wrong_protocol()
+                    return
                 # RFC 9112 §2.2 lets a server skip empty lines before a request line, and llhttp
                 # skips any CR or LF there: lbproxy refuses bare CRs everywhere, so here too.
                 self._refuse_in_turn(400, "line break before the request line")
@@ -516,6 +535,17 @@ class HttpProxy(asyncio.Protocol):
                 self._refuse_in_turn(400, "request line without an HTTP version")  # HTTP/0.9
             elif self.deadline_kind == IDLE:  # it has header_timeout to arrive whole, from its first bytes
                 self._arm(HEADER, self.listener.header_timeout)
+
+    def _wrong_protocol(self) -> None:
+        """A TLS client on a plain HTTP port: nothing it could read is possible; closed at once, counted."""
+        listener = self.listener
+        listener.wrong_protocol += 1
+        log.info(
+            "listener %s: %s sent a TLS handshake to this plain HTTP port: closed",
+            listener.name,
+            self.reader.client_ip.decode(),
+        )
+        self.cut()
 
     def _count_chunk_framing(self, size: int) -> None:
         """Count `size` bytes of a chunked body's read that were not payload against the head's limits.

@@ -106,6 +106,8 @@ class ListenerReading(NamedTuple):
     durations: tuple[int, ...]  # per bucket of DURATION_BOUNDS, then +Inf; not cumulative
     duration_sum: float
     routes: tuple[tuple[str, int], ...] = ()  # (route name, requests), in the listener's order
+    wrong_protocol: int = 0  # TLS handshakes sent to a plain http listener
+    certificates: tuple[tuple[str, float], ...] = ()  # (name, expiry as a Unix time), TLS listeners
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,8 @@ def read(source: Source) -> Reading:
             tuple(listener.durations),
             listener.duration_sum,
             tuple(listener.route_counts()),
+            listener.wrong_protocol,
+            tuple(listener.certificates),
         )
         if listener.mode == "http"
         else ListenerReading(
@@ -369,6 +373,16 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
     routes = CounterMetricFamily(
         "lbproxy_route_requests", "Requests a route matched (a deny's too), by its name.", labels=[*labels, "route"]
     )
+    expiry = GaugeMetricFamily(
+        "lbproxy_tls_certificate_expiry_timestamp_seconds",
+        "When the certificate a TLS listener serves for a name expires (Unix time).",
+        labels=[*labels, "name"],
+    )
+    wrong_protocol = CounterMetricFamily(
+        "lbproxy_listener_wrong_protocol",
+        "Connections that sent a TLS handshake to a plain HTTP listener: closed at once.",
+        labels=labels,
+    )
     for listener in listeners:
         name = [listener.name]
         for route, count in listener.routes:
@@ -379,6 +393,9 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
         if listener.mode != "http":
             continue  # tcp: connections are the unit, no requests
         requests.add_metric(name, listener.requests)
+        wrong_protocol.add_metric(name, listener.wrong_protocol)
+        for served, expires in listener.certificates:
+            expiry.add_metric([*name, served], expires)
         for code, count in zip(CLASSES, listener.responses, strict=True):
             responses.add_metric([*name, code], count)
         for status, count in listener.errors:
@@ -389,7 +406,7 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         duration.add_metric(name, buckets, listener.duration_sum)
-    yield from (active, accepted, rejected, requests, responses, errors, duration, routes)
+    yield from (active, accepted, rejected, requests, responses, errors, duration, routes, wrong_protocol, expiry)
 
 
 class Collector(CollectorBase):

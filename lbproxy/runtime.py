@@ -30,7 +30,7 @@ from lbproxy.http_proxy import HttpListener, HttpProxy
 from lbproxy.pool import Pool, Server
 from lbproxy.routing import RouteTable
 from lbproxy.tcp_proxy import TcpClient, TcpListener
-from lbproxy.tls import ListenerContexts, TlsError
+from lbproxy.tls import ListenerContexts, TlsError, expiries
 
 log = logging.getLogger("lbproxy")
 
@@ -330,6 +330,7 @@ class Runtime:
             routes=_route_table(config, pools),
             redirect_https=config.redirect_https,
             client_certificates=config.tls is not None and config.tls.client_ca is not None,
+            certificates=expiries(config.tls.certificates) if config.tls is not None else (),
         )
         context = None
         if config.tls is not None:

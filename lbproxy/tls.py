@@ -83,6 +83,16 @@ def _names(leaf: x509.Certificate) -> tuple[str, ...]:
     return tuple(name.lower() for name in alternative.get_values_for_type(x509.DNSName))
 
 
+def expiries(certificates: tuple[Certificate, ...]) -> tuple[tuple[str, float], ...]:
+    """(name, when its certificate expires, as a Unix time) for each name a listener serves: what the
+    metrics and the status page show."""
+    seen: dict[str, float] = {}
+    for certificate in certificates:
+        for name in certificate.names:
+            seen.setdefault(name, certificate.not_after.timestamp())
+    return tuple(seen.items())
+
+
 def unreachable(certificates: list[Certificate]) -> list[tuple[Certificate, Certificate]]:
     """(certificate, the earlier one that takes every name of it) for each certificate SNI can never
     pick; the first is always reachable (no SNI)."""

@@ -50,11 +50,12 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from lbproxy import metrics
-from lbproxy.config import Config
+from lbproxy.config import Config, ListenerConfig
 from lbproxy.control import Hosts, Stage
-from lbproxy.http_proxy import DURATION_BOUNDS, HttpListener
+from lbproxy.http_proxy import DURATION_BOUNDS, HttpListener, certificate_states
 from lbproxy.pool import AdminState, Pool, Server
 from lbproxy.runtime import Runtime, StartError
+from lbproxy.tls import expiries
 
 log = logging.getLogger("lbproxy.workers")
 
@@ -179,6 +180,7 @@ def _stats(runtime: Runtime) -> Message:
                 durations=list(listener.durations),
                 duration_sum=listener.duration_sum,
                 routes=dict(listener.route_counts()),
+                wrong_protocol=listener.wrong_protocol,
             )
         listeners[name] = numbers
     pools = {name: pool.retried for name, pool in runtime.pools.items()}
@@ -378,6 +380,10 @@ async def run_worker(channel: int) -> int:
 # -- the supervisor side --
 
 
+def _expiries(listener: ListenerConfig) -> tuple[tuple[str, float], ...]:
+    return expiries(listener.tls.certificates) if listener.tls is not None else ()
+
+
 def _add(total: Any, more: Any) -> Any:
     """`more` added into `total`, item by item: numbers add, lists of one length add element-wise,
     mappings add key by key; anything else (a listener's mode, its pool) is taken from `more`."""
@@ -409,8 +415,9 @@ def _requests(stats: Message | None) -> int:
 class ListenerTotals:
     """One listener's counters summed over the workers: what metrics and the API read."""
 
-    def __init__(self, name: str, numbers: dict[str, Any]) -> None:
+    def __init__(self, name: str, numbers: dict[str, Any], certificates: tuple[tuple[str, float], ...] = ()) -> None:
         self.name = name
+        self.certificates = certificates
         self.mode = numbers["mode"]
         self.pool_name = numbers["pool"]
         self.active_connections = numbers["active"]
@@ -424,8 +431,10 @@ class ListenerTotals:
         self.durations = [0] * (len(DURATION_BOUNDS) + 1)
         self.duration_sum = 0.0
         self.routes: dict[str, int] = {}
+        self.wrong_protocol = 0
         if self.mode == "http":
             self.routes = numbers["routes"]
+            self.wrong_protocol = numbers["wrong_protocol"]
             self.requests = numbers["requests"]
             self.responses = numbers["responses"]
             self.errors = {int(status): count for status, count in numbers["errors"].items()}
@@ -453,6 +462,7 @@ class ListenerTotals:
             "pool": self.pool_name,
             "active_connections": self.active_connections,
             "counters": counters,
+            "certificates": certificate_states(self.certificates),
             "routes": [{"name": name, "requests": count} for name, count in self.routes.items()],
         }
 
@@ -756,9 +766,12 @@ class Supervisor:
                 server.failures = numbers["failures"]
                 server.sent_bytes = numbers["sent_bytes"]
                 server.received_bytes = numbers["received_bytes"]
-        live = {listener.name for listener in self.runtime.config.listeners}  # not those a reload removed
+        # not those a reload removed; the certificates are the running config's, not the workers' to say
+        live = {listener.name: listener for listener in self.runtime.config.listeners}
         self.totals = {
-            name: ListenerTotals(name, numbers) for name, numbers in total["listeners"].items() if name in live
+            name: ListenerTotals(name, numbers, _expiries(live[name]))
+            for name, numbers in total["listeners"].items()
+            if name in live
         }
         self.runtime.listener_totals = self.totals
 

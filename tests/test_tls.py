@@ -10,6 +10,7 @@ every connection goes to 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import shutil
 import ssl
 import subprocess
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from lbproxy import config
+from lbproxy import config, metrics
 from lbproxy.runtime import Runtime
-from tests.support import Authority, Backend, Client, Issued, port_of, running
+from tests.support import NOW, Authority, Backend, Client, Issued, port_of, running
 
 
 @pytest.fixture
@@ -297,3 +298,34 @@ def test_a_subject_cannot_break_the_header_line() -> None:
     peer = {"subject": ((("countryName", "FR"),), (("organizationName", "Ex, Inc"),), (("commonName", "a\r\nX: y"),))}
     assert subject(peer) == "CN=a\\0D\\0AX: y,O=Ex\\, Inc,C=FR"
     assert subject(None) == ""
+
+
+async def test_a_tls_handshake_to_a_plain_port_is_closed_and_counted(tmp_path: Path, ca: Authority) -> None:
+    async with Backend("a") as backend, running(PLAIN, tmp_path, backend=backend.address) as lb:
+        port = port_of(lb)
+        with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+            await asyncio.open_connection("127.0.0.1", port, ssl=client_context(ca), server_hostname="www.example.com")
+        listener = lb.listeners["web"]
+        assert getattr(listener, "wrong_protocol", None) == 1
+        assert backend.requests == []
+        async with await Client.connect(port) as client:  # plain HTTP still served
+            await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await client.response()).status == 200
+
+
+async def test_expiry_is_warned_of_measured_and_shown(tmp_path: Path, ca: Authority) -> None:
+    soon = ca.issue("soon", "soon.example.com", days=5)
+    later = ca.issue("later", "later.example.com", days=60)
+    async with Backend("a") as backend, running(tls_config(backend, soon, later), tmp_path) as lb:
+        (line,) = lb.config.warnings()
+        assert line.startswith(f"listeners[0].tls: {soon.cert} expires on "), line
+        assert line.endswith(" days"), line
+        state = lb.listener_states()[0]
+        days = {entry["name"]: entry["days_left"] for entry in state["certificates"]}
+        assert days["soon.example.com"] in (4, 5), days
+        assert days["later.example.com"] in (59, 60), days
+        families = {family.name: family for family in metrics.families(metrics.read(lb))}
+        samples = {
+            s.labels["name"]: s.value for s in families["lbproxy_tls_certificate_expiry_timestamp_seconds"].samples
+        }
+        assert abs(samples["soon.example.com"] - (NOW + datetime.timedelta(days=5)).timestamp()) < 5
