@@ -21,16 +21,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 
 from lbproxy import admin
 from lbproxy.runtime import Runtime
-from tests.support import Backend, Client, Request, ctl, port_of, running
+from tests.support import Backend, Client, Request, chromium, ctl, port_of, running
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 README_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "status-page.png"
 LAPTOP = (1280, 800)
 PHONE = (390, 844)
@@ -83,30 +79,8 @@ OVERFLOW = "return document.documentElement.scrollWidth - window.innerWidth;"
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    for binary, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        if not binary.exists():
-            pytest.skip(f"{binary} is missing: install Debian's {package} (.ci/system-deps does it)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--window-size={LAPTOP[0]},{LAPTOP[1]}",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see script and policy errors
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    try:
+    with chromium(tmp_path, f"--window-size={LAPTOP[0]},{LAPTOP[1]}") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 async def run(call: Callable[..., Any], *args: Any) -> Any:

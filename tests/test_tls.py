@@ -10,17 +10,21 @@ every connection goes to 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
 import shutil
 import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from lbproxy import config, metrics
 from lbproxy.runtime import Runtime
-from tests.support import NOW, Authority, Backend, Client, Issued, port_of, running
+from tests.support import NOW, Authority, Backend, Client, Issued, chromium, port_of, running
 
 
 @pytest.fixture
@@ -329,3 +333,23 @@ async def test_expiry_is_warned_of_measured_and_shown(tmp_path: Path, ca: Author
             s.labels["name"]: s.value for s in families["lbproxy_tls_certificate_expiry_timestamp_seconds"].samples
         }
         assert abs(samples["soon.example.com"] - (NOW + datetime.timedelta(days=5)).timestamp()) < 5
+
+
+async def test_a_browser_loads_a_page_through_a_tls_listener(tmp_path: Path, ca: Authority) -> None:
+    """Headless Chromium, trusting the test certificate (by its key, as Chromium lets a test do),
+    asks for www.example.com: SNI, the handshake, ALPN and the request all go through."""
+    www = ca.issue("www", "www.example.com")
+    api = ca.issue("api", "api.example.com")
+    leaf = x509.load_pem_x509_certificate(www.cert.read_bytes())
+    spki = leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    async with Backend("a") as backend, running(tls_config(backend, www, api), tmp_path) as lb:
+        port = port_of(lb)
+        arguments = (f"--ignore-certificate-errors-spki-list={pin}", "--host-resolver-rules=MAP * 127.0.0.1")
+        with chromium(tmp_path, *arguments) as driver:
+            await asyncio.to_thread(driver.get, f"https://www.example.com:{port}/page")
+            body = await asyncio.to_thread(driver.execute_script, "return document.body.innerText")
+        assert body.strip() == "a"
+        (request,) = [request for request in backend.requests if request.target == b"/page"]  # and a favicon
+        assert request.header(b"host") == f"www.example.com:{port}".encode()
+        assert request.header(b"x-forwarded-proto") == b"https"
