@@ -125,10 +125,7 @@ def normalize_path(target: bytes) -> bytes:
         path = rest[start:]
         if path[:1] != b"/":  # RFC 3986 §6.2.3: an empty path is "/"
             path = b"/" + path
-    for delimiter in (b"?", b"#"):
-        position = path.find(delimiter)
-        if position >= 0:
-            path = path[:position]
+    path = _without_query(path)
     # each step runs only when it can change something: most paths take none
     if b"%" in path:
         path = _percent_normalized(path)
@@ -167,12 +164,18 @@ def _remove_dot_segments(path: bytes) -> bytes:
     return b"/" + b"/".join(kept)
 
 
+def _without_query(path: bytes) -> bytes:
+    """`path` up to its query or fragment, if any."""
+    for delimiter in (b"?", b"#"):
+        position = path.find(delimiter)
+        if position >= 0:
+            path = path[:position]
+    return path
+
+
 def _normal_prefix(prefix: bytes) -> bytes:
     """What `prefix` would be after the normalization a path goes through (dot segments aside)."""
-    for delimiter in (b"?", b"#"):
-        position = prefix.find(delimiter)
-        if position >= 0:
-            prefix = prefix[:position]
+    prefix = _without_query(prefix)
     if b"%" in prefix:
         prefix = _percent_normalized(prefix)
     return _SLASHES.sub(b"/", prefix)
