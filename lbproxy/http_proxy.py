@@ -499,7 +499,7 @@ class HttpProxy(asyncio.Protocol):
                     return
                 # RFC 9112 §2.2 lets a server skip empty lines before a request line, and llhttp
                 # skips any CR or LF there: lbproxy refuses bare CRs everywhere, so here too.
-                self._refuse_in_turn(400, "line break before the request line")
+                self._refuse_in_turn(400, "a control character (CR, LF...) before the request line")
                 return
             self.head_size += len(data)
             self.got_bytes = True
