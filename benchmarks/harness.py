@@ -283,5 +283,27 @@ def _latency(out: str, label: str) -> float:
     return float(found.group(1)) * _UNITS_MS[found.group(2)]
 
 
+def haproxy_ssl_sessions(stats_socket: Path) -> tuple[int, int]:
+    """(full handshakes, resumed ones) that HAProxy's frontends have completed so far, from `show stat`
+    on its stats socket: `ssl_sess` counts the new sessions (full handshakes), `ssl_reused_sess` the
+    resumed ones."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(stats_socket))
+        sock.sendall(b"show stat\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    header, *rows = b"".join(chunks).decode().splitlines()
+    columns = header.lstrip("# ").split(",")
+    full = resumed = 0
+    for row in rows:
+        values = dict(zip(columns, row.split(","), strict=False))
+        if values.get("svname") == "FRONTEND":
+            full += int(values.get("ssl_sess") or 0)
+            resumed += int(values.get("ssl_reused_sess") or 0)
+    return full, resumed
+
+
 def lbproxy_command(config: Path) -> list[str]:
     return [sys.executable, "-m", "lbproxy", "run", "-c", str(config), "--log-level", "warning"]

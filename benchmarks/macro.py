@@ -25,12 +25,29 @@ wrk's `Host: 127.0.0.1`, last, to a second pool of the same back-ends), and lbpr
 pool with cookie persistence and wrk sending the cookie of one server (every request a persistence
 hit, the cookie taken out). The report sets their CPU per request beside the plain L7 target's.
 
+TLS (issue #16): a self-signed RSA 2048 certificate for localhost and 127.0.0.1 is made at start;
+lbproxy-https (lbproxy L7, `tls: {cert, key}`) and haproxy-https (`mode http`, `bind ... ssl crt
+PEM alpn http/1.1`, `nbthread 1`, `http-reuse always`) each run as a process of their own over the
+same four back-ends, and only in the TLS scenarios, which nothing else runs in: keep-alive over TLS
+with 50 connections (tls-keepalive) and a new TLS connection per request (tls-resumed). wrk resumes
+sessions: on `Connection: close` it calls SSL_shutdown and SSL_clear on the connection's SSL, which
+keeps its SSL_SESSION, and offers it on the next connect; both servers issue TLS 1.3 session tickets,
+so every handshake after a connection's first is resumed. For full handshakes (tls-full), two more
+targets, lbproxy-https-notickets and haproxy-https-notickets, run the same proxies with OPENSSL_CONF
+naming a file that sets `NumTickets = 0` (OpenSSL's system default for every SSL_CTX): no ticket is
+issued, so nothing can be resumed. Each HAProxy TLS run records how many handshakes were full and
+how many resumed (`show stat` on its stats socket: ssl_sess, ssl_reused_sess): over 99% resumed in
+tls-resumed (all but each connection's first), 0% in tls-full. lbproxy counts none; with the same
+client it resumes as HAProxy does (Python's `ssl` issues 2 tickets by default).
+
 `--base DIR` measures another checkout's lbproxy as well (`git worktree add DIR REV`): targets
-lbproxy-http@base and lbproxy-tcp@base, interleaved in every round with the others, run by the same
-Python and venv with DIR first on the import path (the routes and cookie targets have no twin: they
-run this checkout only); it prints the markdown report, which compares each scenario's ratios to
-HAProxy before and after. `--targets` runs some targets alone, e.g.
-`--targets haproxy-http,lbproxy-http,lbproxy-http@base`.
+lbproxy-http@base and lbproxy-tcp@base (and, for TLS, lbproxy-https@base and
+lbproxy-https-notickets@base, with the `tls: {cert, key}` form every checkout with TLS reads),
+interleaved in every round with the others, run by the same Python and venv with DIR first on the
+import path (the routes and cookie targets have no twin: they run this checkout only); it prints
+the markdown report, which compares each scenario's ratios to HAProxy before and after.
+`--targets` runs some targets alone, e.g. `--targets haproxy-http,lbproxy-http,lbproxy-http@base`
+or `--targets haproxy-https,lbproxy-https,haproxy-https-notickets,lbproxy-https-notickets`.
 """
 
 from __future__ import annotations
@@ -61,6 +78,7 @@ from harness import (
     cpu_seconds,
     find_tool,
     free_port,
+    haproxy_ssl_sessions,
     lbproxy_command,
     lbproxy_servers,
     missing_tools,
@@ -221,6 +239,49 @@ pools:
 """
 COOKIE = "LBSRV"
 
+# TLS (issue #16): one https frontend over the four back-ends, a process of its own (as lbproxy's).
+HAPROXY_HTTPS = """
+global
+  nbthread 1
+  maxconn 8000
+  stats socket {stats}
+defaults
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend https_in
+  mode http
+  bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1
+  option forwardfor
+  default_backend http_farm
+backend http_farm
+  mode http
+  balance roundrobin
+  http-reuse always
+{servers}
+"""
+# The old one-certificate form: every checkout with TLS listeners reads it (@base too).
+LBPROXY_HTTPS = """
+listeners:
+  - {{name: web, bind: "127.0.0.1:{port}", pool: farm, tls: {{cert: "{cert}", key: "{key}"}}}}
+pools:
+  farm:
+    policy: round_robin
+    servers:
+{servers}
+"""
+# OPENSSL_CONF of the no-tickets targets: OpenSSL applies `system_default` to every SSL_CTX the process
+# makes, HAProxy's and Python's alike; no TLS 1.3 ticket, so no handshake can be resumed. Debian's own
+# openssl.cnf sets no `system_default`: this file changes nothing else.
+NO_TICKETS_CONF = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_configuration
+[ssl_configuration]
+system_default = tls_defaults
+[tls_defaults]
+NumTickets = 0
+"""
+
 
 @dataclass(frozen=True)
 class Target:
@@ -228,13 +289,22 @@ class Target:
     name: str
     port: int
     process: str | None  # the name of the proxy's process in Processes; None: direct
-    mode: str  # "direct", "http" or "tcp": HAProxy of the same mode is the reference
+    mode: str  # "direct", "http", "tcp", "https" or "https-notickets": HAProxy of the same mode is the reference
     bulk_port: int | None = None  # where the L4 bulk source is reached through this target
     headers: tuple[str, ...] = ()  # sent with every request, besides the scenario's
-    only: str | None = None  # the one scenario this target runs in; None: all of them
+    only: tuple[str, ...] = ()  # the scenarios this target runs in; empty: all of its kind (TLS or not)
 
-    def runs_in(self, scenario: str) -> bool:
-        return self.only is None or self.only == scenario
+    @property
+    def tls(self) -> bool:
+        return self.mode.startswith("https")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def runs_in(self, scenario: Scenario) -> bool:
+        """A TLS target runs in the TLS scenarios only, and a plain one in the others only."""
+        return self.tls == scenario.tls and (not self.only or scenario.key in self.only)
 
 
 @dataclass(frozen=True)
@@ -246,6 +316,7 @@ class Scenario:
     headers: tuple[str, ...] = ()
     one_core: bool = False  # load generator, back-end and proxy on one core
     seconds_factor: float = 1.0
+    tls: bool = False  # https: for the TLS targets only
 
 
 SCENARIOS = (
@@ -264,14 +335,53 @@ SCENARIOS = (
         one_core=True,
         seconds_factor=0.75,
     ),
+    Scenario("tls-keepalive", "TLS: keep-alive, 12-byte responses, 50 connections", "/", 50, tls=True),
+    Scenario(
+        "tls-resumed",
+        "TLS: a new connection per request (Connection: close), resumed handshakes, 50 connections",
+        "/",
+        50,
+        ("Connection: close",),
+        tls=True,
+    ),
+    Scenario(
+        "tls-full",
+        "TLS: a new connection per request (Connection: close), full handshakes (no session tickets), 50 connections",
+        "/",
+        50,
+        ("Connection: close",),
+        tls=True,
+    ),
 )
 # The targets, in report order; with --base each lbproxy target has a twin running the base checkout.
 TARGET_KEYS = ("direct", "lbproxy-http", "haproxy-http", "nginx", "aiohttp", "lbproxy-tcp", "haproxy-tcp")
-LBPROXY_KEYS = ("lbproxy-http", "lbproxy-tcp")
+# The TLS targets (issue #16), after the others: each a process of its own, started only when measured.
+TLS_KEYS = ("lbproxy-https", "haproxy-https", "lbproxy-https-notickets", "haproxy-https-notickets")
+LBPROXY_KEYS = ("lbproxy-http", "lbproxy-tcp", "lbproxy-https", "lbproxy-https-notickets")
+TLS_NAMES = {
+    "lbproxy-https": "lbproxy L7 TLS",
+    "haproxy-https": "HAProxy mode http TLS",
+    "lbproxy-https-notickets": "lbproxy L7 TLS, no tickets",
+    "haproxy-https-notickets": "HAProxy mode http TLS, no tickets",
+}
+# The mode of each lbproxy target (its twin's too): HAProxy of that mode is its reference.
+LBPROXY_MODES = {
+    "lbproxy-http": "http",
+    "lbproxy-tcp": "tcp",
+    "lbproxy-https": "https",
+    "lbproxy-https-notickets": "https-notickets",
+}
 # lbproxy L7 with routes, with cookie persistence: in VARIANT_SCENARIO only, after lbproxy-http (and
 # its twin), this checkout only.
 VARIANTS = tuple(report.VARIANTS)
 VARIANT_SCENARIO = "keepalive-c50"
+# The scenarios of the targets that run in some only (a twin's are its plain target's).
+ONLY = {key: (VARIANT_SCENARIO,) for key in VARIANTS} | {
+    "lbproxy-https": ("tls-keepalive", "tls-resumed"),
+    "haproxy-https": ("tls-keepalive", "tls-resumed"),
+    "lbproxy-https-notickets": ("tls-full",),
+    "haproxy-https-notickets": ("tls-full",),
+}
 BASE = report.BASE  # "@base": the suffix of the base checkout's targets
 BULK = "bulk"
 BULK_TITLE = "L4 bulk: {size} through one connection"
@@ -286,13 +396,16 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--only", help="comma-separated scenario keys (bulk included), e.g. keepalive-c50,1m")
     parser.add_argument(
-        "--targets", help=f"comma-separated target keys, e.g. haproxy-http,lbproxy-http (all: {','.join(TARGET_KEYS)})"
+        "--targets",
+        help="comma-separated target keys, e.g. haproxy-http,lbproxy-http "
+        f"(all: {','.join((*TARGET_KEYS, *VARIANTS, *TLS_KEYS))})",
     )
     parser.add_argument(
         "--base",
         type=Path,
-        help="another checkout (git worktree add DIR REV): its lbproxy measured too, as lbproxy-http@base "
-        "and lbproxy-tcp@base; prints the markdown report (with --json: FILE and FILE.md)",
+        help="another checkout (git worktree add DIR REV): its lbproxy measured too, as lbproxy-http@base, "
+        "lbproxy-tcp@base, lbproxy-https@base and lbproxy-https-notickets@base; prints the markdown report "
+        "(with --json: FILE and FILE.md)",
     )
     args = parser.parse_args()
     missing = missing_tools()
@@ -306,14 +419,17 @@ def main() -> int:
         if unknown:
             parser.error(f"unknown targets {', '.join(unknown)}; known: {', '.join(known)}")
         for key in keys:
-            reference = report.REFERENCE["tcp" if key.startswith("lbproxy-tcp") else "http"]
+            reference = report.REFERENCE[LBPROXY_MODES.get(key.removesuffix(BASE), "http")]
             if key.startswith("lbproxy") and reference not in keys:
                 print(f"warning: {key} without {reference}: no ratio to HAProxy", file=sys.stderr)
             if key in VARIANTS and report.VARIANTS[key].plain not in keys:
                 print(f"warning: {key} without {report.VARIANTS[key].plain}: no ratio to it", file=sys.stderr)
     only = args.only.split(",") if args.only else None
-    if only is not None and VARIANT_SCENARIO not in only and keys is not None and set(keys) & set(VARIANTS):
-        print(f"warning: {', '.join(VARIANTS)} run in {VARIANT_SCENARIO} only", file=sys.stderr)
+    if only is not None:
+        for key in keys if keys is not None else ():
+            scenarios = ONLY.get(key.removesuffix(BASE), ())
+            if scenarios and not set(scenarios) & set(only):
+                print(f"warning: {key} runs in {', '.join(scenarios)} only", file=sys.stderr)
     if args.base is not None and not (args.base / "lbproxy" / "__init__.py").is_file():
         parser.error(f"{args.base} holds no lbproxy package")
     if args.base is None:
@@ -368,25 +484,30 @@ def run(
     try:
         with Processes() as processes:
             checkouts = None if base is None else {"this": checkout(REPO), "base": checkout(base)}
-            # the processes of the routes and cookie targets start only when they are to be measured
-            variants = [
+            # the processes of the routes, cookie and TLS targets start only when they are to be measured
+            wanted = [
                 key
-                for key in VARIANTS
-                if (keys is None or key in keys) and any(s.key == VARIANT_SCENARIO for s in scenarios)
+                for key in optional_keys(base is not None)
+                if (keys is None or key in keys) and any(s.key in ONLY[key.removesuffix(BASE)] for s in scenarios)
             ]
-            targets = start(processes, work, load_core, proxy_core, base, variants)
+            targets = start(processes, work, load_core, proxy_core, base, wanted)
             targets = [target for target in targets if keys is None or target.key in keys]
             warm_up(targets, load_core, 1.0)
             runs: dict[str, dict[str, list[dict[str, object]]]] = {}
             started = time.monotonic()
             for round_index in range(rounds):
                 for scenario in scenarios:
-                    order = rotated([target for target in targets if target.runs_in(scenario.key)], round_index)
+                    order = rotated([target for target in targets if target.runs_in(scenario)], round_index)
                     for target in order:
                         processes.check_alive()
+                        before = handshakes(work, target)
                         result = measure(processes, target, scenario, seconds, load_core, proxy_core)
-                        runs.setdefault(scenario.key, {}).setdefault(target.key, []).append(result.as_dict())
-                        log(round_index, rounds, scenario.key, target, result)
+                        record = result.as_dict()
+                        after = handshakes(work, target)
+                        if before is not None and after is not None:
+                            record |= resumed_share(before, after)
+                        runs.setdefault(scenario.key, {}).setdefault(target.key, []).append(record)
+                        log(round_index, rounds, scenario.key, target, result, record.get("resumed_pct"))
                 bulk_targets = [t for t in targets if t.bulk_port is not None and (only is None or BULK in only)]
                 for target in rotated(bulk_targets, round_index):
                     measured = measure_bulk(processes, target, bulk_size)
@@ -424,16 +545,18 @@ def start(
     load_core: int | None,
     proxy_core: int | None,
     base: Path | None = None,
-    variants: Sequence[str] = VARIANTS,
+    wanted: Sequence[str] | None = None,
 ) -> list[Target]:
     """Write the configs, start the back-ends and every proxy; the targets, in report order (target_keys).
 
     With `base`, a second lbproxy runs that checkout's package, and both run through checkout_command.
-    `variants`: which of the routes and cookie targets to start, each an lbproxy process of its own.
+    `wanted`: which of the targets that start on demand (optional_keys: the routes, cookie and TLS
+    targets, and the TLS twins) to start, each a process of its own; None: all of them.
     """
     nginx, haproxy = find_tool("nginx"), find_tool("haproxy")
     assert nginx is not None
     assert haproxy is not None
+    wanted = optional_keys(base is not None) if wanted is None else list(wanted)
     work.chmod(0o755)  # nginx's workers run as another user when started by root: they read the files
     files = work / "files"
     files.mkdir()
@@ -445,7 +568,7 @@ def start(
     ports |= {name: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
     if base is not None:
         ports |= {name + BASE: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
-    ports |= {key: free_port() for key in variants}
+    ports |= {key: free_port() for key in wanted}
 
     (work / "backend.conf").write_text(backend_nginx(work, backends))
     upstreams = "\n".join(f"    server 127.0.0.1:{port};" for port in backends)
@@ -472,18 +595,32 @@ def start(
         )
 
     extra: dict[str, tuple[str, ...]] = {}  # the headers of each variant's requests
-    if "lbproxy-http-routes" in variants:
+    if "lbproxy-http-routes" in wanted:
         (work / "lbproxy-http-routes.yaml").write_text(
             LBPROXY_ROUTES.format(
                 port=ports["lbproxy-http-routes"], routes=lbproxy_routes(), servers=lbproxy_servers(backends)
             )
         )
         extra["lbproxy-http-routes"] = ()
-    if "lbproxy-http-cookie" in variants:
+    if "lbproxy-http-cookie" in wanted:
         (work / "lbproxy-http-cookie.yaml").write_text(
             LBPROXY_COOKIE.format(port=ports["lbproxy-http-cookie"], cookie=COOKIE, servers=lbproxy_servers(backends))
         )
         extra["lbproxy-http-cookie"] = (f"Cookie: {COOKIE}={server_cookie('farm', 's1')}",)  # the first server
+    tls = [key for key in optional_keys(base is not None) if key in wanted and key.removesuffix(BASE) in TLS_KEYS]
+    if tls:
+        cert, key, pem = write_certificate(work)
+        (work / "openssl-notickets.cnf").write_text(NO_TICKETS_CONF)
+        for name in tls:
+            if name.startswith("haproxy"):
+                stats = work / f"{name}.sock"  # handshakes counted, full and resumed: see handshakes()
+                config = HAPROXY_HTTPS.format(port=ports[name], pem=pem, servers=haproxy_servers, stats=stats)
+                (work / f"{name}.cfg").write_text(config)
+            else:
+                servers = lbproxy_servers(backends)
+                (work / f"{name}.yaml").write_text(
+                    LBPROXY_HTTPS.format(port=ports[name], cert=cert, key=key, servers=servers)
+                )
 
     def nginx_command(config: str) -> list[str]:
         return [nginx, "-p", str(work), "-e", str(work / f"{config}.startup.err"), "-c", str(work / config)]
@@ -498,10 +635,16 @@ def start(
         processes.start("lbproxy", checkout_command(REPO, work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
         command = checkout_command(base, work / f"lbproxy{BASE}.yaml")
         processes.start("lbproxy" + BASE, command, proxy_core, work / f"lbproxy{BASE}.out")
-    for key in variants:
-        config = work / f"{key}.yaml"
-        command = lbproxy_command(config) if base is None else checkout_command(REPO, config)
-        processes.start(key, command, proxy_core, config.with_suffix(".out"))
+    for name in [key for key in VARIANTS if key in wanted] + tls:
+        if name.startswith("haproxy"):
+            command = [haproxy, "-f", str(work / f"{name}.cfg")]
+        elif base is None:
+            command = lbproxy_command(work / f"{name}.yaml")
+        else:
+            command = checkout_command(base if name.endswith(BASE) else REPO, work / f"{name}.yaml")
+        if name.removesuffix(BASE).endswith("-notickets"):  # the same proxy, told by OpenSSL to issue no ticket
+            command = ["env", f"OPENSSL_CONF={work / 'openssl-notickets.cnf'}", *command]
+        processes.start(name, command, proxy_core, work / f"{name}.out")
     aiohttp = [sys.executable, str(HERE / "aiohttp_proxy.py"), str(ports["aiohttp"]), *map(str, backends)]
     processes.start("aiohttp", aiohttp, proxy_core, work / "aiohttp.out")
     for port in [*backends, source, *ports.values()]:
@@ -515,9 +658,9 @@ def start(
         Target("direct", "direct (one nginx back-end)", backends[0], None, "direct", source),
         Target("lbproxy-http", "lbproxy L7", ports["lbproxy-http"], "lbproxy", "http"),
         *(
-            Target(key, report.VARIANTS[key].name, ports[key], key, "http", headers=extra[key], only=VARIANT_SCENARIO)
+            Target(key, report.VARIANTS[key].name, ports[key], key, "http", headers=extra[key], only=ONLY[key])
             for key in VARIANTS
-            if key in variants
+            if key in wanted
         ),
         Target("haproxy-http", "HAProxy mode http", ports["haproxy-http"], "haproxy", "http"),
         Target("nginx", "nginx proxy_pass", ports["nginx"], "nginx", "http"),
@@ -525,6 +668,11 @@ def start(
         Target("lbproxy-tcp", "lbproxy L4", ports["lbproxy-tcp"], "lbproxy", "tcp", ports["lbproxy-bulk"]),
         Target("haproxy-tcp", "HAProxy mode tcp", ports["haproxy-tcp"], "haproxy", "tcp", ports["haproxy-bulk"]),
     ]
+    for name in tls:
+        plain = name.removesuffix(BASE)
+        label = TLS_NAMES[plain] + (" " + BASE if name != plain else "")
+        mode = "https-notickets" if plain.endswith("-notickets") else "https"
+        targets.append(Target(name, label, ports[name], name, mode, only=ONLY[plain]))
     if base is not None:
         twins = {
             "lbproxy-http": Target(
@@ -540,21 +688,70 @@ def start(
             ),
         }
         targets = [twin for target in targets for twin in (target, twins.get(target.key)) if twin is not None]
-    assert [target.key for target in targets] == target_keys(base is not None, variants)
+    assert [target.key for target in targets] == target_keys(base is not None, wanted)
     return targets
 
 
-def target_keys(base: bool, variants: Sequence[str] = VARIANTS) -> list[str]:
+def target_keys(base: bool, wanted: Sequence[str] | None = None) -> list[str]:
     """The keys of the targets `start` returns, in its order: with `base`, each lbproxy key then its
-    twin; after lbproxy-http (and its twin), the `variants` (see VARIANTS)."""
+    twin; after lbproxy-http (and its twin), the variants (see VARIANTS); the TLS targets last. Of the
+    targets that start on demand (optional_keys), those in `wanted` only; None: all of them."""
+    optional = optional_keys(base)
+    wanted = optional if wanted is None else wanted
     keys: list[str] = []
-    for key in TARGET_KEYS:
+    for key in (*TARGET_KEYS, *TLS_KEYS):
         keys.append(key)
         if base and key in LBPROXY_KEYS:
             keys.append(key + BASE)
         if key == "lbproxy-http":
-            keys += [variant for variant in VARIANTS if variant in variants]
+            keys += VARIANTS
+    return [key for key in keys if key not in optional or key in wanted]
+
+
+def optional_keys(base: bool) -> list[str]:
+    """The targets that start only when they are measured, each a process of its own, in report order:
+    the routes and cookie variants, and the TLS targets (with `base`, the lbproxy ones' twins)."""
+    keys = list(VARIANTS)
+    for key in TLS_KEYS:
+        keys += [key, key + BASE] if base and key in LBPROXY_KEYS else [key]
     return keys
+
+
+def write_certificate(work: Path) -> tuple[Path, Path, Path]:
+    """A self-signed RSA 2048 certificate for localhost and 127.0.0.1, valid for a year, in `work`:
+    (certificate, key, both in one PEM as HAProxy's `ssl crt` wants them)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    cert, key, pem = work / "tls-cert.pem", work / "tls-key.pem", work / "tls-both.pem"
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    pem.write_bytes(cert_pem + key_pem)
+    return cert, key, pem
 
 
 def lbproxy_routes() -> str:
@@ -618,7 +815,7 @@ def rotated(targets: list[Target], shift: int) -> list[Target]:
 def warm_up(targets: list[Target], core: int | None, seconds: float) -> None:
     """One short unrecorded run per target: connection pools filled, caches warm."""
     for target in targets:
-        run_wrk(f"http://127.0.0.1:{target.port}/", seconds, 50, core, None, target.headers)
+        run_wrk(f"{target.scheme}://127.0.0.1:{target.port}/", seconds, 50, core, None, target.headers)
 
 
 def measure(
@@ -637,7 +834,7 @@ def measure(
         set_affinity(pid, {load_core})
     try:
         return run_wrk(
-            f"http://127.0.0.1:{target.port}{scenario.path}",
+            f"{target.scheme}://127.0.0.1:{target.port}{scenario.path}",
             round(seconds * scenario.seconds_factor, 1),
             scenario.connections,
             load_core,
@@ -649,6 +846,25 @@ def measure(
             assert pid is not None
             assert proxy_core is not None
             set_affinity(pid, {proxy_core})
+
+
+def handshakes(work: Path, target: Target) -> tuple[int, int] | None:
+    """(full, resumed) TLS handshakes so far, for a HAProxy TLS target (its stats socket); else None.
+
+    lbproxy counts no handshakes: that wrk resumes its sessions is seen on HAProxy, with the same client."""
+    if not (target.tls and target.key.startswith("haproxy")):
+        return None
+    return haproxy_ssl_sessions(work / f"{target.key}.sock")
+
+
+def resumed_share(before: tuple[int, int], after: tuple[int, int]) -> dict[str, object]:
+    """The handshakes of one run, from the counts before and after it, and the share that was resumed."""
+    full, resumed = after[0] - before[0], after[1] - before[1]
+    return {
+        "handshakes_full": full,
+        "handshakes_resumed": resumed,
+        "resumed_pct": 100 * resumed / (full + resumed) if full + resumed else 0.0,
+    }
 
 
 def measure_bulk(processes: Processes, target: Target, size: int) -> dict[str, object]:
@@ -665,11 +881,14 @@ def measure_bulk(processes: Processes, target: Target, size: int) -> dict[str, o
     }
 
 
-def log(round_index: int, rounds: int, scenario: str, target: Target, result: WrkResult) -> None:
+def log(
+    round_index: int, rounds: int, scenario: str, target: Target, result: WrkResult, resumed: object = None
+) -> None:
     errors = f" errors {result.errors}" if result.errors else ""
+    handshakes = f", {resumed:.0f}% of handshakes resumed" if isinstance(resumed, float) else ""
     print(
         f"[{round_index + 1}/{rounds}] {scenario} {target.name}: {result.rps:,.0f} req/s, "
-        f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, CPU {result.cpu_us:.1f} µs/req{errors}",
+        f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, CPU {result.cpu_us:.1f} µs/req{handshakes}{errors}",
         file=sys.stderr,
     )
 

@@ -15,6 +15,11 @@ ratios to HAProxy beside those of its twin running the base checkout (the target
 The table "Routing and persistence (issue #15)" sets lbproxy L7 with 10 host routes and with cookie
 persistence (macro.py's variants, keep-alive with 50 connections only) beside the plain lbproxy L7
 target: CPU per request as the median over the rounds of each round's ratio to the plain one.
+
+The table "TLS (issue #16)" sets lbproxy L7 with TLS beside HAProxy `mode http` with the same
+certificate in macro.py's TLS scenarios (keep-alive, resumed handshakes, full handshakes): requests/s
+and CPU per request, each ratio the median over the rounds of that round's ratio, and the goals of
+the issue. The TLS targets stay out of the README's matrix and the chart, which hold the plain ones.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ from typing import Any, NamedTuple
 
 Results = dict[str, Any]
 
-REFERENCE = {"direct": "haproxy-http", "http": "haproxy-http", "tcp": "haproxy-tcp"}
+REFERENCE = {
+    "direct": "haproxy-http",
+    "http": "haproxy-http",
+    "tcp": "haproxy-tcp",
+    "https": "haproxy-https",
+    "https-notickets": "haproxy-https-notickets",
+}
 BASE = "@base"  # the suffix of the targets that run the base checkout's lbproxy (macro.py --base)
 # Counter updates on the L7 path per request (listener and server requests/responses, in-flight up
 # and down, bytes each way, response bytes, the duration histogram and its sum): for the cost estimate.
@@ -52,6 +63,29 @@ VARIANTS = {
     "lbproxy-http-cookie": Variant("lbproxy L7, cookie persistence", "lbproxy-http", "keepalive-c50"),
 }
 VARIANT_CPU_GOAL = 1.05
+
+
+class TlsRow(NamedTuple):
+    """One scenario of the TLS table: lbproxy against HAProxy, each with the same certificate."""
+
+    scenario: str  # a TLS scenario of macro.py
+    what: str
+    ours: str  # the lbproxy target
+    theirs: str  # the HAProxy target
+    goal: float  # requests/s at least this times HAProxy's (issue #16)
+
+
+TLS_ROWS = (
+    TlsRow("tls-keepalive", "keep-alive requests over TLS", "lbproxy-https", "haproxy-https", 0.5),
+    TlsRow("tls-resumed", "new TLS connections/s, resumed handshakes", "lbproxy-https", "haproxy-https", 0.8),
+    TlsRow(
+        "tls-full",
+        "new TLS connections/s, full handshakes (no tickets)",
+        "lbproxy-https-notickets",
+        "haproxy-https-notickets",
+        0.8,
+    ),
+)
 
 
 # -- reading the results --
@@ -180,6 +214,9 @@ def markdown(results: Results, heading: str = "#") -> str:
     variants = variants_table(results)
     if variants:
         lines += [f"{heading}# Routing and persistence (issue #15)", "", variants_text(results), "", *variants, ""]
+    tls = tls_table(results)
+    if tls:
+        lines += [f"{heading}# TLS (issue #16)", "", tls_text(results), "", *tls, ""]
     for scenario in results["macro"]["scenarios"]:
         if scenario["key"] not in results["macro"]["medians"]:
             continue
@@ -213,7 +250,8 @@ def setup_text(results: Results, command: bool = True) -> str:
         f"rounds of {macro['seconds']:g} s per wrk run (`wrk -t1 --latency`). "
         "CPU µs per request is the proxy process's own CPU time (from /proc) divided by the requests it served: "
         "the steadiest figure on a shared machine. Ratios are to the direct run (xdirect) and to HAProxy in "
-        "the same mode (xHAProxy: `mode http` for L7 rows, `mode tcp` for L4 rows)."
+        "the same mode (xHAProxy: `mode http` for L7 rows, `mode tcp` for L4 rows, `mode http` with the same "
+        "certificate for TLS rows)."
     )
 
 
@@ -241,7 +279,12 @@ def comparison_table(results: Results) -> list[str]:
         by_target = runs.get(scenario["key"], {})
         bulk = scenario["key"] == "bulk"
         throughput, cost = ("gib_s", "cpu_s_per_gib") if bulk else ("rps", "cpu_us")
-        for key, proxy, mode in (("lbproxy-http", "L7", "http"), ("lbproxy-tcp", "L4", "tcp")):
+        for key, proxy, mode in (
+            ("lbproxy-http", "L7", "http"),
+            ("lbproxy-tcp", "L4", "tcp"),
+            ("lbproxy-https", "L7 TLS", "https"),
+            ("lbproxy-https-notickets", "L7 TLS, no tickets", "https-notickets"),
+        ):
             reference = by_target.get(REFERENCE[mode])
             if key not in by_target or key + BASE not in by_target or not reference:
                 continue
@@ -316,6 +359,60 @@ def variants_table(results: Results) -> list[str]:
     return [
         f"| target | requests/s | x plain | CPU µs/request | CPU x plain | CPU ≤ {VARIANT_CPU_GOAL:g}x plain |",
         "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def tls_text(results: Results) -> str:
+    return (
+        "lbproxy L7 (`tls: {cert, key}`) and HAProxy `mode http` (`ssl crt`, `alpn http/1.1`, `nbthread 1`), "
+        "each a process of its own over the same four back-ends, with the same self-signed RSA 2048 "
+        "certificate; wrk negotiates TLS 1.3 with both. Resumed handshakes: wrk keeps each connection's "
+        "session (SSL_shutdown, then SSL_clear, which keeps the SSL_SESSION) and offers it on the next "
+        "connect, and both proxies issue TLS 1.3 session tickets, so every handshake but a connection's "
+        "first is resumed. Full handshakes: the same proxies started with `OPENSSL_CONF` naming a file that "
+        "sets `NumTickets = 0`, so that no ticket is issued and nothing is resumed. resumed: the share of "
+        "HAProxy's handshakes that were resumed in each run (its `show stat`: ssl_reused_sess against "
+        "ssl_sess), the same client's work against lbproxy, which counts none. "
+        f"xHAProxy: the median over the {results['macro']['rounds']} rounds of that "
+        "round's ratio to HAProxy (lowest and highest in brackets). Goals (issue #16): keep-alive over TLS "
+        "≥ 0.5x HAProxy's requests/s, new TLS connections (handshakes) ≥ 0.8x HAProxy's."
+    )
+
+
+def tls_table(results: Results) -> list[str]:
+    """Each TLS scenario measured (TLS_ROWS): lbproxy beside HAProxy; no lines when none was measured."""
+    runs = results["macro"]["runs"]
+    rows: list[str] = []
+    for row in TLS_ROWS:
+        by_target = runs.get(row.scenario, {})
+        if row.ours not in by_target and row.theirs not in by_target:
+            continue
+        medians = _medians(results, row.scenario)
+        ours, theirs = medians.get(row.ours, {}), medians.get(row.theirs, {})
+        both = row.ours in by_target and row.theirs in by_target
+        rps = _round_ratios(by_target[row.ours], by_target[row.theirs], "rps") if both else []
+        cpu = _round_ratios(by_target[row.ours], by_target[row.theirs], "cpu_us") if both else []
+        met = "-" if not rps else ("yes" if statistics.median(rps) >= row.goal else "**no**")
+        cells = [
+            f"{row.what} (`{row.scenario}`)",
+            f"{ours['rps']:,.0f}" if ours else "-",
+            f"{theirs['rps']:,.0f}" if theirs else "-",
+            _spread(rps),
+            _cpu(ours.get("cpu_us", 0.0), ".1f"),
+            _cpu(theirs.get("cpu_us", 0.0), ".1f"),
+            _spread(cpu),
+            f"{theirs['resumed_pct']:.0f}%" if row.scenario != "tls-keepalive" and "resumed_pct" in theirs else "-",
+            f"≥ {row.goal:g}x",
+            met,
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "| scenario | lbproxy requests/s | HAProxy requests/s | requests/s xHAProxy | lbproxy CPU µs/request | "
+        "HAProxy CPU µs/request | CPU xHAProxy | resumed | goal: requests/s | met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
@@ -428,7 +525,7 @@ def readme_section(results: Results, files: str) -> str:
     lines = [header, "|---" * (len(columns) + 1) + "|"]
     for target in _targets(results):
         key = target["key"]
-        if key in VARIANTS:  # one scenario only: in the table of their own, below
+        if not _in_matrix(target):  # in the tables of their own, below
             continue
         cells = [names[key]]
         for scenario, _, field, spec in columns:
@@ -472,6 +569,7 @@ def readme_section(results: Results, files: str) -> str:
             *lines,
             "",
             *variants_readme(results),
+            *tls_readme(results),
             _wrap(after),
             "",
         ]
@@ -484,6 +582,20 @@ def variants_readme(results: Results) -> list[str]:
     if not table:
         return []
     return [_wrap("Routing and persistence (issue #15): " + variants_text(results)), "", *table, ""]
+
+
+def tls_readme(results: Results) -> list[str]:
+    """The README's lines for the TLS table, when it was measured."""
+    table = tls_table(results)
+    if not table:
+        return []
+    return [_wrap("TLS (issue #16): " + tls_text(results)), "", *table, ""]
+
+
+def _in_matrix(target: dict[str, str]) -> bool:
+    """Whether a target has a row in the README's matrix and the chart: not the variants (one scenario
+    only) nor the TLS targets (their own scenarios): those have tables of their own."""
+    return target["key"] not in VARIANTS and not target["mode"].startswith("https")
 
 
 def _wrap(text: str) -> str:
@@ -535,7 +647,7 @@ def chart(results: Results, path: Path) -> None:
         ("one-core", "Latency added on one core\nµs at p50 (lower is better)", "added_us", lambda v: f"{v:.0f}"),
     ]
     names = {t["key"]: t["name"] for t in _targets(results)}
-    order = [t["key"] for t in _targets(results) if t["key"] not in VARIANTS]  # one scenario only: the tables
+    order = [t["key"] for t in _targets(results) if _in_matrix(t)]  # the others are in tables of their own
     rows = list(range(len(order)))[::-1]  # the first target on top, the same row in every panel
     figure, axes = plt.subplots(2, 4, figsize=(18, 8.5), sharey=True)
     for axis, (scenario, title, field, label) in zip(axes.flat, panels, strict=True):
