@@ -388,7 +388,12 @@ class Runtime:
         sockname = server.sockets[0].getsockname()
         scheme = "tcp" if config.mode == "tcp" else "https" if config.tls is not None else "http"
         self.bound[config.name] = Bound(config.name, str(sockname[0]), int(sockname[1]), scheme)
-        log.info("listener %s: %s on %s:%d, pool %s", config.name, scheme, sockname[0], sockname[1], config.pool)
+        where = (
+            f"pool {config.pool}"
+            if config.redirect_https is None
+            else f"redirect to https port {config.redirect_https}"
+        )
+        log.info("listener %s: %s on %s:%d, %s", config.name, scheme, sockname[0], sockname[1], where)
 
     def _access_logger(self, config: ListenerConfig, opened: dict[str, logging.Handler]) -> logging.Logger | None:
         """The logger of a listener's access log; a handler not open yet is opened into `opened` (not
