@@ -11,6 +11,7 @@ system resolver: the runtime calls it at start and on reload, and `load(resolve=
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -159,6 +160,7 @@ class PoolTlsConfig:
     server_name: str | None = None  # SNI and the name verified; None: each server's host as written
     client_cert: Path | None = None  # lbproxy's own certificate, for servers that ask for one
     client_key: Path | None = None
+    client_expiry: datetime.datetime | None = None  # read from client_cert
 
 
 PersistenceType = Literal["cookie", "source_ip", "header"]
@@ -221,6 +223,14 @@ class Config:
             if pool.tls is not None and not pool.tls.verify
         ]
         now = now or datetime.datetime.now(datetime.UTC)
+        for name, pool in self.pools.items():
+            settings = pool.tls
+            expiry = settings.client_expiry if settings is not None else None
+            if settings is not None and expiry is not None and expiry - now < EXPIRY_WARNING:
+                found.append(
+                    f"pools.{name}.tls: {settings.client_cert} expires on "
+                    f"{expiry:%Y-%m-%d %H:%M} UTC, in {(expiry - now).days} days"
+                )
         for index, listener in enumerate(self.listeners):
             for certificate in listener.tls.certificates if listener.tls is not None else ():
                 left = certificate.not_after - now
@@ -994,6 +1004,9 @@ class _Reader:
             self.problem(node, key, "client_cert and client_key go together")
             return None
         try:
+            if settings.client_cert is not None and settings.client_key is not None:
+                own = tls.inspect(settings.client_cert, settings.client_key)
+                settings = dataclasses.replace(settings, client_expiry=own.not_after)
             tls.upstream_context(settings)
         except tls.TlsError as error:
             self.problem(node, key, str(error))

@@ -92,6 +92,7 @@ class PoolReading(NamedTuple):
     retries: int
     depool_refusals: int
     persistence: tuple[int, int, int] | None  # hits, misses, redispatches; None: no persistence
+    client_certificate_expiry: float | None = None  # pools.<name>.tls.client_cert: when it expires
 
 
 class ListenerReading(NamedTuple):
@@ -158,6 +159,7 @@ def read(source: Source) -> Reading:
             pool.retried,
             pool.depool_refusals,
             _persistence(pool),
+            _client_expiry(pool),
         )
         for pool in source.pools.values()
     ]
@@ -202,6 +204,12 @@ def read(source: Source) -> Reading:
         dict(workers) if workers is not None else None,
         getattr(source, "worker_restarts", 0),
     )
+
+
+def _client_expiry(pool: Pool) -> float | None:
+    settings = pool.tls_settings
+    expiry = settings.client_expiry if settings is not None else None
+    return expiry.timestamp() if expiry is not None else None
 
 
 def _persistence(pool: Pool) -> tuple[int, int, int] | None:
@@ -337,7 +345,14 @@ def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
         "Requests whose persisted server could not take them (down, disabled, failed): sent to another.",
         labels=["pool"],
     )
+    client_expiry = GaugeMetricFamily(
+        "lbproxy_pool_tls_client_certificate_expiry_timestamp_seconds",
+        "When the client certificate lbproxy presents to the pool's servers expires (Unix time).",
+        labels=["pool"],
+    )
     for pool in pools:
+        if pool.client_certificate_expiry is not None:
+            client_expiry.add_metric([pool.name], pool.client_certificate_expiry)
         if pool.persistence is not None:
             hits.add_metric([pool.name], pool.persistence[0])
             misses.add_metric([pool.name], pool.persistence[1])
@@ -348,7 +363,7 @@ def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
         failovers.add_metric([pool.name], pool.failovers)
         retries.add_metric([pool.name], pool.retries)
         refusals.add_metric([pool.name], pool.depool_refusals)
-    yield from (servers_up, tiers, failovers, retries, refusals, hits, misses, redispatches)
+    yield from (servers_up, tiers, failovers, retries, refusals, hits, misses, redispatches, client_expiry)
 
 
 def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:

@@ -7,12 +7,13 @@ accepted connection is one full handshake on the back-end's side, so `accepted` 
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
 
-from lbproxy import config
-from tests.support import Authority, Backend, Client, eventually, get, port_of, running
+from lbproxy import config, metrics
+from tests.support import NOW, Authority, Backend, Client, eventually, get, port_of, running
 
 
 @pytest.fixture
@@ -122,3 +123,18 @@ def test_pool_tls_config_errors_and_the_verify_warning(tmp_path: Path, ca: Autho
         .splitlines()[1]
         .endswith("warning: pools.farm.tls.verify: false: the servers' certificates are not checked")
     )
+
+
+async def test_lbproxys_client_certificate_expiry_is_measured_and_warned_of(tmp_path: Path, ca: Authority) -> None:
+    clients = Authority(tmp_path, "clients")
+    mine = clients.issue("lb", "lb.example.com", days=3)
+    issued = ca.issue("app", "app.example.com")
+    backend = Backend("a", tls=ca.server_context(issued, clients=clients))
+    settings = f"{{{{ca: {ca.path}, server_name: app.example.com, client_cert: {mine.cert}, client_key: {mine.key}}}}}"
+    async with backend, running(farm(backend, settings), tmp_path) as lb:
+        (warning,) = lb.config.warnings()
+        assert warning.startswith(f"pools.farm.tls: {mine.cert} expires on "), warning
+        families = {family.name: family for family in metrics.families(metrics.read(lb))}
+        (sample,) = families["lbproxy_pool_tls_client_certificate_expiry_timestamp_seconds"].samples
+        assert sample.labels == {"pool": "farm"}
+        assert abs(sample.value - (NOW + datetime.timedelta(days=3)).timestamp()) < 5
