@@ -27,6 +27,7 @@ import httptools
 
 from lbproxy import flow, framing, proxy_protocol, tls, transaction
 from lbproxy.framing import BadRequest
+from lbproxy.handshake import Handshakes
 from lbproxy.http_upstream import CHUNK_END, CRLF, UpstreamConnection
 from lbproxy.pool import Pool, Server
 from lbproxy.request_head import RequestReader
@@ -116,6 +117,7 @@ class HttpListener:
         "secure",
         "client_certificates",
         "certificates",
+        "handshakes",
     )
 
     # What a reload may change in place (the rest are counters and live state).
@@ -185,6 +187,7 @@ class HttpListener:
         self.secure = tls  # a persistence cookie gets `Secure`
         self.client_certificates = client_certificates  # mutual TLS: say whose certificate it was
         self.certificates = certificates  # (name, expiry as a Unix time) of each name served over TLS
+        self.handshakes = Handshakes() if tls else None  # counted by handshake.Accepting
         self.loop = loop
         self.idle: dict[Endpoint, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
         self.max_idle = max_idle
@@ -232,8 +235,13 @@ class HttpListener:
         self.durations[bisect_left(DURATION_BOUNDS, duration)] += 1
 
     def __call__(self) -> HttpProxy:
-        """The protocol factory handed to `loop.create_server`."""
+        """The protocol factory handed to `loop.create_server` (behind a handshake.Acceptor over TLS)."""
         return HttpProxy(self)
+
+    def proxied(self, protocol: HttpProxy, client: bytes) -> None:
+        """Over TLS the PROXY header comes before the handshake: the acceptor read it, and tells
+        the connection whose it is once the handshake is over, before its first request."""
+        protocol.reader.client_is(client)
 
     def tick(self, now: float) -> None:
         """Enforce the deadlines of every connection and drop stale idle upstreams; called ~4 times a second."""
@@ -262,6 +270,7 @@ class HttpListener:
                 "wrong_protocol": self.wrong_protocol,
             },
             "certificates": certificate_states(self.certificates),
+            "tls_handshakes": self.handshakes.state() if self.handshakes is not None else None,
             "routes": [
                 {
                     "name": route.name,
@@ -385,7 +394,8 @@ class HttpProxy(asyncio.Protocol):
         self.early: list[bytes] = []  # bytes after an upgrade request, for the new protocol
         self.refusal: tuple[int, str, bytes] | None = None  # an answer owed after the requests ahead of it
         # with accept_proxy, until the PROXY header is read
-        self.proxy_header = proxy_protocol.HeaderReader() if listener.accept_proxy else None
+        # Over TLS the acceptor takes the PROXY header off (handshake.py): it precedes the handshake.
+        self.proxy_header = proxy_protocol.HeaderReader() if listener.accept_proxy and not listener.secure else None
         self.closed = False
         self.client_eof = False
         self.deadline = 0.0

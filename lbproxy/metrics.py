@@ -14,7 +14,7 @@ built from that copy and encoded in a thread: nothing outside the loop ever touc
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector as CollectorBase
 
+from lbproxy.handshake import HANDSHAKE_BOUNDS
 from lbproxy.http_proxy import DURATION_BOUNDS
 from lbproxy.pool import AdminState, Pool, Tier
 
@@ -109,6 +110,7 @@ class ListenerReading(NamedTuple):
     routes: tuple[tuple[str, int], ...] = ()  # (route name, requests), in the listener's order
     wrong_protocol: int = 0  # TLS handshakes sent to a plain http listener
     certificates: tuple[tuple[str, float], ...] = ()  # (name, expiry as a Unix time), TLS listeners
+    handshakes: dict[str, Any] | None = None  # TLS listeners: handshake.Handshakes.numbers()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +180,7 @@ def read(source: Source) -> Reading:
             tuple(listener.route_counts()),
             listener.wrong_protocol,
             tuple(listener.certificates),
+            listener.handshakes.numbers() if listener.handshakes is not None else None,
         )
         if listener.mode == "http"
         else ListenerReading(
@@ -398,8 +401,34 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
         "Connections that sent a TLS handshake to a plain HTTP listener: closed at once.",
         labels=labels,
     )
+    handshakes = CounterMetricFamily(
+        "lbproxy_listener_tls_handshakes",
+        "TLS handshakes by how they ended: ok, or why not (no_shared_cipher, protocol_version, ...).",
+        labels=[*labels, "result"],
+    )
+    versions = CounterMetricFamily(
+        "lbproxy_listener_tls_versions", "Finished TLS handshakes by the version agreed.", labels=[*labels, "version"]
+    )
+    resumed = CounterMetricFamily(
+        "lbproxy_listener_tls_resumed", "Finished TLS handshakes that resumed a session.", labels=labels
+    )
+    handshake_time = HistogramMetricFamily(
+        "lbproxy_listener_tls_handshake_duration_seconds",
+        "From a TLS connection's accept to the end of its handshake (finished ones).",
+        labels=labels,
+    )
     for listener in listeners:
         name = [listener.name]
+        if listener.handshakes is not None:
+            numbers = listener.handshakes
+            for result, count in numbers["results"].items():
+                handshakes.add_metric([*name, result], count)
+            for version, count in sorted(numbers["versions"].items()):
+                versions.add_metric([*name, version], count)
+            resumed.add_metric(name, numbers["resumed"])
+            handshake_time.add_metric(
+                name, _cumulative(HANDSHAKE_BOUNDS, numbers["durations"]), numbers["duration_sum"]
+            )
         for route, count in listener.routes:
             routes.add_metric([*name, route], count)
         active.add_metric(name, listener.active_connections)
@@ -415,13 +444,19 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
             responses.add_metric([*name, code], count)
         for status, count in listener.errors:
             errors.add_metric([*name, str(status)], count)
-        cumulative = 0
-        buckets = []
-        for bound, count in zip((*DURATION_BOUNDS, float("inf")), listener.durations, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        duration.add_metric(name, buckets, listener.duration_sum)
+        duration.add_metric(name, _cumulative(DURATION_BOUNDS, listener.durations), listener.duration_sum)
     yield from (active, accepted, rejected, requests, responses, errors, duration, routes, wrong_protocol, expiry)
+    yield from (handshakes, versions, resumed, handshake_time)
+
+
+def _cumulative(bounds: tuple[float, ...], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """A histogram's buckets as Prometheus wants them (cumulative, by upper bound) from per-bucket counts."""
+    total = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        total += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+    return buckets
 
 
 class Collector(CollectorBase):

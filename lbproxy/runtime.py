@@ -25,6 +25,7 @@ from lbproxy import admin, metrics
 from lbproxy.config import Config, ListenerConfig
 from lbproxy.control import Controller, Hosts, Stage
 from lbproxy.control import StartError as StartError  # re-exported: cli and workers catch it from here
+from lbproxy.handshake import Acceptor
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener, HttpProxy
 from lbproxy.pool import Pool, Server
@@ -351,12 +352,15 @@ class Runtime:
     ) -> asyncio.Server:
         """A socket bound for `listener`; with `serving` False it accepts nothing until `start_serving()`
         (a reload binds first and accepts only once committed)."""
+        factory: Callable[[], asyncio.BaseProtocol] = listener
+        if context is not None:  # lbproxy runs each handshake itself, to count it (handshake.py)
+            assert isinstance(listener, HttpListener)
+            factory = Acceptor(listener, context)
         try:
             return await loop.create_server(
-                listener,
+                factory,
                 config.bind.host or None,
                 config.bind.port,
-                ssl=context.context if context is not None else None,
                 reuse_address=True,
                 reuse_port=not self.manage,  # workers share each listening port (SO_REUSEPORT)
                 backlog=1024,

@@ -52,6 +52,7 @@ from typing import Any
 from lbproxy import metrics
 from lbproxy.config import Config, ListenerConfig
 from lbproxy.control import Hosts, Stage
+from lbproxy.handshake import Handshakes
 from lbproxy.http_proxy import DURATION_BOUNDS, HttpListener, certificate_states
 from lbproxy.pool import AdminState, Pool, Server
 from lbproxy.runtime import Runtime, StartError
@@ -182,6 +183,8 @@ def _stats(runtime: Runtime) -> Message:
                 routes=dict(listener.route_counts()),
                 wrong_protocol=listener.wrong_protocol,
             )
+            if listener.handshakes is not None:
+                numbers["handshakes"] = listener.handshakes.numbers()
         listeners[name] = numbers
     pools = {name: pool.retried for name, pool in runtime.pools.items()}
     persistence = {
@@ -432,6 +435,7 @@ class ListenerTotals:
         self.duration_sum = 0.0
         self.routes: dict[str, int] = {}
         self.wrong_protocol = 0
+        self.handshakes = Handshakes.of(numbers["handshakes"]) if "handshakes" in numbers else None
         if self.mode == "http":
             self.routes = numbers["routes"]
             self.wrong_protocol = numbers["wrong_protocol"]
@@ -463,6 +467,7 @@ class ListenerTotals:
             "active_connections": self.active_connections,
             "counters": counters,
             "certificates": certificate_states(self.certificates),
+            "tls_handshakes": self.handshakes.state() if self.handshakes is not None else None,
             "routes": [{"name": name, "requests": count} for name, count in self.routes.items()],
         }
 
