@@ -425,6 +425,18 @@ def _persistence(pool: Pool) -> dict[str, Any] | None:
 
 
 def server_state(server: Server) -> dict[str, Any]:
+    counters: dict[str, Any] = {
+        "requests": server.requests,
+        "responses": {f"{n}xx": server.responses[n] for n in range(1, 6)},
+        "connect_failures": server.connect_failures,
+        "failures": server.failures,
+        "sent_bytes": server.sent_bytes,
+        "received_bytes": server.received_bytes,
+        "checks": {"success": server.checks[1], "failure": server.checks[0]},
+        "transitions": dict(server.transitions),
+    }
+    if server.endpoint.tls is not None:  # new connections, and how many resumed a TLS session
+        counters["tls"] = {"handshakes": server.tls_handshakes, "resumed": server.tls_resumptions}
     return {
         "name": server.name,
         "address": str(server.address),
@@ -445,16 +457,7 @@ def server_state(server: Server) -> dict[str, Any]:
             "time": server.check_time or None,
             "duration": round(server.check_duration, 6),
         },
-        "counters": {
-            "requests": server.requests,
-            "responses": {f"{n}xx": server.responses[n] for n in range(1, 6)},
-            "connect_failures": server.connect_failures,
-            "failures": server.failures,
-            "sent_bytes": server.sent_bytes,
-            "received_bytes": server.received_bytes,
-            "checks": {"success": server.checks[1], "failure": server.checks[0]},
-            "transitions": dict(server.transitions),
-        },
+        "counters": counters,
     }
 
 

@@ -73,6 +73,8 @@ class ServerReading(NamedTuple):
     requests: int
     responses: tuple[int, ...]  # by status class, 1xx to 5xx
     connect_failures: int
+    tls_handshakes: int | None  # new TLS connections (None: the pool has no tls)
+    tls_resumptions: int
     failures: int
     sent_bytes: int
     received_bytes: int
@@ -138,6 +140,8 @@ def read(source: Source) -> Reading:
             server.requests,
             tuple(server.responses[1:6]),
             server.connect_failures,
+            server.tls_handshakes if server.endpoint.tls is not None else None,
+            server.tls_resumptions,
             server.failures,
             server.sent_bytes,
             server.received_bytes,
@@ -290,8 +294,21 @@ def _servers(servers: list[ServerReading]) -> Iterator[Metric]:
     weight = GaugeMetricFamily(
         "lbproxy_server_weight", "The live weight, in units of the configured ratio.", labels=labels
     )
+    handshakes = CounterMetricFamily(
+        "lbproxy_server_tls_handshakes",
+        "New TLS connections to the server (pools with tls), resumed or not.",
+        labels=labels,
+    )
+    resumptions = CounterMetricFamily(
+        "lbproxy_server_tls_resumptions",
+        "New TLS connections to the server that resumed a session instead of a full handshake.",
+        labels=labels,
+    )
     for server in servers:
         names = [server.pool, server.name]
+        if server.tls_handshakes is not None:
+            handshakes.add_metric(names, server.tls_handshakes)
+            resumptions.add_metric(names, server.tls_resumptions)
         up.add_metric(names, 1 if server.up else 0)
         for state in AdminState:
             admin.add_metric([*names, state.value], 1 if server.admin is state else 0)
@@ -311,7 +328,7 @@ def _servers(servers: list[ServerReading]) -> Iterator[Metric]:
         last.add_metric(names, server.transition_time)
         weight.add_metric(names, server.weight)
     yield from (up, admin, active, connections, responses, connect_failures, failures, sent, received)
-    yield from (checks, duration, transitions, last, weight)
+    yield from (checks, duration, transitions, last, weight, handshakes, resumptions)
 
 
 def _pools(pools: list[PoolReading]) -> Iterator[Metric]:

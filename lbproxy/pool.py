@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import enum
 import logging
-import ssl
 import time
 from collections.abc import Callable, Collection
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
 from lbproxy.persistence import COOKIE, Persistence
-from lbproxy.tls import upstream_context
+from lbproxy.tls import UpstreamTls
 from lbproxy.upstream import Endpoint
 
 log = logging.getLogger("lbproxy.pool")
@@ -82,6 +81,8 @@ class Server:
         "requests",
         "responses",
         "connect_failures",
+        "tls_handshakes",
+        "tls_resumptions",
         "failures",
         "sent_bytes",
         "received_bytes",
@@ -119,6 +120,8 @@ class Server:
         self.requests = 0  # requests (http) or connections (tcp) sent, ever
         self.responses = [0] * 6  # by status class: [1] is 1xx ... [5] is 5xx
         self.connect_failures = 0
+        self.tls_handshakes = 0  # pools with tls: new connections to the server (each a handshake)
+        self.tls_resumptions = 0  # ... of which resumed a session
         self.failures = 0  # resets, timeouts and garbage seen on established connections
         self.sent_bytes = 0
         self.received_bytes = 0
@@ -136,8 +139,10 @@ class Server:
         """
         if config.address != self.address:
             self.endpoint = _endpoint(config, pool)
-        elif pool.tls is not self.endpoint.tls:  # TLS to the servers turned on, off, or changed
-            self.endpoint = _endpoint(config, pool)._replace(host=self.endpoint.host)
+        else:
+            fresh = _endpoint(config, pool)
+            if fresh.tls is not self.endpoint.tls:  # TLS to the servers turned on, off, or changed
+                self.endpoint = fresh._replace(host=self.endpoint.host)
         self.address = config.address
         if config.ratio != self.ratio:
             self.weight = self.weight * config.ratio // self.ratio
@@ -205,13 +210,13 @@ class Pool:
         self.name = config.name
         self.policy_name = config.policy
         self.retries = config.retries
-        # TLS to the servers: one context for the pool, kept across a reload that leaves it alone (so
-        # that the idle connections, kept per endpoint, stay usable)
+        # TLS to the servers: a context per server, kept across a reload that leaves the settings alone
+        # (so that the idle connections, kept per endpoint, and the TLS sessions stay usable)
         self.tls_settings = config.tls
-        self.tls: ssl.SSLContext | None = None
+        self.tls: UpstreamTls | None = None
         if config.tls is not None:
             unchanged = previous is not None and previous.tls_settings == config.tls
-            self.tls = previous.tls if unchanged and previous is not None else upstream_context(config.tls)
+            self.tls = previous.tls if unchanged and previous is not None else UpstreamTls(config.tls)
         self.connect_timeout = config.timeouts.connect
         self.response_timeout = config.timeouts.response
         self.backup_pool: Pool | None = None  # linked by the controller once every pool exists
@@ -552,4 +557,4 @@ def _endpoint(config: ServerConfig, pool: Pool) -> Endpoint:
         return Endpoint(address.host, address.port)
     settings = pool.tls_settings
     name = settings.server_name if settings is not None and settings.server_name else address.host
-    return Endpoint(address.host, address.port, pool.tls, name)
+    return Endpoint(address.host, address.port, pool.tls.context_for(address.host, address.port), name)

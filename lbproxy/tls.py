@@ -11,10 +11,10 @@ as RFC 6125 §6.4.3 lets a client accept). A reload swaps the table and reloads 
 in place, so new handshakes get the new set and connections already open keep theirs.
 
 Every context offers ALPN `http/1.1` (lbproxy speaks HTTP/1.1 only) and takes the listener's lowest
-version and, for TLS 1.2, its ciphers. `upstream_context` is a pool's client context: the servers'
-certificates verified against the pool's CA (or the system's) for the pool's `server_name`, and
-lbproxy's own certificate for servers that ask for one. The module reads files and builds contexts;
-it never opens a socket.
+version and, for TLS 1.2, its ciphers. `UpstreamTls` holds a pool's client contexts, one per server
+(`ServerContext`, which resumes the server's TLS sessions): the servers' certificates verified
+against the pool's CA (or the system's) for the pool's `server_name`, and lbproxy's own certificate
+for servers that ask for one. The module reads files and builds contexts; it never opens a socket.
 """
 
 from __future__ import annotations
@@ -125,11 +125,15 @@ def context(certificate: Certificate, settings: TlsConfig) -> ssl.SSLContext:
     return made
 
 
-def upstream_context(settings: PoolTlsConfig) -> ssl.SSLContext:
-    """A pool's context for its servers; raises TlsError (naming the file) on a CA or a client
+def upstream_context(settings: PoolTlsConfig) -> ServerContext:
+    """A pool's context for one of its servers; raises TlsError (naming the file) on a CA or a client
     certificate that cannot be loaded."""
+    made = ServerContext(ssl.PROTOCOL_TLS_CLIENT)  # as ssl.create_default_context makes it, in our class
     try:
-        made = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.ca)
+        if settings.ca is not None:
+            made.load_verify_locations(settings.ca)
+        else:
+            made.load_default_certs(ssl.Purpose.SERVER_AUTH)
     except (OSError, ssl.SSLError) as error:
         raise TlsError(f"{settings.ca}: not a CA file ({error})") from None
     if not settings.verify:
@@ -142,6 +146,57 @@ def upstream_context(settings: PoolTlsConfig) -> ssl.SSLContext:
             raise TlsError(f"{settings.client_cert}: cannot be lbproxy's client certificate ({error})") from None
     made.set_alpn_protocols(ALPN)
     return made
+
+
+class ServerContext(ssl.SSLContext):
+    """A client context for one server, which offers each new connection the server's latest TLS
+    session, so that a new connection resumes instead of making a full handshake.
+
+    asyncio's and uvloop's `create_connection` take no session, but their SSL protocol makes each
+    connection's `SSLObject` with this `wrap_bio`, where a session can be given. The session is taken
+    from the connection made before, once it holds a ticket (TLS 1.3 sends it after the handshake);
+    a server that refuses it costs a full handshake, as without it. A server that resumes only by
+    session id (TLS 1.2 without tickets) is not resumed.
+    """
+
+    latest: ssl.SSLObject | None = None  # the last connection made with this context
+    session: ssl.SSLSession | None = None  # the newest session with a ticket
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        latest = self.latest
+        if latest is not None:
+            newest = latest.session
+            if newest is not None and newest.has_ticket:
+                self.session = newest
+        made = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session or self.session)
+        self.latest = made
+        return made
+
+
+class UpstreamTls:
+    """A pool's TLS to its servers: one `ServerContext` per server (each resumes its own sessions),
+    all made from the pool's settings. Kept across a reload that leaves the settings alone, so the
+    servers' idle connections and sessions stay usable."""
+
+    __slots__ = ("settings", "contexts")
+
+    def __init__(self, settings: PoolTlsConfig) -> None:
+        self.settings = settings  # checked when the config was loaded (config.py calls upstream_context)
+        self.contexts: dict[tuple[str, int], ServerContext] = {}
+
+    def context_for(self, host: str, port: int) -> ServerContext:
+        """The context of the server at `host:port` (as the config writes it)."""
+        made = self.contexts.get((host, port))
+        if made is None:
+            made = self.contexts[(host, port)] = upstream_context(self.settings)
+        return made
 
 
 class ListenerContexts:

@@ -89,10 +89,12 @@ class IdleConnections(Generic[C]):
 
 
 class Target(Protocol):
-    """What `dial` needs of a server: where it is, and where to count a failed connect."""
+    """What `dial` needs of a server: where it is, and where to count a failed connect and a handshake."""
 
     endpoint: Endpoint
     connect_failures: int
+    tls_handshakes: int
+    tls_resumptions: int
 
 
 async def dial(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], target: Target, timeout: float) -> P | str:
@@ -102,9 +104,14 @@ async def dial(loop: asyncio.AbstractEventLoop, factory: Callable[[], P], target
     endpoint = target.endpoint
     try:
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(
+            transport, protocol = await loop.create_connection(
                 factory, endpoint.host, endpoint.port, ssl=endpoint.tls, server_hostname=endpoint.server_name
             )
+        if endpoint.tls is not None:
+            target.tls_handshakes += 1
+            secured = transport.get_extra_info("ssl_object")
+            if secured is not None and secured.session_reused:
+                target.tls_resumptions += 1
         return protocol
     except TimeoutError:
         reason = "connect timeout"

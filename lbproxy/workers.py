@@ -155,6 +155,8 @@ def _stats(runtime: Runtime) -> Message:
             "inflight": server.inflight,
             "responses": list(server.responses),
             "connect_failures": server.connect_failures,
+            "tls_handshakes": server.tls_handshakes,
+            "tls_resumptions": server.tls_resumptions,
             "failures": server.failures,
             "sent_bytes": server.sent_bytes,
             "received_bytes": server.received_bytes,
@@ -768,6 +770,8 @@ class Supervisor:
                 server.inflight = numbers["inflight"]
                 server.responses = list(numbers["responses"])
                 server.connect_failures = numbers["connect_failures"]
+                server.tls_handshakes = numbers["tls_handshakes"]
+                server.tls_resumptions = numbers["tls_resumptions"]
                 server.failures = numbers["failures"]
                 server.sent_bytes = numbers["sent_bytes"]
                 server.received_bytes = numbers["received_bytes"]

@@ -7,6 +7,7 @@ accepted connection is one full handshake on the back-end's side, so `accepted` 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from pathlib import Path
 
@@ -42,6 +43,42 @@ async def test_requests_go_over_verified_tls_on_one_reused_connection(tmp_path: 
         assert [request.target for request in backend.requests] == [b"/%d" % index for index in range(5)]
         assert backend.accepted == 1  # one handshake: the connection is kept and reused
         assert backend.requests[0].header(b"host") == b"www.example.com"  # the Host goes on untouched
+
+
+async def test_new_connections_resume_the_servers_tls_session(tmp_path: Path, ca: Authority) -> None:
+    def closing(request: object, transport: asyncio.Transport) -> None:  # every connection used once
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\na")
+        transport.close()
+
+    issued = ca.issue("app", "app.example.com")
+    backends = [Backend(name, respond=closing, tls=ca.server_context(issued)) for name in "ab"]
+    settings = f"{{{{ca: {ca.path}, server_name: app.example.com}}}}"
+    async with backends[0], backends[1]:
+        text = farm(backends[0], settings) + f'      - {{{{name: b, address: "{backends[1].address}"}}}}\n'
+        async with running(text, tmp_path) as lb:
+            for _ in range(8):  # round robin: four new connections to each server
+                assert (await get(port_of(lb))).status == 200
+            for backend in backends:  # each server's own session, offered again: only the first is full
+                assert backend.accepted == 4
+                assert [t.get_extra_info("ssl_object").session_reused for t in backend.transports] == [
+                    False,
+                    True,
+                    True,
+                    True,
+                ]
+            families = {family.name: family for family in metrics.families(metrics.read(lb))}
+            counted = {
+                (sample.name, sample.labels["server"]): sample.value
+                for name in ("lbproxy_server_tls_handshakes", "lbproxy_server_tls_resumptions")
+                for sample in families[name].samples
+                if sample.name.endswith("_total")
+            }
+            assert counted == {
+                ("lbproxy_server_tls_handshakes_total", "a"): 4,
+                ("lbproxy_server_tls_handshakes_total", "b"): 4,
+                ("lbproxy_server_tls_resumptions_total", "a"): 3,
+                ("lbproxy_server_tls_resumptions_total", "b"): 3,
+            }
 
 
 async def test_the_name_checked_is_the_servers_host_by_default(tmp_path: Path, ca: Authority) -> None:
