@@ -18,7 +18,7 @@ from lbproxy import metrics
 from lbproxy.handshake import RESULTS, Handshakes, result_of
 from lbproxy.http_proxy import HttpListener
 from lbproxy.runtime import Runtime
-from tests.support import Authority, Backend, Issued, eventually, port_of, running
+from tests.support import Authority, Backend, Issued, chromium, eventually, port_of, running
 
 
 @pytest.fixture
@@ -248,6 +248,27 @@ async def test_a_proxy_header_comes_before_the_handshake(tmp_path: Path, ca: Aut
         listener_object = lb.listeners["web"]
         await eventually(lambda: listener_object.bad_proxy_headers == 1)
         assert len(backend.requests) == 1
+
+
+async def test_the_status_page_shows_handshakes_and_days_left(tmp_path: Path, ca: Authority) -> None:
+    www = ca.issue("www", "www.example.com", days=5)
+    text = "admin:\n  bind: 127.0.0.1:0\n"
+    async with Backend("a") as backend, running(text + config_text(backend, www), tmp_path) as lb:
+        assert (await ask(port_of(lb), trusting(ca))).startswith(b"HTTP/1.1 200 ")
+        assert (await raw(port_of(lb), b"GET / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        await eventually(lambda: counts(lb).results["plain_http"] == 1)
+        with chromium(tmp_path) as browser:
+            await asyncio.to_thread(browser.get, f"http://127.0.0.1:{lb.bound['admin'].port}/")
+            script = """return [...document.querySelectorAll('[data-handshakes], [data-certificate]')]
+                .map((line) => [line.textContent, line.className]);"""
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while (shown := await asyncio.to_thread(browser.execute_script, script)) != [
+                ["certificate www.example.com: 4 days left", "meta expiring"],
+                ["handshakes: 1 ok · 1 plain http", "meta"],
+            ]:
+                assert loop.time() < deadline, shown
+                await asyncio.sleep(0.1)
 
 
 def test_openssl_reasons_fold_into_the_results() -> None:
