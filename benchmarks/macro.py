@@ -35,10 +35,11 @@ keeps its SSL_SESSION, and offers it on the next connect; both servers issue TLS
 so every handshake after a connection's first is resumed. For full handshakes (tls-full), two more
 targets, lbproxy-https-notickets and haproxy-https-notickets, run the same proxies with OPENSSL_CONF
 naming a file that sets `NumTickets = 0` (OpenSSL's system default for every SSL_CTX): no ticket is
-issued, so nothing can be resumed. Each HAProxy TLS run records how many handshakes were full and
-how many resumed (`show stat` on its stats socket: ssl_sess, ssl_reused_sess): over 99% resumed in
-tls-resumed (all but each connection's first), 0% in tls-full. lbproxy counts none; with the same
-client it resumes as HAProxy does (Python's `ssl` issues 2 tickets by default).
+issued, so nothing can be resumed. Each TLS run records how many handshakes were full and how many
+resumed, by each proxy's own count (HAProxy: `show stat` on its stats socket, ssl_sess and
+ssl_reused_sess; lbproxy: lbproxy_listener_tls_handshakes_total and lbproxy_listener_tls_resumed_total
+on its admin port, where the checkout counts them): over 99% resumed in tls-resumed (all but each
+connection's first), 0% in tls-full.
 
 `--base DIR` measures another checkout's lbproxy as well (`git worktree add DIR REV`): targets
 lbproxy-http@base and lbproxy-tcp@base (and, for TLS, lbproxy-https@base and
@@ -63,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +264,7 @@ backend http_farm
 """
 # The old one-certificate form: every checkout with TLS listeners reads it (@base too).
 LBPROXY_HTTPS = """
+admin: {{bind: "127.0.0.1:{admin}"}}
 listeners:
   - {{name: web, bind: "127.0.0.1:{port}", pool: farm, tls: {{cert: "{cert}", key: "{key}"}}}}
 pools:
@@ -618,8 +621,10 @@ def start(
                 (work / f"{name}.cfg").write_text(config)
             else:
                 servers = lbproxy_servers(backends)
+                admin = free_port()  # its metrics count the handshakes: see handshakes()
+                (work / f"{name}.admin").write_text(str(admin))
                 (work / f"{name}.yaml").write_text(
-                    LBPROXY_HTTPS.format(port=ports[name], cert=cert, key=key, servers=servers)
+                    LBPROXY_HTTPS.format(port=ports[name], cert=cert, key=key, servers=servers, admin=admin)
                 )
 
     def nginx_command(config: str) -> list[str]:
@@ -849,12 +854,25 @@ def measure(
 
 
 def handshakes(work: Path, target: Target) -> tuple[int, int] | None:
-    """(full, resumed) TLS handshakes so far, for a HAProxy TLS target (its stats socket); else None.
-
-    lbproxy counts no handshakes: that wrk resumes its sessions is seen on HAProxy, with the same client."""
-    if not (target.tls and target.key.startswith("haproxy")):
+    """(full, resumed) TLS handshakes so far, for a TLS target: HAProxy's stats socket, lbproxy's
+    metrics (a checkout from before lbproxy counted them, as a base may be: None); else None."""
+    if not target.tls:
         return None
-    return haproxy_ssl_sessions(work / f"{target.key}.sock")
+    if target.key.startswith("haproxy"):
+        return haproxy_ssl_sessions(work / f"{target.key}.sock")
+    return lbproxy_handshakes(int((work / f"{target.key}.admin").read_text()))
+
+
+def lbproxy_handshakes(admin: int) -> tuple[int, int] | None:
+    """(full, resumed) finished handshakes of lbproxy's listener `web`, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    finished = re.search(r'^lbproxy_listener_tls_handshakes_total\{listener="web",result="ok"\} (\S+)$', text, re.M)
+    resumed = re.search(r'^lbproxy_listener_tls_resumed_total\{listener="web"\} (\S+)$', text, re.M)
+    if finished is None or resumed is None:
+        return None
+    done, again = round(float(finished.group(1))), round(float(resumed.group(1)))
+    return done - again, again
 
 
 def resumed_share(before: tuple[int, int], after: tuple[int, int]) -> dict[str, object]:

@@ -4,8 +4,9 @@ A TLS listener's socket accepts plain TCP (no `ssl=`): a server made with `ssl=`
 handshake without a word and cannot answer a client that speaks plain HTTP. `Acceptor` is the
 socket's protocol factory; each connection starts as an `Accepting` protocol in one of these phases:
 
-- **first bytes** (`WAITING`): nothing read yet; the listener's `header_timeout` bounds it. With
-  `accept_proxy` the PROXY header comes first, in the clear, and is taken off here.
+- **first bytes** (`WAITING`): nothing read yet; the listener's `header_timeout` bounds it (a
+  deadline its tick checks, as for its connections). With `accept_proxy` the PROXY header comes
+  first, in the clear, and is taken off here.
 - **handshake** (`HANDSHAKE`): the first byte was a TLS record (22). The event loop's own SSL protocol
   (uvloop's, compiled) takes the transport over with the listener's context (SNI picks among the
   certificates: tls.ListenerContexts) and the listener's protocol behind it; the same deadline bounds
@@ -158,6 +159,7 @@ class Served(Protocol):
     header_timeout: float
     accept_proxy: bool
     bad_proxy_headers: int
+    accepting: set[Any]  # the connections still in their first phase: the listener's tick expires them
 
     @property
     def handshakes(self) -> Handshakes | None: ...
@@ -192,32 +194,39 @@ class Acceptor:
 class Accepting(asyncio.Protocol):
     """One connection of a TLS listener until its handshake is over (see the module's phases)."""
 
-    __slots__ = ("acceptor", "transport", "phase", "started", "deadline", "proxy_header", "client", "proxied", "app")
+    __slots__ = ("acceptor", "transport", "phase", "started", "deadline", "proxy_header", "proxied", "app")
 
     def __init__(self, acceptor: Acceptor) -> None:
         self.acceptor = acceptor
         self.transport: asyncio.Transport | None = None
         self.phase = WAITING
         self.started = 0.0
-        self.deadline: asyncio.TimerHandle | None = None
-        listener = acceptor.listener
-        self.proxy_header = proxy_protocol.HeaderReader() if listener.accept_proxy else None
-        self.client = b""  # the client's address, for the log
-        self.proxied = False  # the client's address came in a PROXY header
+        self.deadline = 0.0  # checked by the listener's tick, as a connection's: no timer per accept
+        self.proxy_header = proxy_protocol.HeaderReader() if acceptor.listener.accept_proxy else None
+        self.proxied: bytes | None = None  # the client's address from a PROXY header
         self.app: asyncio.BaseProtocol | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = self.transport = cast(asyncio.Transport, transport)
+        self.transport = cast(asyncio.Transport, transport)
         listener = self.acceptor.listener
         self.started = time.monotonic()
-        peer = transport.get_extra_info("peername")
-        self.client = str(peer[0]).encode() if peer else b"unknown"
-        # Once per connection, not per request: the accept path may afford a timer.
-        self.deadline = listener.loop.call_later(listener.header_timeout, self._timed_out)
+        self.deadline = listener.loop.time() + listener.header_timeout
+        listener.accepting.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.phase == WAITING:
             self._end("closed")
+
+    def deadline_passed(self) -> None:
+        if self.phase == WAITING:
+            self._end("timeout", "sent no TLS handshake within header_timeout: closed")
+            self._abort()
+
+    def close_now(self) -> None:
+        """Shutting down: a connection that has not begun its handshake is closed."""
+        if self.phase == WAITING:
+            self._end("closed")
+            self._abort()
 
     def data_received(self, data: bytes) -> None:
         if self.phase != WAITING:
@@ -229,15 +238,15 @@ class Accepting(asyncio.Protocol):
             except proxy_protocol.ProxyHeaderError as error:
                 listener = self.acceptor.listener
                 listener.bad_proxy_headers += 1
-                log.info("listener %s: closing %s: %s", listener.name, self.client.decode(), error)
+                log.info("listener %s: closing %s: %s", listener.name, self._client(), error)
+                self._end("not_tls")
                 self._abort()
                 return
             if rest is None:
                 return
             self.proxy_header = None
             if header.client is not None:
-                self.client = header.client[0].encode()
-                self.proxied = True
+                self.proxied = header.client[0].encode()
             if not rest:
                 return
             data = rest
@@ -254,10 +263,8 @@ class Accepting(asyncio.Protocol):
         listener = acceptor.listener
         transport = self.transport
         assert transport is not None
-        if self.deadline is not None:
-            self.deadline.cancel()  # the SSL protocol keeps its own, of the same length
-            self.deadline = None
         self.phase = HANDSHAKE
+        listener.accepting.discard(self)
         app = self.app = listener()
         waiter = listener.loop.create_future()
         waiter.add_done_callback(self._handshake_over)
@@ -267,19 +274,20 @@ class Accepting(asyncio.Protocol):
             acceptor.contexts.context,
             waiter,
             server_side=True,
+            # the rest of the same deadline, kept by the SSL protocol's own timer
             ssl_handshake_timeout=max(listener.header_timeout - (time.monotonic() - self.started), 0.001),
         )
-        # As loop.start_tls does, with the bytes already read given back to the SSL protocol first.
+        # As loop.start_tls does, with the bytes already read given back to the SSL protocol first
+        # (one read is at most 256 KiB, which its buffer takes whole).
         transport.pause_reading()
         transport.set_protocol(secure)
         secure.connection_made(transport)
-        view = memoryview(data)
-        while view and self.phase == HANDSHAKE and not transport.is_closing():
-            buffer = secure.get_buffer(len(view))
-            size = min(len(buffer), len(view))
-            buffer[:size] = view[:size]
+        while data and self.phase == HANDSHAKE:
+            buffer = secure.get_buffer(len(data))
+            size = min(len(buffer), len(data))
+            buffer[:size] = data[:size]
             secure.buffer_updated(size)
-            view = view[size:]
+            data = data[size:]
         if not transport.is_closing():
             transport.resume_reading()
 
@@ -294,18 +302,18 @@ class Accepting(asyncio.Protocol):
             return
         self.phase = DONE
         app = self.app
+        self.app = None
         transport = getattr(app, "transport", None)
         secured = transport.get_extra_info("ssl_object") if transport is not None else None
         if secured is None:  # gone before its first callback
-            self._end("closed")
+            self.acceptor.handshakes.results["closed"] += 1
             return
-        if self.proxied:
+        if self.proxied is not None:
             # The SSL protocol calls back before it hands the protocol its first bytes (as
             # loop.start_tls promises): the address is in place before any request is read.
-            self.acceptor.listener.proxied(app, self.client)
+            self.acceptor.listener.proxied(app, self.proxied)
         seconds = time.monotonic() - self.started
         self.acceptor.handshakes.finished(secured.version() or "unknown", secured.session_reused, seconds)
-        self.app = None
 
     def _refuse(self, result: str, why: str) -> None:
         transport = self.transport
@@ -315,17 +323,7 @@ class Accepting(asyncio.Protocol):
         self._end(result, why)
         transport.close()
 
-    def _timed_out(self) -> None:
-        self.deadline = None
-        if self.phase == WAITING:
-            self._end("timeout", "sent no TLS handshake within header_timeout: closed")
-            self._abort()
-
     def _abort(self) -> None:
-        self.phase = DONE
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -333,10 +331,16 @@ class Accepting(asyncio.Protocol):
         if self.phase == DONE:
             return
         self.phase = DONE
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
         self.app = None
+        listener = self.acceptor.listener
+        listener.accepting.discard(self)
         self.acceptor.handshakes.results[result] += 1
         if why and log.isEnabledFor(logging.INFO):
-            log.info("listener %s: %s %s", self.acceptor.listener.name, self.client.decode(), why)
+            log.info("listener %s: %s %s", listener.name, self._client(), why)
+
+    def _client(self) -> str:
+        """The client's address, for a log line: the PROXY header's, else the socket's."""
+        if self.proxied is not None:
+            return self.proxied.decode()
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return str(peer[0]) if peer else "unknown"

@@ -27,7 +27,7 @@ import httptools
 
 from lbproxy import flow, framing, proxy_protocol, tls, transaction
 from lbproxy.framing import BadRequest
-from lbproxy.handshake import Handshakes
+from lbproxy.handshake import Accepting, Handshakes
 from lbproxy.http_upstream import CHUNK_END, CRLF, UpstreamConnection
 from lbproxy.pool import Pool, Server
 from lbproxy.request_head import RequestReader
@@ -118,6 +118,7 @@ class HttpListener:
         "client_certificates",
         "certificates",
         "handshakes",
+        "accepting",
     )
 
     # What a reload may change in place (the rest are counters and live state).
@@ -188,6 +189,7 @@ class HttpListener:
         self.client_certificates = client_certificates  # mutual TLS: say whose certificate it was
         self.certificates = certificates  # (name, expiry as a Unix time) of each name served over TLS
         self.handshakes = Handshakes() if tls else None  # counted by handshake.Accepting
+        self.accepting: set[Accepting] = set()  # TLS: connections before their handshake (handshake.py)
         self.loop = loop
         self.idle: dict[Endpoint, IdleConnections[UpstreamConnection]] = {}  # see idle_for()
         self.max_idle = max_idle
@@ -246,6 +248,8 @@ class HttpListener:
     def tick(self, now: float) -> None:
         """Enforce the deadlines of every connection and drop stale idle upstreams; called ~4 times a second."""
         flow.expire(self.connections, now)
+        if self.accepting:
+            flow.expire(self.accepting, now)
         for idle in self.idle.values():
             idle.sweep(now)
 
@@ -309,6 +313,8 @@ class HttpListener:
     def drain_connections(self) -> None:
         """Shutting down: idle connections close now, busy ones after their response."""
         self.draining = True
+        for accepting in list(self.accepting):
+            accepting.close_now()
         for connection in list(self.connections):
             if connection.active is None and not connection.queue and connection.reading is None:
                 connection.close_now()

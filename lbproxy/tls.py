@@ -209,7 +209,6 @@ class ListenerContexts:
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcards: dict[str, ssl.SSLContext] = {}
         self._fill(settings)
-        self.context.sni_callback = self._pick
 
     def reload(self, settings: TlsConfig) -> None:
         """New handshakes get the new certificates: the first reloaded into the socket's context in
@@ -225,6 +224,8 @@ class ListenerContexts:
         self._fill(settings)
 
     def _fill(self, settings: TlsConfig) -> None:
+        # One certificate: nothing to pick, and no call into Python on every handshake.
+        self.context.sni_callback = self._pick if len(settings.certificates) > 1 else None
         exact: dict[str, ssl.SSLContext] = {}
         wildcards: dict[str, ssl.SSLContext] = {}
         for index, certificate in enumerate(settings.certificates):
