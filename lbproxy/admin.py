@@ -408,7 +408,21 @@ def pool_state(pool: Pool) -> dict[str, Any]:
         "servers_available": sum(1 for server in pool.servers if server.available),
         "counters": {"failovers": pool.failovers, "retries": pool.retried, "depool_refusals": pool.depool_refusals},
         "persistence": _persistence(pool),
+        "queue": _queue(pool),
         "servers": [server_state(server) for server in pool.servers],
+    }
+
+
+def _queue(pool: Pool) -> dict[str, Any] | None:
+    queue = pool.queue
+    if queue is None:
+        return None
+    return {
+        "length": queue.length,
+        "max_size": queue.max_size,
+        "timeout": queue.timeout,
+        "rejections": dict(queue.rejections),
+        "served": sum(queue.waits),
     }
 
 
@@ -443,6 +457,7 @@ def server_state(server: Server) -> dict[str, Any]:
         "ratio": server.ratio,
         "weight": server.weight / WEIGHT_SCALE,  # live, in ratio units
         "backup": server.backup,
+        "max_connections": server.max_connections or None,
         "state": "up" if server.up else "down",
         "admin": server.admin.value,
         "available": server.available,

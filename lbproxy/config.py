@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -21,7 +22,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, TypeVar
+from typing import Final, Literal, TypeAlias, TypeVar
 
 import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
@@ -32,6 +33,8 @@ from yaml.resolver import Resolver
 from lbproxy import routing, tls
 from lbproxy.routing import Match, RouteSpec
 from lbproxy.tls import Certificate
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Mode = Literal["http", "tcp"]
 PolicyName = Literal["round_robin", "least_connections", "ratio", "dynamic_ratio"]
@@ -89,6 +92,17 @@ class ListenerLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """A token bucket per client: `rate` requests a second, up to `burst` at once."""
+
+    rate: float  # requests a second
+    burst: int
+    header: str | None = None  # key: this header's value; None: the client's address (source_ip)
+    status: int = 429
+    max_clients: int = 100_000  # the most clients remembered; the least recently seen is forgotten
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     bind: Address
@@ -106,6 +120,8 @@ class ListenerConfig:
     accept_proxy: bool = False  # a PROXY header (v1 or v2) opens every connection
     idle_timeout: float = 3600.0  # tcp: a connection with no byte either way for this long is closed
     routes: tuple[RouteSpec, ...] = ()  # http: first match wins; no match: `pool`
+    rate_limit: RateLimitConfig | None = None  # http
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # whose X-Forwarded-For may name the client
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +153,7 @@ class ServerConfig:
     address: Address
     ratio: int = 1
     backup: bool = False
+    max_connections: int | None = None  # requests (http) or connections (tcp) at once; None: no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +184,14 @@ PersistenceType = Literal["cookie", "source_ip", "header"]
 
 
 @dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """Where requests wait when every server they may go to is at its max_connections."""
+
+    max_size: int = 1000  # requests waiting, pool-wide; over it: 503 at once
+    timeout: float = 5.0  # a request that waited this long: 503
+
+
+@dataclass(frozen=True, slots=True)
 class PersistenceConfig:
     type: PersistenceType
     cookie: str = "LBSRV"  # type cookie: the cookie lbproxy inserts
@@ -194,6 +219,7 @@ class PoolConfig:
     disable_grace: float = 10.0  # after `disable`, what is still in flight is cut after this
     persistence: PersistenceConfig | None = None
     tls: PoolTlsConfig | None = None  # None: plain HTTP (or TCP) to the servers
+    queue: QueueConfig = QueueConfig()  # used when a server has max_connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,7 +445,10 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "idle_timeout",
         "routes",
         "redirect_https",
+        "rate_limit",
+        "trusted_proxies",
     ),
+    "listeners[].rate_limit": ("requests", "burst", "key", "status", "max_clients"),
     "listeners[].routes[]": ("name", "match", "pool", "deny"),
     "listeners[].routes[].match": ("host", "path_prefix", "path_regex", "header", "methods"),
     "listeners[].timeouts": ("request_header", "keepalive", "request_body", "tunnel"),
@@ -442,10 +471,12 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "send_proxy",
         "persistence",
         "tls",
+        "queue",
     ),
+    "pools.<name>.queue": ("max_size", "timeout"),
     "pools.<name>.tls": ("verify", "ca", "server_name", "client_cert", "client_key"),
     "pools.<name>.persistence": ("type", "cookie", "max_age", "header", "balance", "secret"),
-    "pools.<name>.servers[]": ("name", "address", "ratio", "backup"),
+    "pools.<name>.servers[]": ("name", "address", "ratio", "backup", "max_connections"),
     "pools.<name>.health": (
         "type",
         "path",
@@ -696,6 +727,8 @@ class _Reader:
                     "retry_after",
                     "routes",
                     "redirect_https",
+                    "rate_limit",
+                    "trusted_proxies",
                 ):
                     if http_only in entries:
                         self.problem(entries[http_only], _join(key, http_only), "only http listeners take this key")
@@ -750,9 +783,48 @@ class _Reader:
                     idle_timeout=self.value(entries, "idle_timeout", key, _duration, 3600.0),
                     routes=routes,
                     redirect_https=redirect,
+                    rate_limit=self.rate_limit(entries["rate_limit"], _join(key, "rate_limit"))
+                    if "rate_limit" in entries
+                    else None,
+                    trusted_proxies=self.networks(entries["trusted_proxies"], _join(key, "trusted_proxies"))
+                    if "trusted_proxies" in entries
+                    else (),
                 )
             )
         return tuple(listeners)
+
+    def networks(self, node: Node, key: str) -> tuple[IPNetwork, ...]:
+        """A list of addresses or CIDR blocks (`10.0.0.0/8`, `2001:db8::/32`, `192.0.2.7`)."""
+        found: list[IPNetwork] = []
+        for index, item in enumerate(self.sequence(node, key) or ()):
+            where = f"{key}[{index}]"
+            try:
+                found.append(ipaddress.ip_network(str(self.scalar(item, where)), strict=False))
+            except (_Invalid, ValueError) as exc:
+                self.problem(item, where, f"expected an address or a CIDR block such as 10.0.0.0/8 ({exc})")
+        return tuple(found)
+
+    def rate_limit(self, node: Node, key: str) -> RateLimitConfig | None:
+        entries = self.mapping(node, key, "listeners[].rate_limit", ("requests",))
+        if entries is None or "requests" not in entries:
+            return None
+        rate = self.value(entries, "requests", key, _rate, 1.0)
+        kind = self.value(entries, "key", key, _string, "source_ip")
+        header = None
+        if kind.startswith("header:"):
+            try:
+                header = _header_name(kind[7:])
+            except _Invalid as exc:
+                self.problem(entries["key"], _join(key, "key"), str(exc))
+        elif kind != "source_ip":
+            self.problem(entries["key"], _join(key, "key"), f"'{kind}' is not source_ip or header:NAME")
+        return RateLimitConfig(
+            rate=rate,
+            burst=self.value(entries, "burst", key, _integer(1, 1_000_000), max(1, math.ceil(rate))),
+            header=header,
+            status=self.value(entries, "status", key, _integer(400, 599), 429),
+            max_clients=self.value(entries, "max_clients", key, _integer(1, 10_000_000), 100_000),
+        )
 
     def routes(self, node: Node, key: str, pools: Mapping[str, PoolConfig]) -> tuple[RouteSpec, ...]:
         items = self.sequence(node, key)
@@ -966,6 +1038,14 @@ class _Reader:
             self.persistence(entries["persistence"], _join(key, "persistence")) if "persistence" in entries else None
         )
         pool_tls = self.pool_tls(entries["tls"], _join(key, "tls")) if "tls" in entries else None
+        queue = QueueConfig()
+        if "queue" in entries:
+            where = _join(key, "queue")
+            found = self.mapping(entries["queue"], where, "pools.<name>.queue") or {}
+            queue = QueueConfig(
+                max_size=self.value(found, "max_size", where, _integer(0, 1_000_000), queue.max_size),
+                timeout=self.value(found, "timeout", where, _duration, queue.timeout),
+            )
         passive = self.passive(entries["passive"], _join(key, "passive")) if "passive" in entries else None
         if passive is not None and health.type == "none":
             # Passive detection only takes servers out; without probes nothing would bring them back.
@@ -987,6 +1067,7 @@ class _Reader:
             send_proxy=self.value(entries, "send_proxy", key, _optional(_choice(("v1", "v2"))), None),  # type: ignore[arg-type]
             persistence=persistence,
             tls=pool_tls,
+            queue=queue,
         )
 
     def pool_tls(self, node: Node, key: str) -> PoolTlsConfig | None:
@@ -1061,6 +1142,9 @@ class _Reader:
                     address=address,
                     ratio=self.value(entries, "ratio", where, _integer(1, MAX_RATIO), 1),
                     backup=self.value(entries, "backup", where, _boolean, False),
+                    max_connections=self.value(
+                        entries, "max_connections", where, _optional(_integer(1, 1_000_000)), None
+                    ),
                 )
             )
         return tuple(servers)
@@ -1272,6 +1356,18 @@ def _size(value: object) -> int:
     if match is None or int(match.group(1)) == 0:
         raise _Invalid(f"expected a size such as 65536, 64KiB or 10MB, got {value!r}")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(s|m|h)")
+_PER: Final = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _rate(value: object) -> float:
+    """Requests a second, from `100/s`, `600/m` or `10000/h`."""
+    match = _RATE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise _Invalid(f"expected a rate such as 100/s, 600/m or 10000/h, got {value!r}")
+    return float(match.group(1)) / _PER[match.group(2)]
 
 
 def _optional_size(value: object) -> int | None:

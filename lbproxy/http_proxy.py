@@ -31,13 +31,14 @@ from lbproxy.handshake import Accepting, Handshakes
 from lbproxy.http_upstream import CHUNK_END, CRLF, UpstreamConnection
 from lbproxy.pool import Pool, Server
 from lbproxy.request_head import RequestReader
-from lbproxy.selection import RedirectHttps, Steering, select
-from lbproxy.transaction import AWAITING, CONNECTING, DONE, IDEMPOTENT, RELAYING, REPLAY_LIMIT, SENDING
+from lbproxy.selection import RateLimit, RedirectHttps, Steering, must_wait, select, waits_for
+from lbproxy.transaction import AWAITING, CONNECTING, DONE, IDEMPOTENT, QUEUED, RELAYING, REPLAY_LIMIT, SENDING
 from lbproxy.upstream import Endpoint, IdleConnections, dial
 
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from lbproxy.limits import Ticket, TrustedProxies
     from lbproxy.request_head import Steer
     from lbproxy.routing import RouteTable
 
@@ -53,6 +54,7 @@ RESPONSE: Final = 3  # waiting for the server
 TUNNEL: Final = 4  # an upgraded connection: no byte either way for tunnel_timeout, and it is closed
 UNREAD: Final = 5  # the client leaves a response unread: its fault, never the server's
 CLOSING: Final = 6  # closed by lbproxy, its last bytes still going out: aborted at the deadline
+QUEUE: Final = 7  # waiting in the pool's queue for a server's slot: 503 at the queue's timeout
 
 
 # Upper bounds of the request-duration histogram, in seconds (Prometheus' defaults, plus 30 and 60).
@@ -119,6 +121,8 @@ class HttpListener:
         "certificates",
         "handshakes",
         "accepting",
+        "rate_limit",
+        "trusted",
     )
 
     # What a reload may change in place (the rest are counters and live state).
@@ -146,6 +150,8 @@ class HttpListener:
         "idle_timeout",
         "access_log",
         "accept_proxy",
+        "rate_limit",
+        "trusted",
     )
 
     def __init__(
@@ -177,12 +183,18 @@ class HttpListener:
         redirect_https: int | None = None,
         client_certificates: bool = False,
         certificates: tuple[tuple[str, float], ...] = (),
+        rate_limit: RateLimit | None = None,
+        trusted: TrustedProxies | None = None,
     ) -> None:
         self.name = name
         self.pool = pool
         self.routes = routes  # the route table, whose routes' targets are the runtime's pools
-        # Only a listener with routes, or whose pool keeps sessions, reads where a head goes.
-        self.steer: Steer | None = Steering(routes, pool).steer if routes is not None or pool.persistent else None
+        self.rate_limit = rate_limit
+        self.trusted = trusted
+        # Only a listener with routes, a rate limit or trusted proxies, or whose pool keeps sessions,
+        # reads anything in a head before it goes on.
+        steers = routes is not None or pool.persistent or rate_limit is not None or trusted is not None
+        self.steer: Steer | None = Steering(routes, pool, rate_limit).steer if steers else None
         if redirect_https is not None:
             self.steer = RedirectHttps(redirect_https).steer  # answers every request: nothing goes on
         self.secure = tls  # a persistence cookie gets `Secure`
@@ -257,6 +269,11 @@ class HttpListener:
     def active_connections(self) -> int:
         return len(self.connections)
 
+    @property
+    def rate_limited(self) -> int | None:
+        """Requests refused by the rate limit; None without one."""
+        return self.rate_limit.limiter.limited if self.rate_limit is not None else None
+
     def state(self) -> dict[str, object]:
         """Counters for the admin API."""
         return {
@@ -272,6 +289,7 @@ class HttpListener:
                 "retries": self.retries,
                 "bad_proxy_headers": self.bad_proxy_headers,
                 "wrong_protocol": self.wrong_protocol,
+                "rate_limited": self.rate_limited,
             },
             "certificates": certificate_states(self.certificates),
             "tls_handshakes": self.handshakes.state() if self.handshakes is not None else None,
@@ -292,6 +310,8 @@ class HttpListener:
 
     def reconfigure(self, other: HttpListener) -> None:
         """Take the settings of `other` (built from a reloaded config), keeping counters and connections."""
+        if self.rate_limit is not None and other.rate_limit is not None:  # the clients' buckets go on
+            other.rate_limit.limiter.carry_on(self.rate_limit.limiter)
         if self.routes is not None and other.routes is not None:  # a route's counter lives on by its name
             counted = {route.name: route.requests for route in self.routes.routes}
             for route in other.routes.routes:
@@ -373,6 +393,7 @@ class HttpProxy(asyncio.Protocol):
         "deadline_kind",
         "client_busy",
         "got_bytes",
+        "ticket",
     )
 
     def __init__(self, listener: HttpListener) -> None:
@@ -408,6 +429,7 @@ class HttpProxy(asyncio.Protocol):
         self.deadline_kind = IDLE
         self.client_busy = False  # the client's transport buffers more than it reads (pause_writing)
         self.got_bytes = False  # any byte of the current request has arrived
+        self.ticket: Ticket[Server] | None = None  # the active request waits in its pool's queue
 
     # -- connection events --
 
@@ -455,6 +477,12 @@ class HttpProxy(asyncio.Protocol):
                 return True
             if self.tunnel is not None:
                 self.tunnel.close()
+            return False
+        active = self.active
+        if active is not None and active.phase == QUEUED:
+            # A client that closes while its request waits for a server has gone (HAProxy's
+            # `option abortonclose`): it leaves the queue, and no server ever sees the request.
+            self.cut()
             return False
         reading = self.reading
         if reading is not None:
@@ -601,7 +629,7 @@ class HttpProxy(asyncio.Protocol):
     # rebuilt for the server (on_request). on_body and on_message_complete come straight from llhttp.
 
     def on_request(self, exchange: Exchange) -> None:
-        self.head_size = 0  # QUEUED until _dispatch
+        self.head_size = 0  # RECEIVED until _dispatch
         listener = self.listener
         has_body = exchange.has_body
         listener.requests += 1
@@ -645,7 +673,9 @@ class HttpProxy(asyncio.Protocol):
                     exchange.replayable = False
                     exchange.held.clear()
         else:
-            exchange.held.append(body)  # reading is paused until it can go: bounded by one read
+            exchange.held.append(body)  # reading is paused until it can go: bounded by one read...
+            if exchange.phase == QUEUED and size > REPLAY_LIMIT and self.gate is not None:
+                self.gate.pause(flow.WAITING)  # ...or, while it waits in the queue, by the replay limit
 
     def on_message_complete(self) -> None:
         exchange = self.reading
@@ -684,8 +714,16 @@ class HttpProxy(asyncio.Protocol):
             else:
                 self._unavailable(exchange)
             return
+        pool = server.pool
+        if pool.queue is not None and must_wait(server):
+            self._wait(exchange, server)
+            return
         exchange.server = server
-        server.pool.taken(server)
+        pool.taken(server)
+        self._send(exchange, server, fresh)
+
+    def _send(self, exchange: Exchange, server: Server, fresh: bool) -> None:
+        """Send `exchange` to `server`, whose slot it has: on an idle connection, or a new one."""
         # A reused connection may be closed by its server as the request crosses the wire, and then
         # nothing proves the request was not acted on: a non-idempotent one goes on a new connection.
         if not fresh and exchange.method in IDEMPOTENT:
@@ -698,6 +736,47 @@ class HttpProxy(asyncio.Protocol):
         assert self.gate is not None
         self.gate.pause(flow.WAITING)
         self.loop.create_task(self._open(exchange, server))
+
+    def _wait(self, exchange: Exchange, server: Server) -> None:
+        """Every server `exchange` may go to is at its limit: it waits in the pool's queue, its head
+        held and the client's reading paused, until a server's slot is its or the queue's timeout."""
+        pool = server.pool
+        queue = pool.queue
+        assert queue is not None
+        assert self.gate is not None
+        ticket = queue.join(
+            lambda chosen: self._dequeued(exchange, chosen), waits_for(pool, exchange.key, server), time.monotonic()
+        )
+        if ticket is None:
+            self._unavailable(exchange, "queue full")
+            return
+        self.ticket = ticket
+        exchange.phase = QUEUED
+        # Reading goes on, so that a client that leaves is seen at once (its EOF, see eof_received):
+        # a body is held up to the replay limit, a pipelined request pauses reading as always.
+        if exchange.body_size <= REPLAY_LIMIT:
+            self.gate.resume(flow.WAITING)
+        self._arm(QUEUE, queue.timeout)
+
+    def _dequeued(self, exchange: Exchange, server: Server | None) -> None:
+        """The queue's answer: `server`'s slot is the request's (taken for it), or None: choose again."""
+        self.ticket = None
+        if exchange is not self.active or self.closed:
+            if server is not None:
+                server.pool.released(server)
+            return
+        if exchange.request_done:
+            self._arm(RESPONSE, self._response_timeout(exchange))
+        else:
+            self._arm(BODY, self.listener.body_timeout)
+        if not self.queue and self.gate is not None:
+            self.gate.resume(flow.WAITING)  # the rest of a body may come; a new connection pauses again
+        if server is None:
+            exchange.phase = transaction.RECEIVED
+            self._dispatch(exchange)
+            return
+        exchange.server = server
+        self._send(exchange, server, fresh=False)
 
     async def _open(self, exchange: Exchange, server: Server) -> None:
         listener = self.listener
@@ -780,6 +859,9 @@ class HttpProxy(asyncio.Protocol):
         if exchange.request_done:
             self._arm(RESPONSE, self._response_timeout(exchange))
         if server is not None:
+            if server.pool.queue is not None and must_wait(server):  # its slot went to one that waited
+                self._wait(exchange, server)
+                return
             exchange.server = server
             server.pool.taken(server)
             exchange.phase = CONNECTING
@@ -793,13 +875,13 @@ class HttpProxy(asyncio.Protocol):
             self.gate.resume(flow.WAITING)
         self._dispatch(exchange, fresh)
 
-    def _unavailable(self, exchange: Exchange) -> None:
+    def _unavailable(self, exchange: Exchange, reason: str = "no server available") -> None:
         listener = self.listener
         extra = listener.retry_after
         if listener.maintenance is not None:
-            self._refuse(503, "no server available", body=listener.maintenance, extra=extra)
+            self._refuse(503, reason, body=listener.maintenance, extra=extra)
         else:
-            self._refuse(503, "no server available", extra=extra)
+            self._refuse(503, reason, extra=extra)
 
     def flush(self, parts: list[bytes]) -> None:
         """Write what one read from the server produced, in one system call (`write`, inline)."""
@@ -990,6 +1072,10 @@ class HttpProxy(asyncio.Protocol):
             self.transport.abort()
 
     def _release(self, exchange: Exchange) -> None:
+        ticket = self.ticket
+        if ticket is not None:  # it leaves the queue where it stands
+            self.ticket = None
+            ticket.cancel()
         if exchange.server is not None:
             exchange.server.pool.released(exchange.server)
             exchange.server = None
@@ -1034,6 +1120,15 @@ class HttpProxy(asyncio.Protocol):
                 self._close()
             else:
                 self._refuse(408, "request body deadline")
+        elif kind == QUEUE:
+            ticket = self.ticket
+            active = self.active
+            if ticket is None or active is None:
+                self._close()
+                return
+            self.ticket = None
+            ticket.timed_out()
+            self._unavailable(active, "queue timeout")
         elif kind == RESPONSE:
             active = self.active
             if active is None or active.upstream is None:
@@ -1053,7 +1148,7 @@ class HttpProxy(asyncio.Protocol):
                 {
                     "time": time.time(),
                     "listener": self.listener.name,
-                    "client": self.reader.client_ip.decode(),
+                    "client": (exchange.client or self.reader.client_ip).decode(),
                     "method": exchange.method.decode("latin-1"),
                     "target": exchange.target.decode("latin-1"),
                     "status": exchange.status,

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector as CollectorBase
 
 from lbproxy.handshake import HANDSHAKE_BOUNDS
 from lbproxy.http_proxy import DURATION_BOUNDS
+from lbproxy.limits import WAIT_BOUNDS
 from lbproxy.pool import AdminState, Pool, Tier
 
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -85,6 +86,7 @@ class ServerReading(NamedTuple):
     transitions_down: int
     transition_time: float
     weight: float  # live, in units of the configured ratio
+    max_connections: int = 0  # 0: no limit
 
 
 class PoolReading(NamedTuple):
@@ -96,6 +98,7 @@ class PoolReading(NamedTuple):
     depool_refusals: int
     persistence: tuple[int, int, int] | None  # hits, misses, redispatches; None: no persistence
     client_certificate_expiry: float | None = None  # pools.<name>.tls.client_cert: when it expires
+    queue: dict[str, Any] | None = None  # servers with max_connections: limits.Queue.numbers()
 
 
 class ListenerReading(NamedTuple):
@@ -113,6 +116,7 @@ class ListenerReading(NamedTuple):
     wrong_protocol: int = 0  # TLS handshakes sent to a plain http listener
     certificates: tuple[tuple[str, float], ...] = ()  # (name, expiry as a Unix time), TLS listeners
     handshakes: dict[str, Any] | None = None  # TLS listeners: handshake.Handshakes.numbers()
+    rate_limited: int | None = None  # listeners with a rate_limit: requests refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +156,7 @@ def read(source: Source) -> Reading:
             server.transitions["down"],
             server.transition_time,
             server.weight / server.full_weight * server.ratio,
+            server.max_connections,
         )
         for pool in source.pools.values()
         for server in pool.servers
@@ -166,6 +171,7 @@ def read(source: Source) -> Reading:
             pool.depool_refusals,
             _persistence(pool),
             _client_expiry(pool),
+            pool.queue.numbers() if pool.queue is not None else None,
         )
         for pool in source.pools.values()
     ]
@@ -185,6 +191,7 @@ def read(source: Source) -> Reading:
             listener.wrong_protocol,
             tuple(listener.certificates),
             listener.handshakes.numbers() if listener.handshakes is not None else None,
+            listener.rate_limited,
         )
         if listener.mode == "http"
         else ListenerReading(
@@ -304,8 +311,15 @@ def _servers(servers: list[ServerReading]) -> Iterator[Metric]:
         "New TLS connections to the server that resumed a session instead of a full handshake.",
         labels=labels,
     )
+    limits = GaugeMetricFamily(
+        "lbproxy_server_max_connections",
+        "The server's max_connections: requests (http) or connections (tcp) at once (servers with one).",
+        labels=labels,
+    )
     for server in servers:
         names = [server.pool, server.name]
+        if server.max_connections:
+            limits.add_metric(names, server.max_connections)
         if server.tls_handshakes is not None:
             handshakes.add_metric(names, server.tls_handshakes)
             resumptions.add_metric(names, server.tls_resumptions)
@@ -328,7 +342,7 @@ def _servers(servers: list[ServerReading]) -> Iterator[Metric]:
         last.add_metric(names, server.transition_time)
         weight.add_metric(names, server.weight)
     yield from (up, admin, active, connections, responses, connect_failures, failures, sent, received)
-    yield from (checks, duration, transitions, last, weight, handshakes, resumptions)
+    yield from (checks, duration, transitions, last, weight, handshakes, resumptions, limits)
 
 
 def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
@@ -370,7 +384,26 @@ def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
         "When the client certificate lbproxy presents to the pool's servers expires (Unix time).",
         labels=["pool"],
     )
+    queued = GaugeMetricFamily(
+        "lbproxy_pool_queue_length", "Requests (tcp: connections) waiting for a server's slot.", labels=["pool"]
+    )
+    queue_max = GaugeMetricFamily("lbproxy_pool_queue_max", "The queue's max_size.", labels=["pool"])
+    waits = HistogramMetricFamily(
+        "lbproxy_pool_queue_wait_seconds", "How long requests that got a slot waited for it.", labels=["pool"]
+    )
+    rejections = CounterMetricFamily(
+        "lbproxy_pool_queue_rejections",
+        "Requests refused by the queue (503), by reason: full, or timeout.",
+        labels=["pool", "reason"],
+    )
     for pool in pools:
+        if pool.queue is not None:
+            numbers = pool.queue
+            queued.add_metric([pool.name], numbers["length"])
+            queue_max.add_metric([pool.name], numbers["max_size"])
+            waits.add_metric([pool.name], _cumulative(WAIT_BOUNDS, numbers["waits"]), numbers["wait_sum"])
+            for reason, count in numbers["rejections"].items():
+                rejections.add_metric([pool.name, reason], count)
         if pool.client_certificate_expiry is not None:
             client_expiry.add_metric([pool.name], pool.client_certificate_expiry)
         if pool.persistence is not None:
@@ -384,6 +417,7 @@ def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
         retries.add_metric([pool.name], pool.retries)
         refusals.add_metric([pool.name], pool.depool_refusals)
     yield from (servers_up, tiers, failovers, retries, refusals, hits, misses, redispatches, client_expiry)
+    yield from (queued, queue_max, waits, rejections)
 
 
 def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
@@ -434,8 +468,15 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
         "From a TLS connection's accept to the end of its handshake (finished ones).",
         labels=labels,
     )
+    limited = CounterMetricFamily(
+        "lbproxy_listener_rate_limited",
+        "Requests refused because their client was over the listener's rate_limit.",
+        labels=labels,
+    )
     for listener in listeners:
         name = [listener.name]
+        if listener.rate_limited is not None:
+            limited.add_metric(name, listener.rate_limited)
         if listener.handshakes is not None:
             numbers = listener.handshakes
             for result, count in numbers["results"].items():
@@ -463,7 +504,7 @@ def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:
             errors.add_metric([*name, str(status)], count)
         duration.add_metric(name, _cumulative(DURATION_BOUNDS, listener.durations), listener.duration_sum)
     yield from (active, accepted, rejected, requests, responses, errors, duration, routes, wrong_protocol, expiry)
-    yield from (handshakes, versions, resumed, handshake_time)
+    yield from (handshakes, versions, resumed, handshake_time, limited)
 
 
 def _cumulative(bounds: tuple[float, ...], counts: Sequence[int]) -> list[tuple[str, float]]:

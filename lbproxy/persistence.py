@@ -71,6 +71,17 @@ def cookie_value(pool: str, server: str, secret: bytes = b"") -> bytes:
     return _cookie_value(_cookie_key(secret), pool, server)
 
 
+def header_value(fields: list[bytes], wanted: bytes) -> bytes | None:
+    """The value of the first header named `wanted` (lower-case) in a head's gathered fields
+    (name, b": ", value, CRLF, ...), or None."""
+    size = len(wanted)
+    for index in range(0, len(fields), 4):
+        name = fields[index]
+        if len(name) == size and name.lower() == wanted:  # the length first: most names differ in it
+            return fields[index + 2]
+    return None
+
+
 def find_cookie(header_value: bytes, name: bytes) -> tuple[bytes | None, bytes | None]:
     """The value of cookie `name` in one Cookie header value (or None), and the value without it.
 
@@ -404,13 +415,7 @@ class Persistence(Generic[S]):
         return client_ip
 
     def _header(self, fields: list[bytes], client_ip: bytes) -> bytes | None:
-        wanted = self.header
-        size = len(wanted)
-        for index in range(0, len(fields), 4):
-            name = fields[index]
-            if len(name) == size and name.lower() == wanted:  # the length first: most names differ in it
-                return fields[index + 2]
-        return None
+        return header_value(fields, self.header)
 
     def _cookie(self, fields: list[bytes], client_ip: bytes) -> bytes | None:
         """The persistence cookie's value, taken out of every Cookie field (a field left empty goes)."""

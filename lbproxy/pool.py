@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
+from lbproxy.limits import Queue
 from lbproxy.persistence import COOKIE, Persistence
 from lbproxy.tls import UpstreamTls
 from lbproxy.upstream import Endpoint
@@ -87,6 +88,7 @@ class Server:
         "sent_bytes",
         "received_bytes",
         "endpoint",
+        "max_connections",
         "__weakref__",
     )
 
@@ -96,6 +98,7 @@ class Server:
         self.ratio = config.ratio
         self.full_weight = config.ratio * WEIGHT_SCALE  # the live weight at full share, read per pick
         self.backup = config.backup
+        self.max_connections = config.max_connections or 0  # 0: no limit
         self.pool = pool
         self.up = True
         self.admin = AdminState.ENABLED
@@ -149,6 +152,7 @@ class Server:
         self.ratio = config.ratio
         self.full_weight = config.ratio * WEIGHT_SCALE
         self.backup = config.backup
+        self.max_connections = config.max_connections or 0
         self.pool = pool
         return self
 
@@ -188,6 +192,7 @@ class Pool:
         "depool_refusals",
         "on_down",
         "persistent",
+        "queue",
         "persistence",
         "_primary",
         "_backup",
@@ -234,6 +239,10 @@ class Pool:
         self.depool_refusals = 0  # downs the depool guard refused
         self._rotation = config.policy == "round_robin"
         self.persistent = config.persistence is not None  # known before take_over builds `persistence`
+        # Servers with max_connections: requests wait here when none they may go to has room (limits.py)
+        self.queue: Queue[Server] | None = None
+        if any(server.max_connections for server in config.servers):
+            self.queue = Queue(config.queue.max_size, config.queue.timeout)
         self.persistence: Persistence[Server] | None = None  # built with the servers, in take_over
         self.servers: list[Server] = []
         self.by_name: dict[str, Server] = {}
@@ -277,6 +286,8 @@ class Pool:
             self.depool_refusals = previous.depool_refusals
             if self.persistence is not None and previous.persistence is not None:
                 self.persistence.carry_on(previous.persistence)
+            if self.queue is not None and previous.queue is not None:
+                self.queue.carry_on(previous.queue)
         primaries = [s for s in self.servers if not s.backup]
         self._primaries = primaries
         self._primary = make_policy(config.policy, primaries)
@@ -298,6 +309,24 @@ class Pool:
                     self._all.add(server)
         self._primaries_available = sum(1 for s in primaries if s.available)
         self.tier = self._tier()
+        if previous is not None and previous.queue is not None:
+            self._requeue(previous)
+
+    def _requeue(self, previous: Pool) -> None:
+        """After a reload: what waited in the previous pool's queue goes on here, or chooses again."""
+        queue = self.queue
+        if queue is None:  # no limit any more: every waiting request chooses a server now
+            assert previous.queue is not None
+            for ticket in previous.queue.everyone():
+                ticket.ready(None)
+            return
+        kept = set(self.servers)
+        for server in list(queue.by_server):
+            if server not in kept or not server.max_connections:
+                for ticket in queue.for_server(server):
+                    ticket.ready(None)
+        for server in self.servers:
+            self._serve_queue(server)
 
     def fail_over_to(self, backup_pool: Pool) -> None:
         """Link the pool that takes this pool's requests when it has no server left (the controller, at commit)."""
@@ -308,18 +337,48 @@ class Pool:
     # -- picking --
 
     def pick(self) -> Server | None:
-        """The server for the next request: primaries, backups, then the backup pool; None if none."""
+        """The server for the next request: primaries, backups, then the backup pool; None if none.
+
+        With max_connections, a server at its limit is passed over for one with room; when none has
+        room, the one picked is returned at its limit, and the request waits in the queue."""
         if self._primaries_available >= self.min_up:
-            server = self._primary.pick()
+            policy = self._primary
         elif self._primaries_available and self._all is not None:
-            server = self._all.pick()
+            policy = self._all
         else:
-            server = self._backup.pick()
+            policy = self._backup
+        server = policy.pick()
         if server is None:
             return self.backup_pool.pick() if self.backup_pool is not None else None
         if self._rotation and server.weight < server.full_weight:
             server = self._ramped_turn(server)
+        if self.queue is not None and server.max_connections and server.inflight >= server.max_connections:
+            return self._with_room(policy, server)
         return server
+
+    def _with_room(self, policy: Policy[Server], full: Server) -> Server:
+        """`full` is at its limit: the policy's next pick with room (a rotation moves on to it), else
+        the least loaded for its weight with room, else `full` itself (the request will wait)."""
+        for _ in range(len(self.servers)):
+            server = policy.pick()
+            if server is None or server is full:
+                break
+            if not server.max_connections or server.inflight < server.max_connections:
+                return server
+        best: Server | None = None
+        for server in self.servers:
+            if (
+                server.available
+                and server.backup is full.backup
+                and (not server.max_connections or server.inflight < server.max_connections)
+                and (best is None or server.inflight * best.full_weight < best.inflight * server.full_weight)
+            ):
+                best = server
+        return best if best is not None else full
+
+    def has_room(self, server: Server) -> bool:
+        """Whether `server` may take one more request now (always, without max_connections)."""
+        return not server.max_connections or server.inflight < server.max_connections
 
     def _ramped_turn(self, server: Server) -> Server:
         """A rotation has no weights: a slow-starting server takes its turn as often as its ramp says."""
@@ -351,12 +410,38 @@ class Pool:
                 self._all.taken(server)
 
     def released(self, server: Server) -> None:
-        """A request or connection to `server` ended, whatever its outcome."""
+        """A request or connection to `server` ended, whatever its outcome; with a queue, the slot
+        goes to the oldest request that waits and that `server` may take."""
         server.inflight -= 1
         if self._counting:
             self._group(server).released(server)
             if self._all is not None:
                 self._all.released(server)
+        queue = self.queue
+        if queue is not None and queue.length:
+            self._serve_queue(server)
+
+    def _serve_queue(self, server: Server) -> None:
+        """Give `server`'s free slots to the oldest tickets it may serve: its own while it is up and
+        not disabled (persistence), anyone's while it takes new requests."""
+        queue = self.queue
+        if queue is None or server.pool is not self:
+            return
+        own = server.up and server.admin is not AdminState.DISABLED
+        anyone = server.available and self._in_tier(server)
+        while queue.length and self.has_room(server) and (own or anyone):
+            ticket = queue.next_for(server, own, anyone, time.monotonic())
+            if ticket is None:
+                return
+            self.taken(server)  # the slot is the ticket's before anything else can take it
+            ticket.ready(server)
+
+    def _in_tier(self, server: Server) -> bool:
+        """Whether the pool's new requests may go to `server` now (its failover order)."""
+        tier = self.tier
+        if tier is Tier.PRIMARIES:
+            return not server.backup
+        return tier is Tier.WITH_BACKUPS or (tier is Tier.BACKUPS and server.backup)
 
     # -- what real traffic tells (passive detection) --
 
@@ -482,6 +567,17 @@ class Pool:
         if not server.backup:
             self._primaries_available = sum(1 for s in self._primaries if s.available)
         self._tier_changed()
+        queue = self.queue
+        if queue is not None and queue.length:
+            if not (server.up and server.admin is not AdminState.DISABLED):
+                for ticket in queue.for_server(server):  # its own users choose again (persistence)
+                    ticket.ready(None)
+            if self.tier is Tier.NONE or self.tier is Tier.BACKUP_POOL:
+                for ticket in queue.everyone():  # nothing here will free a slot for them
+                    ticket.ready(None)
+            else:  # the server, or a tier that just began to serve, may have room for them
+                for each in self.servers:
+                    self._serve_queue(each)
 
     def _tier(self) -> Tier:
         """Where `pick` sends new requests now, in the order it tries them."""

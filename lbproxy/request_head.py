@@ -26,6 +26,7 @@ from lbproxy.framing import BadRequest
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from lbproxy.limits import TrustedProxies
     from lbproxy.pool import Pool
 
     # selection.Steering.steer: (method, target, Host, fields, client address) -> (pool, persistence key)
@@ -49,7 +50,8 @@ class Settings(Protocol):
     max_header_count: int
     max_target: int
     max_body: int | None
-    steer: Steer | None  # routes or persistence (selection.Steering), else None: nothing to read
+    steer: Steer | None  # routes, persistence, a rate limit (selection.Steering), else None: nothing to read
+    trusted: TrustedProxies | None  # trusted_proxies: whose X-Forwarded-For names the client
 
     def default_host(self) -> bytes: ...
 
@@ -70,6 +72,7 @@ class RequestHead:
         "pool",
         "key",
         "cookie",
+        "client",
     )
 
     def __init__(self, method: bytes, target: bytes, forward: bytes, client_11: bool, keep_alive: bool) -> None:
@@ -85,6 +88,7 @@ class RequestHead:
         self.pool: Pool | None = None  # the route's pool, or the pool of a listener that steers; None: the listener's
         self.key: bytes | None = None  # the persistence key (selection)
         self.cookie: tuple[bytes, bytes] | None = None  # the Set-Cookie line for the response, plain and Secure
+        self.client: bytes | None = None  # the client a trusted proxy named (trusted_proxies); None: the peer
 
 
 H = TypeVar("H", bound=RequestHead)
@@ -258,7 +262,11 @@ class RequestReader(Generic[H]):
         fields = self.fields
         steer = settings.steer
         if steer is not None:  # before the head is built: a persistence cookie leaves `fields`
-            pool, key = steer(method, url, host, fields, self.client_ip)
+            client = self.client_ip
+            trusted = settings.trusted
+            if trusted is not None and self.xff is not None:  # a trusted proxy may say whose it is
+                client = trusted.client(client, self.xff)
+            pool, key = steer(method, url, host, fields, client)
         parts = [method, b" ", url, b" HTTP/1.1\r\n", *fields]
         upgrade = False
         if self.unusual:  # a Connection, Transfer-Encoding, Upgrade, Authorization or X-Forwarded-* field
@@ -307,6 +315,8 @@ class RequestReader(Generic[H]):
         if steer is not None:
             head.pool = pool
             head.key = key
+            if client is not self.client_ip:
+                head.client = client
         if has_body:
             head.has_body = True
             self.in_body = True

@@ -28,8 +28,10 @@ from lbproxy.control import StartError as StartError  # re-exported: cli and wor
 from lbproxy.handshake import Acceptor
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener, HttpProxy
+from lbproxy.limits import RateLimiter, TrustedProxies
 from lbproxy.pool import Pool, Server
 from lbproxy.routing import RouteTable
+from lbproxy.selection import RateLimit
 from lbproxy.tcp_proxy import TcpClient, TcpListener
 from lbproxy.tls import ListenerContexts, TlsError, expiries
 
@@ -332,6 +334,8 @@ class Runtime:
             redirect_https=config.redirect_https,
             client_certificates=config.tls is not None and config.tls.client_ca is not None,
             certificates=expiries(config.tls.certificates) if config.tls is not None else (),
+            rate_limit=_rate_limit(config),
+            trusted=TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None,
         )
         context = None
         if config.tls is not None:
@@ -629,6 +633,15 @@ def _socket_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
 def _tls_kind(config: ListenerConfig) -> tuple[bool, bool]:
     """(TLS, mutual TLS): what a socket's context is made with; a change of anything else is loaded in place."""
     return (config.tls is not None, config.tls is not None and config.tls.client_ca is not None)
+
+
+def _rate_limit(config: ListenerConfig) -> RateLimit | None:
+    """The listener's rate limit, a fresh set of buckets (a reload carries the old ones over)."""
+    settings = config.rate_limit
+    if settings is None:
+        return None
+    header = settings.header.lower().encode() if settings.header is not None else None
+    return RateLimit(RateLimiter(settings.rate, settings.burst, settings.max_clients), header, settings.status)
 
 
 def _route_table(config: ListenerConfig, pools: Mapping[str, Pool]) -> RouteTable | None:

@@ -7,17 +7,21 @@ the client's address). A listener with neither has no `Steering`: its heads pay 
 
 Then `select` picks the server, whenever a request is sent or sent again: the server its persistence
 key names while that server may keep it, else the pool's failover order and policy (`Pool.pick`), or,
-for a retry, a server not yet tried (`Pool.pick_other`). Per-server limits and the queue (#17) plug
-in here too. The TCP proxy calls it with no head, and the client's address as the key.
+for a retry, a server not yet tried (`Pool.pick_other`). With per-server limits, the pool passes
+over a server at its limit; `must_wait` says when the server chosen has no room, and `waits_for`
+whether the request then waits for that server (its persistence key names it) or for any (limits.py
+has the queue). The TCP proxy calls them with no head, and the client's address as the key.
 `retry_elsewhere` is the one rule for trying another server after a failure.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from typing import TYPE_CHECKING, Final
 
 from lbproxy.framing import BadRequest
-from lbproxy.persistence import COOKIE
+from lbproxy.persistence import COOKIE, header_value
 from lbproxy.pool import AdminState
 from lbproxy.routing import host_key
 
@@ -25,6 +29,7 @@ _DISABLED: Final = AdminState.DISABLED
 _DRAINING: Final = AdminState.DRAINING
 
 if TYPE_CHECKING:
+    from lbproxy.limits import RateLimiter
     from lbproxy.persistence import Persistence
     from lbproxy.pool import Pool, Server
     from lbproxy.request_head import RequestHead, Steer
@@ -67,14 +72,25 @@ class RedirectHttps:
 
 
 class Steering:
-    """What a listener with routes, or whose pool keeps sessions, reads in each request's head."""
+    """What a listener with routes, a rate limit, or whose pool keeps sessions, reads in each request's head."""
 
-    __slots__ = ("routes", "default", "steer")  # `steer`: the method for this listener, chosen once
+    __slots__ = ("routes", "default", "steer", "limit", "inner")  # `steer`: the method for this listener, chosen once
 
-    def __init__(self, routes: RouteTable | None, default: Pool) -> None:
+    def __init__(self, routes: RouteTable | None, default: Pool, limit: RateLimit | None = None) -> None:
         self.routes = routes
         self.default = default
-        self.steer: Steer = self._routed if routes is not None else self._persisted
+        self.limit = limit
+        self.inner: Steer = self._routed if routes is not None else self._persisted
+        self.steer: Steer = self._limited if limit is not None else self.inner
+
+    def _limited(
+        self, method: bytes, target: bytes, host: bytes | None, fields: list[bytes], client_ip: bytes
+    ) -> tuple[Pool, bytes | None]:
+        """The client's token first (`rate_limit`): over its rate, the request is refused (429)."""
+        limit = self.limit
+        assert limit is not None
+        limit.check(fields, client_ip)
+        return self.inner(method, target, host, fields, client_ip)
 
     def _persisted(
         self, method: bytes, target: bytes, host: bytes | None, fields: list[bytes], client_ip: bytes
@@ -102,6 +118,29 @@ class Steering:
                 pool = route.target  # type: ignore[assignment]  # the runtime fills it with the Pool
         persistence = pool.persistence
         return pool, (persistence.key_of(fields, client_ip) if persistence is not None else None)
+
+
+class RateLimit:
+    """A listener's `rate_limit`: whose bucket a request takes a token from, and the refusal."""
+
+    __slots__ = ("limiter", "header", "status")
+
+    def __init__(self, limiter: RateLimiter, header: bytes | None, status: int) -> None:
+        self.limiter = limiter
+        self.header = header  # lower-case; None: the client's address is the key
+        self.status = status
+
+    def check(self, fields: list[bytes], client_ip: bytes) -> None:
+        """Raises BadRequest (the status, with Retry-After) when the client has no token left.
+
+        Keyed by a header, a request without it is keyed by its address: leaving the header out
+        does not escape the limit."""
+        key = client_ip
+        if self.header is not None:
+            key = header_value(fields, self.header) or client_ip
+        wait = self.limiter.allow(key, time.monotonic())
+        if wait:
+            raise BadRequest(self.status, "rate limited", extra=b"Retry-After: %d\r\n" % math.ceil(wait))
 
 
 def select(
@@ -165,6 +204,22 @@ def _persisted(
     if chosen is not None:
         persistence.remember(key, chosen)
     return chosen
+
+
+def must_wait(server: Server) -> bool:
+    """Whether a request chosen for `server` must wait in its pool's queue: it is at its limit."""
+    return bool(server.max_connections) and server.inflight >= server.max_connections
+
+
+def waits_for(pool: Pool, key: bytes | None, server: Server) -> Server | None:
+    """What a request that must wait waits for: its own server, when its persistence key chose it
+    (a user stays on their server while it is up), else None: any server of the pool."""
+    persistence = pool.persistence
+    if key is None or persistence is None:
+        return None
+    if persistence.kind == COOKIE:  # the cookie names it; else the policy chose it, and any will do
+        return server if persistence.named.get(key) is server else None
+    return server
 
 
 def _inflight(server: Server) -> int:

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final, cast
+import time
+from typing import TYPE_CHECKING, Final, cast
 
 from lbproxy import flow, proxy_protocol
 from lbproxy.pool import Pool, Server
-from lbproxy.selection import retry_elsewhere, select
+from lbproxy.selection import must_wait, retry_elsewhere, select, waits_for
 from lbproxy.upstream import dial
+
+if TYPE_CHECKING:
+    from lbproxy.limits import Ticket
 
 log = logging.getLogger("lbproxy.tcp")
 
@@ -140,6 +144,7 @@ class TcpClient(asyncio.Protocol):
         "deadline",
         "eof",
         "closed",
+        "ticket",
     )
 
     def __init__(self, listener: TcpListener) -> None:
@@ -159,6 +164,7 @@ class TcpClient(asyncio.Protocol):
         self.deadline = 0.0
         self.eof = False  # the client shut down its writing
         self.closed = False
+        self.ticket: Ticket[Server] | None = None  # waiting in the pool's queue for a server's slot
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -225,6 +231,9 @@ class TcpClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.listener.connections.discard(self)
+        if self.ticket is not None:  # it leaves the queue where it stands
+            self.ticket.cancel()
+            self.ticket = None
         upstream = self.upstream
         if upstream is not None:
             upstream.close()
@@ -250,11 +259,49 @@ class TcpClient(asyncio.Protocol):
             self.listener.unavailable += 1
             self.close()
             return
+        if server.pool.queue is not None and must_wait(server):
+            self._wait(server, key)
+            return
         self.server = server
         server.pool.taken(server)
+        self._opening(server)
+
+    def _opening(self, server: Server) -> None:
         if self.gate is not None:
             self.gate.pause(flow.WAITING)
         self.listener.loop.create_task(self._open(server))
+
+    def _wait(self, server: Server, key: bytes | None) -> None:
+        """Every server is at its limit: the connection waits in the pool's queue until a server's
+        slot is its (then it connects), the queue's timeout or its client leaves (then it is closed)."""
+        pool = server.pool
+        queue = pool.queue
+        assert queue is not None
+        ticket = queue.join(self._dequeued, waits_for(pool, key, server), time.monotonic())
+        if ticket is None:
+            self.listener.unavailable += 1
+            log.info(
+                "listener %s: %s finds pool %s's queue full: closed", self.listener.name, self.client[0], pool.name
+            )
+            self.close()
+            return
+        self.ticket = ticket
+        # Reading goes on (what the client sends is held, up to MAX_EARLY): its EOF is seen at once
+        self.deadline = self.listener.loop.time() + queue.timeout
+
+    def _dequeued(self, server: Server | None) -> None:
+        """The queue's answer: `server`'s slot is this connection's, or None: choose again."""
+        self.ticket = None
+        if self.closed:
+            if server is not None:
+                server.pool.released(server)
+            return
+        self.touch()
+        if server is None:
+            self._connect()
+            return
+        self.server = server
+        self._opening(server)
 
     async def _open(self, server: Server) -> None:
         listener = self.listener
@@ -320,7 +367,16 @@ class TcpClient(asyncio.Protocol):
         self.listener.connections.discard(self)
 
     def deadline_passed(self) -> None:
-        """Idle for idle_timeout: closed; closed and still not drained after CLOSE_LINGER: aborted."""
+        """Idle for idle_timeout: closed; closed and still not drained after CLOSE_LINGER: aborted;
+        waited the queue's timeout: closed, counted."""
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            ticket.timed_out()
+            self.listener.unavailable += 1
+            log.info("listener %s: %s waited the queue's timeout: closed", self.listener.name, self.client[0])
+            self.close()
+            return
         if self.closed and self.transport is not None:
             self.transport.abort()
         else:

@@ -3,13 +3,16 @@
 An `Exchange` is a request as the reader built it (a `RequestHead`) plus the state of serving it,
 and it is always in exactly one phase:
 
-    QUEUED ──> CONNECTING ──> SENDING ──> AWAITING ──> RELAYING ──> DONE
-      (pipelined,   (no idle      (body still    (the whole     (response      (or refused:
-       behind the    connection:   arriving)      request is     bytes reach    an error of
-       active one)   opening one)                 with the       the client)    lbproxy's own)
-                                                  server)            └──> TUNNEL (after a 101)
+    RECEIVED ──> QUEUED ──> CONNECTING ──> SENDING ──> AWAITING ──> RELAYING ──> DONE
+     (its head    (every      (no idle      (body still   (the whole    (response     (or refused:
+      is read;     server it   connection:   arriving)     request is    bytes reach   an error of
+      pipelined    may go to   opening one)                with the      the client)   lbproxy's own)
+      ones wait    is at its                               server)           └──> TUNNEL (after a 101)
+      here)        limit: the
+                   pool's queue)
 
-A request with no body skips SENDING; one that reuses an idle connection skips CONNECTING. A failed
+A request with no body skips SENDING; one that reuses an idle connection skips CONNECTING; one whose
+server has room skips QUEUED (a pool without max_connections has no queue). A failed
 server connection sends it back to CONNECTING (a retry) or ends it (`after_failure`). The client
 connection's deadlines follow the active exchange's phase (docs/architecture.md, "Timers").
 
@@ -35,13 +38,14 @@ if TYPE_CHECKING:
     from lbproxy.pool import Server
 
 # Phases: ints, set on the hot path (docs/architecture.md, "The phases of a request", names them).
-QUEUED: Final = 0
-CONNECTING: Final = 1
-SENDING: Final = 2
-AWAITING: Final = 3
-RELAYING: Final = 4
-TUNNEL: Final = 5
-DONE: Final = 6
+RECEIVED: Final = 0
+QUEUED: Final = 1
+CONNECTING: Final = 2
+SENDING: Final = 3
+AWAITING: Final = 4
+RELAYING: Final = 5
+TUNNEL: Final = 6
+DONE: Final = 7
 
 # RFC 9110 §9.2.2: methods whose repetition has the effect of one request.
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -92,7 +96,8 @@ class Exchange(RequestHead, Generic[U]):
         self.pool = None
         self.key = None
         self.cookie = None
-        self.phase = QUEUED
+        self.client = None
+        self.phase = RECEIVED
         self.body_size = 0
         self.held: list[bytes] = []  # body parts not yet sent, or kept to replay the request
         self.replayable = True  # every byte of the request so far is still held

@@ -187,6 +187,8 @@ def _stats(runtime: Runtime) -> Message:
             )
             if listener.handshakes is not None:
                 numbers["handshakes"] = listener.handshakes.numbers()
+            if listener.rate_limited is not None:
+                numbers["rate_limited"] = listener.rate_limited
         listeners[name] = numbers
     pools = {name: pool.retried for name, pool in runtime.pools.items()}
     persistence = {
@@ -194,7 +196,8 @@ def _stats(runtime: Runtime) -> Message:
         for name, pool in runtime.pools.items()
         if pool.persistence is not None
     }
-    return {"servers": servers, "listeners": listeners, "pools": pools, "persistence": persistence}
+    queues = {name: pool.queue.numbers() for name, pool in runtime.pools.items() if pool.queue is not None}
+    return {"servers": servers, "listeners": listeners, "pools": pools, "persistence": persistence, "queues": queues}
 
 
 class _Reload:
@@ -408,7 +411,14 @@ def _at_rest(stats: Message) -> Message:
     """A dead worker's last counters, kept in the totals: its gauges (in flight, open) are gone with it."""
     servers = {key: {**numbers, "inflight": 0} for key, numbers in stats["servers"].items()}
     listeners = {name: {**numbers, "active": 0} for name, numbers in stats["listeners"].items()}
-    return {"servers": servers, "listeners": listeners, "pools": stats["pools"], "persistence": stats["persistence"]}
+    queues = {name: {**numbers, "length": 0} for name, numbers in stats.get("queues", {}).items()}
+    return {
+        "servers": servers,
+        "listeners": listeners,
+        "pools": stats["pools"],
+        "persistence": stats["persistence"],
+        "queues": queues,
+    }
 
 
 def _requests(stats: Message | None) -> int:
@@ -438,6 +448,7 @@ class ListenerTotals:
         self.routes: dict[str, int] = {}
         self.wrong_protocol = 0
         self.handshakes = Handshakes.of(numbers["handshakes"]) if "handshakes" in numbers else None
+        self.rate_limited: int | None = numbers.get("rate_limited")
         if self.mode == "http":
             self.routes = numbers["routes"]
             self.wrong_protocol = numbers["wrong_protocol"]
@@ -762,6 +773,9 @@ class Supervisor:
             persisted = total["persistence"].get(pool.name)
             if pool.persistence is not None and persisted is not None:
                 pool.persistence.hits, pool.persistence.misses, pool.persistence.redispatches = persisted
+            queued = total.get("queues", {}).get(pool.name)
+            if pool.queue is not None and queued is not None:
+                pool.queue.summed(queued)
             for server in pool.servers:
                 numbers = total["servers"].get(f"{pool.name}/{server.name}")
                 if numbers is None:

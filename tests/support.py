@@ -368,10 +368,10 @@ async def ctl(*args: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
-async def get(port: int, target: bytes = b"/", host: bytes = b"test") -> Response:
-    """One GET on a new connection."""
+async def get(port: int, target: bytes = b"/", host: bytes = b"test", headers: bytes = b"") -> Response:
+    """One GET on a new connection (`headers`: more header lines, each ending in CRLF)."""
     async with await Client.connect(port) as client:
-        await client.send(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host))
+        await client.send(b"GET %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (target, host, headers))
         return await client.response()
 
 
