@@ -9,6 +9,11 @@ scenario) pair runs on fresh processes, one after the other, in the same invocat
 Targets, configured alike (health probe GET /health every 1 s, 500 ms timeout, down after 2 failures,
 up after 2 successes, connect timeout 1 s):
   - lbproxy with passive detection (3 consecutive failures), `retries: 2`, response timeout 1 s;
+  - the same with passive detection after 1 failure (nginx's default);
+  - the same with `hedge: {after: 200ms, max_extra: 10%}` (issue #17: a GET with no response byte
+    after 200 ms also goes to a second server, the first response wins; goal in the freeze scenario:
+    no answer slower than 0.5 s and zero errors). An lbproxy whose `lbproxy check` refuses the key
+    skips this target with a note, printed and in the report;
   - HAProxy as it comes (its default `retries 3` on the same server, no redispatch, `timeout server 30s`);
   - HAProxy with `retries 2`, `option redispatch` and `timeout server 1s`;
   - the same plus `retry-on all-retryable-errors` (HAProxy also retries a response timeout then, as
@@ -74,7 +79,7 @@ pools:
     timeouts: {{connect: 1s, response: 1s}}
     passive: {{consecutive_failures: {passive}}}
     health: {{type: http, path: /health, interval: 1s, timeout: 500ms, rise: 2, fall: 2}}
-    servers:
+{pool_extra}    servers:
 {servers}
 """
 
@@ -107,16 +112,22 @@ class Target:
     kind: str  # "lbproxy" or "haproxy"
     server_timeout: str = "30s"
     extra: tuple[str, ...] = ()
+    pool: tuple[str, ...] = ()  # lbproxy: more keys of the pool, one YAML line each (a newer feature's)
+
+    def lbproxy_config(self, work: Path, port: int, backends: list[int], filename: str = "") -> Path:
+        servers = "\n".join(
+            f'      - {{name: {name}, address: "127.0.0.1:{backend}"}}'
+            for name, backend in zip(SERVERS, backends, strict=True)
+        )
+        path = work / (filename or f"{self.key}.yaml")
+        passive = self.extra[0] if self.extra else "3"  # for lbproxy, extra is the passive threshold
+        pool_extra = "".join(f"    {line}\n" for line in self.pool)
+        path.write_text(LBPROXY.format(port=port, servers=servers, passive=passive, pool_extra=pool_extra))
+        return path
 
     def command(self, work: Path, port: int, backends: list[int]) -> list[str]:
         if self.kind == "lbproxy":
-            servers = "\n".join(
-                f'      - {{name: {name}, address: "127.0.0.1:{backend}"}}'
-                for name, backend in zip(SERVERS, backends, strict=True)
-            )
-            path = work / "lbproxy.yaml"
-            passive = self.extra[0] if self.extra else "3"  # for lbproxy, extra is the passive threshold
-            path.write_text(LBPROXY.format(port=port, servers=servers, passive=passive))
+            path = self.lbproxy_config(work, port, backends)
             return [sys.executable, "-m", "lbproxy", "run", "-c", str(path), "--log-level", "warning"]
         servers = "".join(
             f"  server {name} 127.0.0.1:{backend}\n" for name, backend in zip(SERVERS, backends, strict=True)
@@ -127,10 +138,15 @@ class Target:
         return [haproxy_binary(), "-f", str(path)]
 
 
+# Hedging (issue #17): a GET with no response byte after 200 ms goes to a second server as well, the
+# first response wins. Skipped, with a note, by an lbproxy that does not accept the key yet.
+HEDGE = Target("lbproxy, hedge 200 ms", "lbproxy-hedge", "lbproxy", pool=("hedge: {after: 200ms, max_extra: 10%}",))
+HEDGE_GOAL = "no answer slower than 0.5 s and zero errors"  # in the freeze scenario
 TARGETS = (
     Target("lbproxy", "lbproxy", "lbproxy"),
     # nginx's default (max_fails=1): the first refused connection takes the server out.
     Target("lbproxy, passive 1", "lbproxy-passive1", "lbproxy", extra=("1",)),
+    HEDGE,
     Target("HAProxy", "haproxy", "haproxy"),
     Target(
         "HAProxy, retries 2 + redispatch",
@@ -150,11 +166,35 @@ TARGETS = (
 SCENARIOS = {"kill": "SIGKILL, restart", "freeze": "SIGSTOP, SIGCONT"}
 
 
+def lbproxy_refuses(target: Target, work: Path) -> str | None:
+    """Why this checkout's lbproxy cannot run `target` (its `lbproxy check` on the target's config),
+    or None. Only targets that use pool keys of a newer feature (`pool`) are checked."""
+    if target.kind != "lbproxy" or not target.pool:
+        return None
+    path = target.lbproxy_config(work, free_port(), [free_port() for _ in SERVERS], f"{target.key}-check.yaml")
+    command = [sys.executable, "-m", "lbproxy", "check", "-c", str(path), "--no-resolve"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode == 0:
+        return None
+    said = " / ".join(line.replace(str(path), "CONFIG") for line in (done.stdout + done.stderr).splitlines()[:3])
+    return f"`lbproxy check` refuses its config ({said or f'exit status {done.returncode}'})"
+
+
 def haproxy_binary() -> str:
     found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
     if found is None:
         raise SystemExit("haproxy is not installed (Debian: apt-get install haproxy)")
     return found
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (run.py's, on a timeout) raise SystemExit, so that the `finally` blocks stop every
+    process this script started; by default it would end the script at once and leave them running."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def free_port() -> int:
@@ -373,13 +413,19 @@ def _error_kind(error: BaseException) -> str:
 
 
 async def drive(
-    port: int, rate: float, duration: float, timeout: float, actions: list[tuple[float, Callable[[], None]]]
+    port: int,
+    rate: float,
+    duration: float,
+    timeout: float,
+    actions: list[tuple[float, Callable[[], None]]],
+    max_connections: int = 4000,
 ) -> tuple[float, list[Sample], float]:
     """Send rate x duration requests on schedule and run `actions` at their times (seconds from start).
 
     Returns the start time, the samples and the worst lateness of a request against its schedule.
+    (benchmarks/overload.py drives its load with this too.)
     """
-    client = Client(port, timeout, max_connections=4000)
+    client = Client(port, timeout, max_connections=max_connections)
     start = time.monotonic() + 0.05
 
     async def timeline() -> None:
@@ -407,13 +453,19 @@ async def drive(
 
 
 def run_load(
-    port: int, rate: float, duration: float, timeout: float, actions: list[tuple[float, Callable[[], None]]]
+    port: int,
+    rate: float,
+    duration: float,
+    timeout: float,
+    actions: list[tuple[float, Callable[[], None]]],
+    max_connections: int = 4000,
 ) -> tuple[float, list[Sample], float]:
+    load = drive(port, rate, duration, timeout, actions, max_connections)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(drive(port, rate, duration, timeout, actions))
-    return uvloop.run(drive(port, rate, duration, timeout, actions))
+        return asyncio.run(load)
+    return uvloop.run(load)
 
 
 # -- one run -----------------------------------------------------------------------------------------
@@ -565,6 +617,21 @@ def details(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def goal_lines(runs: list[Run]) -> list[str]:
+    """Whether the hedging target met its goal in the freeze scenario."""
+    lines = []
+    for run in runs:
+        if run.target == HEDGE.name and run.scenario == "freeze":
+            errors = len(run.errors())
+            slow = sum(1 for s in run.samples if not s.error and s.latency > SLOW)
+            met = "met" if not errors and not slow else "**not met**"
+            lines.append(
+                f"- goal for {run.target}, freeze ({HEDGE_GOAL}): {met}: {slow} answers over {SLOW:g} s, "
+                f"{errors} errors"
+            )
+    return lines
+
+
 def haproxy_version() -> str:
     try:
         out = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True, check=True).stdout
@@ -574,8 +641,16 @@ def haproxy_version() -> str:
     return f"HAProxy {match.group(1)}" if match else "HAProxy"
 
 
-def report(runs: list[Run], args: argparse.Namespace, command: str) -> str:
+def report(runs: list[Run], args: argparse.Namespace, command: str, skipped: list[str]) -> str:
     cpu = cpu_model()
+    hedging = (
+        f"- **{HEDGE.name}**: the lbproxy target with `{HEDGE.pool[0]}` on its pool: a GET with no response "
+        "byte after 200 ms is sent to a second server too, the first response wins (issue #17). Its goal in "
+        f"the freeze scenario: {HEDGE_GOAL}.\n"
+        if any(run.target == HEDGE.name for run in runs) or any(line.startswith(HEDGE.name) for line in skipped)
+        else ""
+    )
+    notes = goal_lines(runs) + [f"- {line}" for line in skipped]
     return f"""# Failover, {time.strftime("%Y-%m-%d %H:%M")}
 
 `{command}` on {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {haproxy_version()}.
@@ -596,12 +671,13 @@ SIGCONT). Probes: GET /health every 1 s, timeout 500 ms, fall 2, rise 2; connect
 - **back after**: from the moment `{VICTIM}` can answer again (the restarted process listens, or SIGCONT)
   to the first request sent after it that `{VICTIM}` answered; **marked up after**: to the proxy's log
   line putting it back.
-
+{hedging}
 {details(runs)}
-"""
+""" + ("\n".join(notes) + "\n" if notes else "")
 
 
 def main() -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="a short smoke run: 100 req/s, 8 s, fail at 2 s, recover at 5 s"
@@ -631,14 +707,24 @@ def main() -> int:
     command = " ".join(["python benchmarks/failover.py", *sys.argv[1:]])
     work = Path(tempfile.mkdtemp(prefix="lbproxy-failover-"))
     runs: list[Run] = []
+    skipped: list[str] = []
     try:
+        for target in list(targets):
+            why = lbproxy_refuses(target, work)
+            if why is not None:
+                targets.remove(target)
+                skipped.append(f"{target.name} (`{target.key}`): skipped: {why}")
+                print(f"note: {skipped[-1]}", file=sys.stderr, flush=True)
+        if not targets:
+            print("no target left to run", file=sys.stderr)
+            return 0
         for scenario in scenarios:
             for target in targets:
                 print(f"{target.name}, {scenario}...", file=sys.stderr, flush=True)
                 runs.append(run_once(target, scenario, args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = report(runs, args, command)
+    text = report(runs, args, command, skipped)
     print(text)
     if not args.no_write:
         results = HERE / "results"

@@ -20,6 +20,11 @@ The table "TLS (issue #16)" sets lbproxy L7 with TLS beside HAProxy `mode http` 
 certificate in macro.py's TLS scenarios (keep-alive, resumed handshakes, full handshakes): requests/s
 and CPU per request, each ratio the median over the rounds of that round's ratio, and the goals of
 the issue. The TLS targets stay out of the README's matrix and the chart, which hold the plain ones.
+
+The overload table (issue #17) is benchmarks/overload.py's own, as it measured it: four back-ends of 8
+worker slots at twice their capacity, through lbproxy and HAProxy with and without a per-server limit
+and queue. It goes into the run's markdown and the README's performance section as it comes, with
+its setting and its goal line.
 """
 
 from __future__ import annotations
@@ -227,6 +232,15 @@ def markdown(results: Results, heading: str = "#") -> str:
     if failover:
         lines += [f"{heading}# Failover (benchmarks/failover.py)", ""]
         lines += [failover.get("table") or f"exit status {failover['returncode']}; see the JSON for its output", ""]
+    overload = results.get("overload")
+    if overload:
+        lines += [f"{heading}# Overload (benchmarks/overload.py, issue #17)", ""]
+        if overload.get("table"):
+            lines += [_wrap(overload.get("setting", "")), "", overload["table"], ""]
+            lines += [_wrap(overload["goal"]), ""] if overload.get("goal") else []
+            lines += [overload.get("details", ""), ""]
+        else:
+            lines += [f"exit status {overload['returncode']}; see the JSON for its output", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -575,6 +589,7 @@ def readme_section(results: Results, files: str) -> str:
             "",
             *variants_readme(results),
             *tls_readme(results),
+            *overload_readme(results),
             _wrap(after),
             "",
         ]
@@ -595,6 +610,23 @@ def tls_readme(results: Results) -> list[str]:
     if not table:
         return []
     return [_wrap("TLS (issue #16): " + tls_text(results)), "", *table, ""]
+
+
+def overload_readme(results: Results) -> list[str]:
+    """The README's lines for the overload table (benchmarks/overload.py), when it was measured."""
+    overload = results.get("overload") or {}
+    if not overload.get("table"):
+        return []
+    intro = (
+        "Overload (issue #17, `benchmarks/overload.py`): " + overload.get("setting", "") + " Each target on fresh "
+        "processes, one after the other. 2xx/s: the 2xx answered within the load's window, per second; x "
+        "capacity: over the farm's capacity. 5xx at clients: from the back-ends (they sign theirs) / made by "
+        "the proxy (its queue full or timed out); the back-ends' 503s by their own count."
+    )
+    lines = [_wrap(intro), "", overload["table"], ""]
+    if overload.get("goal"):
+        lines += [_wrap(overload["goal"]), ""]
+    return lines
 
 
 def _in_matrix(target: dict[str, str]) -> bool:

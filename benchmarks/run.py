@@ -1,6 +1,6 @@
-"""`make bench`: the micro-benchmarks, the macro comparison and the failover run, one command.
+"""`make bench`: the micro-benchmarks, the macro comparison, the failover and overload runs, one command.
 
-    python benchmarks/run.py [--quick] [--skip micro,macro,failover] [--no-readme]
+    python benchmarks/run.py [--quick] [--skip micro,macro,failover,overload] [--no-readme]
 
 Writes benchmarks/results/DATE.json (everything measured, every round), DATE.md (the tables) and
 DATE.png (the chart); a `--quick` run (`make bench QUICK=1`, a smoke test) writes DATE-quick.* so
@@ -28,12 +28,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 FAILOVER = HERE / "failover.py"
+OVERLOAD = HERE / "overload.py"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (QUICK=1)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: micro, macro, failover")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to leave out: micro, macro, failover, overload"
+    )
     parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
     parser.add_argument("--command", default="make bench", help="the command shown in the results")
     args = parser.parse_args()
@@ -62,6 +65,9 @@ def main() -> int:
     if "failover" not in skip and FAILOVER.exists():
         print("== failover (benchmarks/failover.py)", file=sys.stderr, flush=True)
         results["failover"] = failover(args.quick)
+    if "overload" not in skip and OVERLOAD.exists():
+        print("== overload (benchmarks/overload.py)", file=sys.stderr, flush=True)
+        results["overload"] = overload(args.quick)
     results["wall_seconds"] = round(time.monotonic() - started, 1)
 
     json_path = RESULTS / f"{stem}.json"
@@ -134,15 +140,16 @@ def micro(quick: bool) -> dict[str, object]:
     }
 
 
-def failover(quick: bool) -> dict[str, object]:
-    """benchmarks/failover.py (issue #4's), run as it is; its table and output kept as they come."""
-    command = [sys.executable, str(FAILOVER), *(["--quick"] if quick else [])]
+def script(command: list[str], timeout: float) -> tuple[int | None, str, float]:
+    """Run a benchmark script as it is: (exit status, its standard output, seconds); None and "timeout"
+    when it ran past `timeout`. Its standard error's end is passed on."""
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stdout, stderr = process.communicate(timeout=1200)
+        stdout, stderr = process.communicate(timeout=timeout)
     except BaseException as error:
-        # SIGTERM first: failover.py stops the back-ends and proxies it started in its finally blocks.
+        # SIGTERM first: the scripts turn it into SystemExit and stop the back-ends and proxies they
+        # started in their finally blocks.
         process.terminate()
         try:
             process.communicate(timeout=30)
@@ -151,14 +158,39 @@ def failover(quick: bool) -> dict[str, object]:
             process.communicate(timeout=10)
         if not isinstance(error, subprocess.TimeoutExpired):
             raise
-        return {"returncode": None, "seconds": round(time.monotonic() - started, 1), "table": "", "output": "timeout"}
+        return None, "timeout", round(time.monotonic() - started, 1)
     sys.stderr.write(stderr[-4000:])
+    return process.returncode, stdout, round(time.monotonic() - started, 1)
+
+
+def failover(quick: bool) -> dict[str, object]:
+    """benchmarks/failover.py (issue #4's), run as it is; its table and output kept as they come."""
+    returncode, stdout, seconds = script([sys.executable, str(FAILOVER), *(["--quick"] if quick else [])], 1200)
+    if returncode is None:
+        return {"returncode": None, "seconds": seconds, "table": "", "output": stdout}
     table = "\n".join(line for line in stdout.splitlines() if line.startswith("|"))
     return {
         "command": " ".join(["python", "benchmarks/failover.py", *(["--quick"] if quick else [])]),
-        "returncode": process.returncode,
-        "seconds": round(time.monotonic() - started, 1),
+        "returncode": returncode,
+        "seconds": seconds,
         "table": table,
+        "output": stdout,
+    }
+
+
+def overload(quick: bool) -> dict[str, object]:
+    """benchmarks/overload.py (issue #17's), run as it is; its figures (its --json) and output kept."""
+    with tempfile.TemporaryDirectory(prefix="lbproxy-overload-") as folder:
+        figures = Path(folder) / "overload.json"
+        command = [sys.executable, str(OVERLOAD), "--json", str(figures), *(["--quick"] if quick else [])]
+        returncode, stdout, seconds = script(command, 600)
+        measured = json.loads(figures.read_text()) if returncode == 0 and figures.exists() else {}
+    return {
+        **measured,
+        "command": " ".join(["python", "benchmarks/overload.py", *(["--quick"] if quick else [])]),
+        "returncode": returncode,
+        "seconds": seconds,
+        "table": measured.get("table", ""),
         "output": stdout,
     }
 

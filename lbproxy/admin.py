@@ -409,6 +409,7 @@ def pool_state(pool: Pool) -> dict[str, Any]:
         "counters": {"failovers": pool.failovers, "retries": pool.retried, "depool_refusals": pool.depool_refusals},
         "persistence": _persistence(pool),
         "queue": _queue(pool),
+        "hedge": {"after": pool.hedging.after, **pool.hedging.results} if pool.hedging is not None else None,
         "servers": [server_state(server) for server in pool.servers],
     }
 

@@ -192,6 +192,15 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    """A second copy of a slow idempotent request, to another server (hedging.py)."""
+
+    after: float | None = 0.2  # seconds without a response byte; None: the pool's p99, with `floor`
+    floor: float = 0.05  # the least `after` can be in p99 mode
+    max_extra: float = 0.1  # at most this share of requests hedged
+
+
+@dataclass(frozen=True, slots=True)
 class PersistenceConfig:
     type: PersistenceType
     cookie: str = "LBSRV"  # type cookie: the cookie lbproxy inserts
@@ -220,6 +229,7 @@ class PoolConfig:
     persistence: PersistenceConfig | None = None
     tls: PoolTlsConfig | None = None  # None: plain HTTP (or TCP) to the servers
     queue: QueueConfig = QueueConfig()  # used when a server has max_connections
+    hedge: HedgeConfig | None = None  # http: None, no hedging
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,8 +482,10 @@ _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "persistence",
         "tls",
         "queue",
+        "hedge",
     ),
     "pools.<name>.queue": ("max_size", "timeout"),
+    "pools.<name>.hedge": ("after", "floor", "max_extra"),
     "pools.<name>.tls": ("verify", "ca", "server_name", "client_cert", "client_key"),
     "pools.<name>.persistence": ("type", "cookie", "max_age", "header", "balance", "secret"),
     "pools.<name>.servers[]": ("name", "address", "ratio", "backup", "max_connections"),
@@ -1046,6 +1058,16 @@ class _Reader:
                 max_size=self.value(found, "max_size", where, _integer(0, 1_000_000), queue.max_size),
                 timeout=self.value(found, "timeout", where, _duration, queue.timeout),
             )
+        hedge = None
+        if "hedge" in entries:
+            where = _join(key, "hedge")
+            found = self.mapping(entries["hedge"], where, "pools.<name>.hedge") or {}
+            default = HedgeConfig()
+            hedge = HedgeConfig(
+                after=self.value(found, "after", where, _hedge_after, default.after),
+                floor=self.value(found, "floor", where, _duration, default.floor),
+                max_extra=self.value(found, "max_extra", where, _share, default.max_extra),
+            )
         passive = self.passive(entries["passive"], _join(key, "passive")) if "passive" in entries else None
         if passive is not None and health.type == "none":
             # Passive detection only takes servers out; without probes nothing would bring them back.
@@ -1068,6 +1090,7 @@ class _Reader:
             persistence=persistence,
             tls=pool_tls,
             queue=queue,
+            hedge=hedge,
         )
 
     def pool_tls(self, node: Node, key: str) -> PoolTlsConfig | None:
@@ -1386,6 +1409,23 @@ def _access_log(value: object) -> str | None:
 def _fraction(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
         raise _Invalid(f"expected a fraction between 0 and 1 such as 0.5, got {value!r}")
+    return float(value)
+
+
+def _hedge_after(value: object) -> float | None:
+    """`p99` (None: the pool's own p99 time to first byte) or a duration."""
+    return None if value == "p99" else _duration(value)
+
+
+def _share(value: object) -> float:
+    """A share of a whole: `10%`, or a fraction above 0 and at most 1 (`0.1`)."""
+    if isinstance(value, str) and value.endswith("%"):
+        try:
+            value = float(value[:-1]) / 100
+        except ValueError:
+            raise _Invalid(f"expected a share such as 10% or 0.1, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise _Invalid(f"expected a share such as 10% or 0.1 (above 0, at most 100%), got {value!r}")
     return float(value)
 
 

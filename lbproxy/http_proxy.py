@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from lbproxy import flow, framing, proxy_protocol, tls, transaction
+from lbproxy import hedging as hedging_
 from lbproxy.framing import BadRequest
 from lbproxy.handshake import Accepting, Handshakes
-from lbproxy.http_upstream import CHUNK_END, CRLF, UpstreamConnection
+from lbproxy.hedging import HEDGEABLE, watch
+from lbproxy.http_upstream import CHUNK_END, CRLF, HedgedConnection, UpstreamConnection
 from lbproxy.pool import Pool, Server
 from lbproxy.request_head import RequestReader
 from lbproxy.selection import RateLimit, RedirectHttps, Steering, must_wait, select, waits_for
@@ -38,6 +40,7 @@ from lbproxy.upstream import Endpoint, IdleConnections, dial
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from lbproxy.hedging import Hedging
     from lbproxy.limits import Ticket, TrustedProxies
     from lbproxy.request_head import Steer
     from lbproxy.routing import RouteTable
@@ -394,6 +397,8 @@ class HttpProxy(asyncio.Protocol):
         "client_busy",
         "got_bytes",
         "ticket",
+        "hedge",
+        "hedged",
     )
 
     def __init__(self, listener: HttpListener) -> None:
@@ -430,6 +435,8 @@ class HttpProxy(asyncio.Protocol):
         self.client_busy = False  # the client's transport buffers more than it reads (pause_writing)
         self.got_bytes = False  # any byte of the current request has arrived
         self.ticket: Ticket[Server] | None = None  # the active request waits in its pool's queue
+        self.hedge: UpstreamConnection | None = None  # a second server's connection racing the first
+        self.hedged: Exchange | None = None  # the last request watched for a hedge
 
     # -- connection events --
 
@@ -696,34 +703,34 @@ class HttpProxy(asyncio.Protocol):
 
     # -- serving a request --
 
-    def _dispatch(self, exchange: Exchange, fresh: bool = False) -> None:
-        """Send `exchange` to a server: the pinned connection, an idle one, or a new one."""
-        pinned = self.pinned
-        if pinned is not None:
-            if pinned.is_open():
-                exchange.server = pinned.server
-                pinned.server.pool.taken(pinned.server)
-                self._attach(exchange, pinned)
+    def _dispatch(self, exchange: Exchange, fresh: bool = False, slot: Server | None = None) -> None:
+        """Send `exchange` to a server: the pinned connection, an idle one, or a new one. `slot`:
+        the server whose slot the queue took for it (then nothing is chosen again)."""
+        if slot is None:
+            pinned = self.pinned
+            if pinned is not None:
+                if pinned.is_open():
+                    exchange.server = pinned.server
+                    pinned.server.pool.taken(pinned.server)
+                    self._attach(exchange, pinned)
+                    return
+                self.pinned = None
+            server = select(exchange.pool or self.listener.pool, exchange, exchange.tried)
+            if server is None:
+                if exchange.tried:
+                    # what the client would have got without retries: the last server's failure
+                    self._refuse(504 if exchange.timed_out else 502, "no other server to retry on")
+                else:
+                    self._unavailable(exchange)
                 return
-            self.pinned = None
-        server = select(exchange.pool or self.listener.pool, exchange, exchange.tried)
-        if server is None:
-            if exchange.tried:
-                # what the client would have got without retries: the last server's failure
-                self._refuse(504 if exchange.timed_out else 502, "no other server to retry on")
-            else:
-                self._unavailable(exchange)
-            return
-        pool = server.pool
-        if pool.queue is not None and must_wait(server):
-            self._wait(exchange, server)
-            return
+            pool = server.pool
+            if pool.queue is not None and must_wait(server):
+                self._wait(exchange, server)
+                return
+            pool.taken(server)
+        else:
+            server = slot
         exchange.server = server
-        pool.taken(server)
-        self._send(exchange, server, fresh)
-
-    def _send(self, exchange: Exchange, server: Server, fresh: bool) -> None:
-        """Send `exchange` to `server`, whose slot it has: on an idle connection, or a new one."""
         # A reused connection may be closed by its server as the request crosses the wire, and then
         # nothing proves the request was not acted on: a non-idempotent one goes on a new connection.
         if not fresh and exchange.method in IDEMPOTENT:
@@ -775,14 +782,15 @@ class HttpProxy(asyncio.Protocol):
             exchange.phase = transaction.RECEIVED
             self._dispatch(exchange)
             return
-        exchange.server = server
-        self._send(exchange, server, fresh=False)
+        self._dispatch(exchange, slot=server)
 
     async def _open(self, exchange: Exchange, server: Server) -> None:
         listener = self.listener
         pool = exchange.pool
         timeout = listener.connect_timeout if pool is None else pool.connect_timeout
-        upstream = await dial(self.loop, lambda: UpstreamConnection(server, listener), server, timeout)
+        # a pool that hedges gets connections that watch for the first byte; others pay nothing
+        kind = HedgedConnection if server.pool.hedging is not None else UpstreamConnection
+        upstream = await dial(self.loop, lambda: kind(server, listener), server, timeout)
         if isinstance(upstream, str):
             if exchange is self.active and not self.closed:
                 self.upstream_failed(exchange, None, upstream, timeout=False)
@@ -818,11 +826,33 @@ class HttpProxy(asyncio.Protocol):
             held.clear()
         if exchange.request_done and exchange.chunked:
             upstream.send(CHUNK_END)
+        if upstream.hedged:
+            self._watch(exchange, upstream)
+
+    def _watch(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
+        """A request sent on a connection of a hedging pool: a hedge may follow it (hedge_due)."""
+        hedging = upstream.server.pool.hedging
+        assert isinstance(upstream, HedgedConnection)
+        if (
+            hedging is not None
+            and exchange.method in HEDGEABLE
+            and not exchange.has_body
+            and not exchange.upgrade
+            and self.pinned is None
+            and self.hedged is not exchange  # one hedge at most per request, even if it is retried
+        ):
+            self.hedged = exchange
+            upstream.watched = hedging  # its first byte settles the race (first_byte)
+            hedging.sent()
+            watch(self.loop, hedging, self, exchange)
 
     def upstream_failed(
         self, exchange: Exchange, upstream: UpstreamConnection | None, reason: str, timeout: bool
     ) -> None:
         """The server connection of `exchange` failed before the response was complete."""
+        hedge = self.hedge
+        if hedge is not None and self._hedge_failed(exchange, upstream, hedge, reason):
+            return
         server = exchange.server
         exchange.upstream = None
         exchange.timed_out = timeout
@@ -874,6 +904,122 @@ class HttpProxy(asyncio.Protocol):
             # the request at once, and the rest of its body must be read (a new one pauses again).
             self.gate.resume(flow.WAITING)
         self._dispatch(exchange, fresh)
+
+    # -- hedging (hedging.py decides when, and whether the budget allows) --
+
+    def hedge_due(self, exchange: Exchange) -> None:
+        """`after` has passed since `exchange` went to its server: if no byte of an answer came,
+        the same request goes to a second server too, and the first to answer wins."""
+        upstream = exchange.upstream
+        first = exchange.server
+        if (
+            exchange is not self.active
+            or self.closed
+            or self.hedge is not None
+            or upstream is None
+            or upstream.response_started
+            or first is None
+            or exchange.phase != AWAITING
+        ):
+            return
+        hedging = first.pool.hedging
+        if hedging is None or not hedging.may_hedge():
+            return
+        second = first.pool.pick_other((first, *exchange.tried))
+        if second is None or second is first or (second.pool.queue is not None and must_wait(second)):
+            hedging.tokens += 1.0  # not spent: there was nowhere to send it
+            hedging.results[hedging_.UNAVAILABLE] += 1
+            return
+        second.pool.taken(second)
+        idle = self.listener.idle.get(second.endpoint)
+        leg = idle.get(self.loop.time()) if idle is not None else None
+        if isinstance(leg, HedgedConnection):
+            self._send_hedge(exchange, leg, second)
+        else:
+            if leg is not None and idle is not None and not idle.put(leg, self.loop.time()):
+                leg.close()  # a connection of a pool that does not hedge, at the same endpoint
+            self.loop.create_task(self._open_hedge(exchange, second))
+
+    async def _open_hedge(self, exchange: Exchange, second: Server) -> None:
+        listener = self.listener
+        timeout = listener.connect_timeout if exchange.pool is None else exchange.pool.connect_timeout
+        leg = await dial(self.loop, lambda: HedgedConnection(second, listener), second, timeout)
+        if isinstance(leg, str):  # no second server after all: the first keeps the request alone
+            second.pool.released(second)
+            second.pool.report_failure(second, leg)
+            return
+        upstream = exchange.upstream
+        if (
+            exchange is not self.active
+            or self.closed
+            or upstream is None
+            or upstream.response_started
+            or self.hedge is not None
+        ):
+            second.pool.released(second)  # the race was over before it began
+            if not listener.idle_for(second).put(leg, self.loop.time()):
+                leg.close()
+            return
+        self._send_hedge(exchange, leg, second)
+
+    def _send_hedge(self, exchange: Exchange, leg: HedgedConnection, second: Server) -> None:
+        self.hedge = leg
+        leg.begin(self, exchange)
+        leg.server = second  # it serves the exchange on behalf of the second server, not the first
+        leg.watched = second.pool.hedging
+        leg.send(exchange.forward)
+
+    def first_byte(self, exchange: Exchange, upstream: UpstreamConnection, hedging: Hedging) -> None:
+        """The first byte of an answer to `exchange` came from `upstream`: a race, if any, is won."""
+        hedging.answered(time.monotonic() - exchange.started)
+        hedge = self.hedge
+        if hedge is None:
+            return
+        self.hedge = None
+        if upstream is not hedge:  # the first server answered first: the second copy is dropped
+            hedging.results[hedging_.LOST] += 1
+            hedge.abandon()
+            hedge.server.pool.released(hedge.server)
+            return
+        hedging.results[hedging_.WON] += 1
+        loser = exchange.upstream
+        first = exchange.server
+        exchange.upstream = upstream
+        exchange.server = upstream.server
+        if loser is not None:
+            loser.abandon()
+        if first is not None:
+            first.pool.released(first)
+            # A server that sent no byte while its peer answered in full time is failing: passive
+            # detection takes a frozen one out after a few such losses in a row.
+            first.pool.report_failure(first, f"no answer in {hedging.after * 1000:.0f} ms, its hedge answered")
+        persistence = first.pool.persistence if first is not None else None
+        if exchange.cookie is not None and persistence is not None:  # the new user is the winner's
+            exchange.cookie = persistence.lines.get(upstream.server)
+
+    def _hedge_failed(
+        self, exchange: Exchange, upstream: UpstreamConnection | None, hedge: UpstreamConnection, reason: str
+    ) -> bool:
+        """One side of a race failed before either answered: the other carries on alone. True when
+        that settled it (nothing else to do), False when the request is to be failed as usual."""
+        self.hedge = None
+        if upstream is hedge:  # the second copy failed: the first is still awaited
+            hedge.server.pool.released(hedge.server)
+            hedge.server.pool.report_failure(hedge.server, reason)
+            return True
+        if upstream is None or upstream is not exchange.upstream:
+            hedge.abandon()
+            hedge.server.pool.released(hedge.server)
+            return False
+        first = exchange.server
+        exchange.upstream = hedge  # the first failed: the second, already sent, is the answer now
+        exchange.server = hedge.server
+        if upstream is not None:
+            upstream.abandon()
+        if first is not None:
+            first.pool.released(first)
+            first.pool.report_failure(first, reason)
+        return True
 
     def _unavailable(self, exchange: Exchange, reason: str = "no server available") -> None:
         listener = self.listener
@@ -1072,6 +1218,11 @@ class HttpProxy(asyncio.Protocol):
             self.transport.abort()
 
     def _release(self, exchange: Exchange) -> None:
+        hedge = self.hedge
+        if hedge is not None:  # the race is off: nobody will read the second server's answer
+            self.hedge = None
+            hedge.abandon()
+            hedge.server.pool.released(hedge.server)
         ticket = self.ticket
         if ticket is not None:  # it leaves the queue where it stands
             self.ticket = None
@@ -1148,7 +1299,8 @@ class HttpProxy(asyncio.Protocol):
                 {
                     "time": time.time(),
                     "listener": self.listener.name,
-                    "client": (exchange.client or self.reader.client_ip).decode(),
+                    # set only when trusted proxies named the client (request_head): else unset
+                    "client": (getattr(exchange, "client", None) or self.reader.client_ip).decode(),
                     "method": exchange.method.decode("latin-1"),
                     "target": exchange.target.decode("latin-1"),
                     "status": exchange.status,

@@ -22,6 +22,7 @@ from lbproxy.transaction import RELAYING
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from lbproxy.hedging import Hedging
     from lbproxy.pool import Server
     from lbproxy.transaction import Exchange as GenericExchange
     from lbproxy.upstream import Endpoint, IdleConnections
@@ -79,6 +80,8 @@ class ClientSide(Protocol):
 
     def start_tunnel(self, upstream: UpstreamConnection) -> flow.Relay: ...
 
+    def first_byte(self, exchange: Exchange, upstream: UpstreamConnection, hedging: Hedging) -> None: ...
+
     def extend_response_deadline(self) -> None: ...
 
     def close_now(self) -> None: ...
@@ -119,6 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
         "out",
         "busy",
         "eof",
+        "hedged",
     )
 
     # httptools looks up every callback when it makes a parser, as it does once per response here:
@@ -150,6 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.served = 0
         self.out: list[bytes] = []  # bytes for the client, gathered during one read, written at once
         self.busy = False  # the server is not reading what we write (pause_writing)
+        self.hedged = False  # a HedgedConnection: its requests may race a second server (a slot: read per request)
 
     def is_open(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
@@ -481,3 +486,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         if proxy is not None and exchange is not None:
             proxy.upstream_failed(exchange, self, f"invalid response: {reason}", timeout=False)
+
+
+class HedgedConnection(UpstreamConnection):
+    """A connection to a server of a pool that hedges (hedging.py): the first byte of a response to
+    a request that may be hedged settles the race, before anything of it is relayed. Only these
+    connections pay for the check."""
+
+    __slots__ = ("watched",)
+
+    def __init__(self, server: Server, listener: Listening) -> None:
+        super().__init__(server, listener)
+        self.hedged = True
+        self.watched: Hedging | None = None  # set while the request it serves may be hedged
+
+    def data_received(self, data: bytes) -> None:
+        watched = self.watched
+        if watched is not None:
+            proxy = self.proxy
+            exchange = self.exchange
+            if proxy is not None and exchange is not None and self.relay is None:
+                self.watched = None
+                proxy.first_byte(exchange, self, watched)
+        super().data_received(data)

@@ -99,6 +99,7 @@ class PoolReading(NamedTuple):
     persistence: tuple[int, int, int] | None  # hits, misses, redispatches; None: no persistence
     client_certificate_expiry: float | None = None  # pools.<name>.tls.client_cert: when it expires
     queue: dict[str, Any] | None = None  # servers with max_connections: limits.Queue.numbers()
+    hedging: dict[str, Any] | None = None  # pools with hedge: hedging.Hedging.numbers()
 
 
 class ListenerReading(NamedTuple):
@@ -172,6 +173,7 @@ def read(source: Source) -> Reading:
             _persistence(pool),
             _client_expiry(pool),
             pool.queue.numbers() if pool.queue is not None else None,
+            pool.hedging.numbers() if pool.hedging is not None else None,
         )
         for pool in source.pools.values()
     ]
@@ -396,7 +398,22 @@ def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
         "Requests refused by the queue (503), by reason: full, or timeout.",
         labels=["pool", "reason"],
     )
+    hedges = CounterMetricFamily(
+        "lbproxy_pool_hedges",
+        "Hedged requests by outcome: won (the second server answered first), lost (the first did), "
+        "budget (max_extra spent: not hedged), unavailable (no other server had room).",
+        labels=["pool", "result"],
+    )
+    hedge_after = GaugeMetricFamily(
+        "lbproxy_pool_hedge_after_seconds",
+        "How long a request waits for a first byte before it is hedged (fixed, or the pool's p99).",
+        labels=["pool"],
+    )
     for pool in pools:
+        if pool.hedging is not None:
+            for result, count in pool.hedging["results"].items():
+                hedges.add_metric([pool.name, result], count)
+            hedge_after.add_metric([pool.name], pool.hedging["after"])
         if pool.queue is not None:
             numbers = pool.queue
             queued.add_metric([pool.name], numbers["length"])
@@ -417,7 +434,7 @@ def _pools(pools: list[PoolReading]) -> Iterator[Metric]:
         retries.add_metric([pool.name], pool.retries)
         refusals.add_metric([pool.name], pool.depool_refusals)
     yield from (servers_up, tiers, failovers, retries, refusals, hits, misses, redispatches, client_expiry)
-    yield from (queued, queue_max, waits, rejections)
+    yield from (queued, queue_max, waits, rejections, hedges, hedge_after)
 
 
 def _listeners(listeners: list[ListenerReading]) -> Iterator[Metric]:

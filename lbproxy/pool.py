@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection
 
 from lbproxy.balancing import Policy, make_policy
 from lbproxy.config import Address, PoolConfig, ServerConfig
+from lbproxy.hedging import Hedging
 from lbproxy.limits import Queue
 from lbproxy.persistence import COOKIE, Persistence
 from lbproxy.tls import UpstreamTls
@@ -193,6 +194,7 @@ class Pool:
         "on_down",
         "persistent",
         "queue",
+        "hedging",
         "persistence",
         "_primary",
         "_backup",
@@ -243,6 +245,8 @@ class Pool:
         self.queue: Queue[Server] | None = None
         if any(server.max_connections for server in config.servers):
             self.queue = Queue(config.queue.max_size, config.queue.timeout)
+        hedge = config.hedge  # http: a slow idempotent request goes to a second server too (hedging.py)
+        self.hedging = Hedging(hedge.after, hedge.floor, hedge.max_extra) if hedge is not None else None
         self.persistence: Persistence[Server] | None = None  # built with the servers, in take_over
         self.servers: list[Server] = []
         self.by_name: dict[str, Server] = {}
@@ -288,6 +292,10 @@ class Pool:
                 self.persistence.carry_on(previous.persistence)
             if self.queue is not None and previous.queue is not None:
                 self.queue.carry_on(previous.queue)
+            if previous.hedging is not None:
+                if self.hedging is not None:
+                    self.hedging.carry_on(previous.hedging)
+                previous.hedging.stop()
         primaries = [s for s in self.servers if not s.backup]
         self._primaries = primaries
         self._primary = make_policy(config.policy, primaries)
@@ -539,7 +547,9 @@ class Pool:
             self._availability_changed(server)
 
     def tick(self, now: float) -> None:
-        """Advance slow starts; the runtime calls this a few times a second."""
+        """Advance slow starts and the p99 a hedge waits; the runtime calls this a few times a second."""
+        if self.hedging is not None:
+            self.hedging.refresh()
         if not self.slow_start:
             return
         for server in self.servers:

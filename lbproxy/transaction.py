@@ -96,7 +96,7 @@ class Exchange(RequestHead, Generic[U]):
         self.pool = None
         self.key = None
         self.cookie = None
-        self.client = None
+        # `client` is left unset: only a listener with trusted_proxies sets it (see _access_log)
         self.phase = RECEIVED
         self.body_size = 0
         self.held: list[bytes] = []  # body parts not yet sent, or kept to replay the request

@@ -197,7 +197,15 @@ def _stats(runtime: Runtime) -> Message:
         if pool.persistence is not None
     }
     queues = {name: pool.queue.numbers() for name, pool in runtime.pools.items() if pool.queue is not None}
-    return {"servers": servers, "listeners": listeners, "pools": pools, "persistence": persistence, "queues": queues}
+    hedges = {name: dict(pool.hedging.results) for name, pool in runtime.pools.items() if pool.hedging is not None}
+    return {
+        "servers": servers,
+        "listeners": listeners,
+        "pools": pools,
+        "persistence": persistence,
+        "queues": queues,
+        "hedges": hedges,
+    }
 
 
 class _Reload:
@@ -418,6 +426,7 @@ def _at_rest(stats: Message) -> Message:
         "pools": stats["pools"],
         "persistence": stats["persistence"],
         "queues": queues,
+        "hedges": stats.get("hedges", {}),
     }
 
 
@@ -776,6 +785,9 @@ class Supervisor:
             queued = total.get("queues", {}).get(pool.name)
             if pool.queue is not None and queued is not None:
                 pool.queue.summed(queued)
+            hedged = total.get("hedges", {}).get(pool.name)
+            if pool.hedging is not None and hedged is not None:
+                pool.hedging.results = dict(hedged)
             for server in pool.servers:
                 numbers = total["servers"].get(f"{pool.name}/{server.name}")
                 if numbers is None:

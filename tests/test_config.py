@@ -190,7 +190,8 @@ def test_unknown_top_level_key() -> None:
 def test_unknown_nested_key() -> None:
     text = MINIMAL + "        weight: 2\n"
     assert errors(text) == [
-        "lbproxy.yaml:10: pools.farm.servers[0].weight: unknown key (expected one of: name, address, ratio, backup, max_connections)",
+        "lbproxy.yaml:10: pools.farm.servers[0].weight: unknown key "
+        "(expected one of: name, address, ratio, backup, max_connections)",
     ]
 
 
