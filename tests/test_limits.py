@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from lbproxy import metrics
+from lbproxy import admin, metrics
 from lbproxy.limits import Queue, RateLimiter
 from lbproxy.persistence import cookie_value
 from lbproxy.runtime import Runtime
-from tests.support import Backend, Client, Request, answers_when, eventually, get, port_of, running
+from tests.support import Backend, Client, Request, Responder, answers_when, eventually, get, port_of, running
 
 
 def farm(*servers: str, pool: str = "", listener: str = "") -> str:
@@ -388,3 +388,73 @@ def test_rate_limit_memory_is_bounded_however_many_clients_come() -> None:
         tracemalloc.stop()
     assert len(limiter.buckets) == 100_000
     assert used < 40 * 1024 * 1024, used  # about 20 MB for 100,000 clients (docs/configuration.md)
+
+
+async def test_a_server_going_down_takes_no_waiting_request(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    def healthy_but_busy(name: bytes) -> Responder:
+        held = answers_when(release, name)
+
+        async def respond(request: Request, transport: asyncio.Transport) -> None:
+            if request.target == b"/health":  # its probes pass: only its requests are slow
+                transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                return
+            await held(request, transport)  # type: ignore[misc]
+
+        return respond
+
+    a = Backend("a", respond=healthy_but_busy(b"a"))
+    b = Backend("b", respond=answers_when(asyncio.Event(), b"b"))  # frozen: its probes time out too
+    async with a, b:
+        text = farm(
+            f'{{name: a, address: "{a.address}", max_connections: 1}}',
+            f'{{name: b, address: "{b.address}", max_connections: 1}}',
+            pool="    health: {type: http, path: /health, interval: 100ms, timeout: 100ms, rise: 1, fall: 1}\n",
+        )
+        async with running(text, tmp_path) as lb:
+            port = port_of(lb)
+            busy = [asyncio.ensure_future(get(port, b"/%d" % n)) for n in range(2)]  # one on each
+            await eventually(lambda: queue_of(lb).length == 0 and lb.pools["farm"].by_name["a"].inflight == 1)
+            waiting = [asyncio.ensure_future(get(port, b"/w%d" % n)) for n in range(2)]
+            await eventually(lambda: queue_of(lb).length == 2)
+            state = admin.pool_state(lb.pools["farm"])["queue"]  # what the API and the status page show
+            assert (state["length"], state["max_size"]) == (2, 1000)
+            server = lb.pools["farm"].by_name["b"]
+            await eventually(lambda: not server.up)  # its probe timed out
+            release.set()  # a frees its slot; b is down: a takes the waiting requests, one after the other
+            answers = await asyncio.gather(*waiting)
+            assert [response.body for response in answers] == [b"a", b"a"]
+            assert queue_of(lb).length == 0
+            for request in busy:  # the one on b waits for ever
+                request.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
+
+
+def test_limit_and_rate_settings_are_checked(tmp_path: Path) -> None:
+    from lbproxy.config import ConfigError, parse
+
+    text = (
+        "listeners:\n  - name: web\n    bind: 127.0.0.1:8080\n    pool: farm\n"
+        "    rate_limit: {requests: fast, key: 'cookie:x'}\n"
+        "    trusted_proxies: [10.0.0.0/8, nowhere]\n"
+        "pools:\n  farm:\n    queue: {max_size: -1}\n    hedge: {after: soon, max_extra: 150%}\n"
+        "    servers:\n      - {name: a, address: 10.0.0.1:80, max_connections: 0}\n"
+    )
+    try:
+        parse(text, "lbproxy.yaml", environ={})
+    except ConfigError as error:
+        problems = [str(problem) for problem in error.problems]
+    else:
+        raise AssertionError("accepted")
+    assert problems == [
+        "lbproxy.yaml:5: listeners[0].rate_limit.requests: expected a rate such as 100/s, 600/m or 10000/h, got 'fast'",
+        "lbproxy.yaml:5: listeners[0].rate_limit.key: 'cookie:x' is not source_ip or header:NAME",
+        "lbproxy.yaml:6: listeners[0].trusted_proxies[1]: expected an address or a CIDR block such as 10.0.0.0/8 "
+        "('nowhere' does not appear to be an IPv4 or IPv6 network)",
+        "lbproxy.yaml:9: pools.farm.queue.max_size: expected an integer from 0 to 1000000, got -1",
+        "lbproxy.yaml:10: pools.farm.hedge.after: expected a duration such as 500ms, 2s or 1m, got 'soon'",
+        "lbproxy.yaml:10: pools.farm.hedge.max_extra: expected a share such as 10% or 0.1 (above 0, at most 100%), "
+        "got 1.5",
+        "lbproxy.yaml:12: pools.farm.servers[0].max_connections: expected an integer from 1 to 1000000, got 0",
+    ]
