@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 
 HEDGEABLE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 SAMPLES: Final = 1000  # the responses `p99` is taken over
-BURST: Final = 10.0  # the most hedges in hand
+BURST: Final = 100.0  # the most hedges in hand: a frozen server strands a burst of requests at once
 GRAIN: Final = 0.005  # the timer is not re-armed closer than this: deadlines a few ms apart are met together
 
 WON: Final = "won"
