@@ -157,3 +157,22 @@ async def test_a_request_with_a_body_or_a_post_is_never_hedged(tmp_path: Path) -
             submitted = [request for request in witness.requests if request.target == b"/submit"]
             assert len(submitted) == answers.count(200)
             assert hedges(lb)[WON] + hedges(lb)[LOST] == 0
+
+
+def test_p99_mode_follows_the_pool_and_keeps_its_floor() -> None:
+    from lbproxy.hedging import Hedging
+
+    hedging = Hedging(after=None, floor=0.05, max_extra=0.1)
+    assert hedging.after == 0.05  # nothing seen yet: the floor
+    for n in range(1000):
+        hedging.answered(0.010 if n % 100 else 0.400)  # 1% of answers take 400 ms
+    hedging.refresh()
+    assert hedging.after == 0.4
+    for _ in range(1000):
+        hedging.answered(0.001)  # a fast farm: the p99 falls below the floor
+    hedging.refresh()
+    assert hedging.after == 0.05
+    fixed = Hedging(after=0.2, floor=0.05, max_extra=0.1)
+    fixed.answered(5.0)
+    fixed.refresh()
+    assert fixed.after == 0.2
