@@ -21,13 +21,10 @@ import httptools
 BACKLOG = 511  # nginx's default: a frozen server's kernel accepts this many before dropping SYNs
 
 
-class Connection(asyncio.Protocol):
-    """One client connection; requests on it are answered in order."""
+class Requests(asyncio.Protocol):
+    """A client connection read with llhttp: `on_message_complete` answers each request (its `url`)."""
 
-    __slots__ = ("parser", "replies", "transport", "url")
-
-    def __init__(self, replies: dict[tuple[bool, bool], bytes]) -> None:
-        self.replies = replies  # by (health check, keep-alive)
+    def __init__(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -47,6 +44,14 @@ class Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+
+
+class Connection(Requests):
+    """One client connection; requests on it are answered in order."""
+
+    def __init__(self, replies: dict[tuple[bool, bool], bytes]) -> None:
+        super().__init__()
+        self.replies = replies  # by (health check, keep-alive)
 
     def on_message_complete(self) -> None:
         transport = self.transport

@@ -23,7 +23,7 @@ import json
 import time
 from collections import deque
 
-import httptools
+from backend import Requests
 
 BACKLOG = 511
 
@@ -60,34 +60,16 @@ class Farm:
         return self._reply(b"200 OK", json.dumps(self.counts).encode(), keep, b"application/json")
 
 
-class Connection(asyncio.Protocol):
+class Connection(Requests):
     """One client connection; its responses leave in the order of its requests."""
 
     def __init__(self, farm: Farm) -> None:
+        super().__init__()
         self.farm = farm
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.url = b""
         self.pending: deque[list[bytes | bool | None]] = deque()  # [response or None, close after]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self.transport is not None:
-                self.transport.close()
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
 
     def on_message_complete(self) -> None:
         farm = self.farm
