@@ -4,8 +4,8 @@ per-client rate limits. Plain code, no I/O: the time is passed in.
 **Limits and the queue** (HAProxy's `maxconn` and `pendconn`). A server with `max_connections`
 takes at most that many requests (http) or connections (tcp) at once; the pool skips a server at its
 limit. When no server the pool would use has room, the request waits in the pool's `Queue`, holding
-a `Ticket`: the request head only, with the client's reading paused. When a server frees a slot
-(`Pool.released`), the oldest ticket it can take is served by that server at once: its slot is
+a `Ticket` (its protocol holds the head, and reads on only to see the client leave). When a server
+frees a slot (`Pool.released`), the oldest ticket it can take is served by that server at once: its slot is
 taken for the ticket before the ticket's protocol hears of it, so nothing overtakes a request that
 waited. A ticket may wait for one server (persistence keeps a user on theirs while it is up) or for
 any server of the pool; a server frees its slot to the older of the oldest ticket for it and the
