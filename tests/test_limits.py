@@ -339,6 +339,9 @@ async def test_a_header_key_counts_each_key_and_no_header_counts_the_address(tmp
             assert (await get(port, headers=b"x-api-key: alpha\r\n")).status == 429
             assert (await get(port)).status == 200  # keyed by its address: a bucket of its own
             assert (await get(port)).status == 429  # leaving the header out escapes nothing
+            # one request reached the server per request let through, framed as lbproxy sends them
+            assert [request.header(b"x-api-key") for request in backend.requests] == [b"alpha", b"beta", None]
+            assert all(request.raw.endswith(b"\r\n\r\n") for request in backend.requests)
 
 
 async def test_trusted_proxies_name_the_client_and_nobody_else_does(tmp_path: Path) -> None:
