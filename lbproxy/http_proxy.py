@@ -1019,6 +1019,7 @@ class HttpProxy(asyncio.Protocol):
         if first is not None:
             first.pool.released(first)
             first.pool.report_failure(first, reason)
+        self._arm(RESPONSE, self._response_timeout(exchange))  # the second's own time to answer
         return True
 
     def _unavailable(self, exchange: Exchange, reason: str = "no server available") -> None:

@@ -176,3 +176,19 @@ def test_p99_mode_follows_the_pool_and_keeps_its_floor() -> None:
     fixed.answered(5.0)
     fixed.refresh()
     assert fixed.after == 0.2
+
+
+async def test_when_the_first_server_times_out_its_hedge_carries_on(tmp_path: Path) -> None:
+    async with process_backend("a") as (frozen, a), process_backend("b", delay=0.6) as (_, b):
+        extra = "    timeouts: {response: 300ms}\n    policy: round_robin\n"
+        text = pool_text({"a": a, "b": b}, "{after: 100ms, max_extra: 100%}", extra)
+        async with running(text, tmp_path) as lb:
+            port = port_of(lb)
+            frozen.send_signal(signal.SIGSTOP)
+            answers = [await timed_get(port) for _ in range(2)]  # one of them goes to a first
+            # a said nothing in its 300 ms: the copy sent to b at 100 ms is the answer, not a 504
+            assert [(status, body) for status, _, body in answers] == [(200, b"b"), (200, b"b")]
+            assert hedges(lb)[WON] == 0  # b answered after a had failed: a promotion, not a race won
+            servers = lb.pools["farm"].by_name
+            # each request went to a, then its copy to b; no third copy (a retry) went anywhere
+            assert servers["a"].requests + servers["b"].requests == 4
