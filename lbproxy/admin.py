@@ -58,6 +58,8 @@ class Runtime(Protocol):
 
     async def refresh(self) -> None: ...
 
+    def cluster_state(self) -> dict[str, Any] | None: ...
+
 
 class Registry(Protocol):
     """What the admin side needs of the metrics registry (lbproxy.metrics.Registry)."""
@@ -102,6 +104,7 @@ def make_app(runtime: Runtime, registry: Registry, token: str | None, loopback: 
     app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/api/v1/listeners", listeners)
     app.router.add_get("/api/v1/pools", pools)
+    app.router.add_get("/api/v1/cluster", cluster)
     app.router.add_get("/api/v1/pools/{pool}", pool)
     guarded = functools.partial(_guarded, token=token, loopback=loopback, refusals=refusals)
     app.router.add_post("/api/v1/pools/{pool}/servers/{server}/{action}", guarded(action))
@@ -284,6 +287,9 @@ OPENAPI: dict[str, Any] = {
         "/readyz": {"get": _operation("listeners bound and every server probed once (503 otherwise)", 503)},
         "/api/v1/listeners": {"get": _operation("every listener and its counters")},
         "/api/v1/pools": {"get": _operation("every pool, its policy and servers, with state and counters")},
+        "/api/v1/cluster": {
+            "get": _operation("the fleet of lbproxy nodes this node sees on etcd (cluster block)", 404)
+        },
         "/api/v1/pools/{pool}": {
             "parameters": [{"name": "pool", **_NAME}],
             "get": _operation("one pool", 404),
@@ -355,6 +361,13 @@ async def readyz(request: web.Request) -> web.Response:
 async def listeners(request: web.Request) -> web.Response:
     await request.app[RUNTIME].refresh()
     return web.json_response({"listeners": request.app[RUNTIME].listener_states()})
+
+
+async def cluster(request: web.Request) -> web.Response:
+    state = request.app[RUNTIME].cluster_state()
+    if state is None:
+        return web.json_response({"error": "this node has no cluster block: it is on its own"}, status=404)
+    return web.json_response(state)
 
 
 async def pools(request: web.Request) -> web.Response:

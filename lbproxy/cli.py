@@ -152,6 +152,7 @@ def _add_ctl(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     actions = ctl.add_subparsers(dest="action", required=True, title="commands")
     actions.add_parser("status", parents=[options], help="pools and servers, their state and counters")
     actions.add_parser("reload", parents=[options], help="re-read the config file (an invalid one changes nothing)")
+    actions.add_parser("cluster", parents=[options], help="the fleet of lbproxy nodes this one sees on etcd")
     for action, text in (
         ("drain", "no new requests to the server; in-flight ones finish"),
         ("disable", "as drain, then cut what remains after the pool's disable_grace"),

@@ -233,6 +233,15 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The fleet this node belongs to (cluster.py): its name, and the etcd that holds the fleet."""
+
+    node: str
+    endpoints: tuple[str, ...]
+    prefix: str = "/lbproxy/"  # every key lbproxy writes lives under it
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     listeners: tuple[ListenerConfig, ...]
@@ -241,6 +250,7 @@ class Config:
     state_file: Path | None = None  # drained and disabled servers, kept across restarts
     shutdown_timeout: float = 30.0  # on SIGTERM: how long in-flight requests may take to finish
     log_format: Literal["plain", "json"] = "plain"  # lbproxy's own events, one line each
+    cluster: ClusterConfig | None = None  # None: this node is on its own
 
     def summary(self) -> str:
         servers = sum(len(pool.servers) for pool in self.pools.values())
@@ -436,7 +446,9 @@ _WILDCARDS: Final = ("", "0.0.0.0", "::", "*")
 # say where it belongs ("unknown key 'retries' here; it belongs under pools.<name>").
 _TOP: Final = "the top level"
 _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
-    _TOP: ("admin", "listeners", "pools", "state_file", "shutdown_timeout", "log_format"),
+    _TOP: ("admin", "listeners", "pools", "state_file", "shutdown_timeout", "log_format", "cluster"),
+    "cluster": ("node", "etcd"),
+    "cluster.etcd": ("endpoints", "prefix"),
     "admin": ("bind", "token"),
     "listeners[]": (
         "name",
@@ -666,6 +678,7 @@ class _Reader:
         state_file = self.value(entries, "state_file", "", self._writable_path, None)
         shutdown_timeout = self.value(entries, "shutdown_timeout", "", _duration, 30.0)
         log_format = self.value(entries, "log_format", "", _choice(("plain", "json")), "plain")
+        cluster = self.cluster(entries["cluster"]) if "cluster" in entries else None
         return Config(
             Path(self.filename),
             listeners,
@@ -674,6 +687,32 @@ class _Reader:
             state_file,
             shutdown_timeout,
             log_format,  # type: ignore[arg-type]
+            cluster,
+        )
+
+    def cluster(self, node: Node) -> ClusterConfig | None:
+        entries = self.mapping(node, "cluster", "cluster", ("etcd",))
+        if entries is None or "etcd" not in entries:
+            return None
+        etcd = self.mapping(entries["etcd"], "cluster.etcd", "cluster.etcd", ("endpoints",))
+        if etcd is None or "endpoints" not in etcd:
+            return None
+        endpoints = []
+        for index, item in enumerate(self.sequence(etcd["endpoints"], "cluster.etcd.endpoints") or ()):
+            where = f"cluster.etcd.endpoints[{index}]"
+            try:
+                endpoints.append(_endpoint(self.scalar(item, where)))
+            except _Invalid as exc:
+                self.problem(item, where, str(exc))
+        if not endpoints:
+            self.problem(etcd["endpoints"], "cluster.etcd.endpoints", "at least one etcd endpoint is needed")
+        prefix = self.value(etcd, "prefix", "cluster.etcd", _string, "/lbproxy/")
+        if not prefix.endswith("/"):
+            prefix += "/"
+        return ClusterConfig(
+            node=self.value(entries, "node", "cluster", _name, _host_name()),
+            endpoints=tuple(endpoints),
+            prefix=prefix,
         )
 
     def admin(self, node: Node) -> AdminConfig:
@@ -1410,6 +1449,19 @@ def _fraction(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
         raise _Invalid(f"expected a fraction between 0 and 1 such as 0.5, got {value!r}")
     return float(value)
+
+
+def _host_name() -> str:
+    """This machine's short host name, as a node's name (`lbproxy` if it is not a valid name)."""
+    name = socket.gethostname().split(".")[0]
+    return name if _NAME.fullmatch(name) else "lbproxy"
+
+
+def _endpoint(value: object) -> str:
+    """An etcd client URL: `http://HOST:PORT` (https needs the TLS settings of a later version)."""
+    if not isinstance(value, str) or not re.fullmatch(r"http://[^/\s]+:\d+/?", value):
+        raise _Invalid(f"expected an etcd endpoint such as http://10.56.1.5:2379, got {value!r}")
+    return value.rstrip("/")
 
 
 def _hedge_after(value: object) -> float | None:

@@ -37,6 +37,9 @@ def run(admin: str, token: str | None, action: str, pool: str | None, server: st
             _call(base, "POST", "/api/v1/reload", token)
             print("reloaded")
             return 0
+        if action == "cluster":
+            print(cluster_table(_call(base, "GET", "/api/v1/cluster", token)))
+            return 0
         assert pool is not None
         assert server is not None
         state = _call(base, "POST", f"/api/v1/pools/{_quote(pool)}/servers/{_quote(server)}/{action}", token)
@@ -53,6 +56,17 @@ def run(admin: str, token: str | None, action: str, pool: str | None, server: st
 
 class ApiError(Exception):
     pass
+
+
+def cluster_table(state: dict[str, Any]) -> str:
+    """The fleet as `lbproxy ctl cluster` prints it: one line per node."""
+    connected = "connected to etcd" if state["connected"] else f"NOT connected to etcd: {state.get('error')}"
+    lines = [f"node {state['node']}: {connected}", f"{'NODE':<20} {'VERSION':<10} {'CONFIG':<26} LISTENERS"]
+    for node in state["nodes"]:
+        name = node.get("node", "?") + (" (this)" if node.get("self") else "")
+        config = str(node.get("config_hash", "?")) + (" DIFFERS" if node.get("config_differs") else "")
+        lines.append(f"{name:<20} {node.get('version', '?'):<10} {config:<26} {', '.join(node.get('listeners', []))}")
+    return "\n".join(lines)
 
 
 def _quote(part: str) -> str:

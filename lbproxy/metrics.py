@@ -131,6 +131,7 @@ class Reading:
     last_reload_ok: bool
     worker_requests: dict[str, int] | None  # with --workers: the supervisor's view
     worker_restarts: int
+    cluster: tuple[bool, int] | None = None  # with a cluster block: connected to etcd, nodes seen
 
 
 def read(source: Source) -> Reading:
@@ -219,7 +220,12 @@ def read(source: Source) -> Reading:
         source.last_reload_ok,
         dict(workers) if workers is not None else None,
         getattr(source, "worker_restarts", 0),
+        _cluster(getattr(source, "cluster", None)),
     )
+
+
+def _cluster(cluster: Any) -> tuple[bool, int] | None:
+    return (cluster.connected, len(cluster.nodes)) if cluster is not None else None
 
 
 def _client_expiry(pool: Pool) -> float | None:
@@ -250,6 +256,14 @@ def families(reading: Reading) -> Iterator[Metric]:
     )
     last.add_metric([], 1 if reading.last_reload_ok else 0)
     yield last
+    if reading.cluster is not None:
+        connected = GaugeMetricFamily(
+            "lbproxy_cluster_connected", "1 while this node reaches etcd (cluster block); 0: it serves alone."
+        )
+        connected.add_metric([], 1 if reading.cluster[0] else 0)
+        nodes = GaugeMetricFamily("lbproxy_cluster_nodes", "The lbproxy nodes this node sees in the fleet.")
+        nodes.add_metric([], reading.cluster[1])
+        yield from (connected, nodes)
     if reading.worker_requests is not None:
         per_worker = CounterMetricFamily(
             "lbproxy_worker_requests", "Requests each worker process received.", labels=["worker"]

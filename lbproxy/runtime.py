@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from lbproxy import admin, metrics
+from lbproxy.cluster import Cluster, config_hash
 from lbproxy.config import Config, ListenerConfig
 from lbproxy.control import Controller, Hosts, Stage
 from lbproxy.control import StartError as StartError  # re-exported: cli and workers catch it from here
@@ -78,6 +79,7 @@ class Runtime:
         self._admin: web.AppRunner | None = None
         self._bound_all = False
         self._ticker: asyncio.Task[None] | None = None
+        self.cluster: Cluster | None = None  # with a `cluster` block, on the control plane's node
         self._log_handlers: dict[str, logging.Handler] = {}
         self._retired: list[Listener] = []  # removed by a reload, until their connections end
         self._stopped = False
@@ -128,6 +130,9 @@ class Runtime:
                 await self._bind(loop, listener, *built[listener.name])
             if self.manage and self.config.admin is not None:
                 await self._serve_admin(self.config.admin.bind.host, self.config.admin.bind.port)
+            if self.manage and self.config.cluster is not None:  # the control plane's node joins the fleet
+                self.cluster = Cluster(self.config.cluster, self._listener_names(), config_hash(self.config.path))
+                self.cluster.start()
         except BaseException:
             for handler in opened.values():
                 handler.close()
@@ -135,6 +140,13 @@ class Runtime:
             raise
         self._bound_all = True
         self._ticker = loop.create_task(self._tick(loop))
+
+    def _listener_names(self) -> list[str]:
+        return [f"{listener.name} {listener.bind}" for listener in self.config.listeners]
+
+    def cluster_state(self) -> dict[str, Any] | None:
+        """The fleet this node sees (`GET /api/v1/cluster`); None without a `cluster` block."""
+        return self.cluster.state() if self.cluster is not None else None
 
     @property
     def ready(self) -> bool:
@@ -175,6 +187,9 @@ class Runtime:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self.cluster is not None:
+            await self.cluster.stop()
+            self.cluster = None
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
@@ -212,7 +227,10 @@ class Runtime:
         (their open connections finish), changed ones updated; servers that stay keep health, admin
         state and counters; in-flight requests are not interrupted.
         """
-        return await self.controller.reload(self._prepare, new, hosts)
+        problems = await self.controller.reload(self._prepare, new, hosts)
+        if not problems and self.cluster is not None:  # the fleet sees this node's new config
+            self.cluster.reloaded(self._listener_names(), config_hash(self.config.path))
+        return problems
 
     async def _prepare(self, new: Config, pools: Mapping[str, Pool], hosts: Hosts) -> Stage:
         """The controller's `Prepare`: the listeners' stage, then the `stage_hook`'s (with --workers)."""

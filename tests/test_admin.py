@@ -341,6 +341,7 @@ async def test_openapi_document_lists_every_route(tmp_path: Path) -> None:
         "/readyz",
         "/api/v1/listeners",
         "/api/v1/pools",
+        "/api/v1/cluster",
         "/api/v1/pools/{pool}",
         "/api/v1/pools/{pool}/servers/{server}/{action}",
         "/api/v1/reload",

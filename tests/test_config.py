@@ -182,7 +182,7 @@ def test_unknown_top_level_key() -> None:
     text = MINIMAL.replace("listeners:", "listners:")
     assert errors(text) == [
         "lbproxy.yaml:1: listners: unknown key "
-        "(expected one of: admin, listeners, pools, state_file, shutdown_timeout, log_format)",
+        "(expected one of: admin, listeners, pools, state_file, shutdown_timeout, log_format, cluster)",
         "lbproxy.yaml:1: missing required key 'listeners'",
     ]
 

@@ -1,0 +1,192 @@
+"""A fleet of lbproxy nodes on etcd: this node's registration, and the nodes it sees (issue #18, first part).
+
+With a `cluster` block, the node that runs the control plane (the only process, or the supervisor of
+`--workers`) registers itself under `<prefix>nodes/<node>` with a lease: its name, version,
+listeners, the hash of its config file and its start time, renewed every third of the lease's
+life. It reads every node's registration (a snapshot, then a watch from the snapshot's revision,
+so that no change is missed and none is applied twice), and drops a node whose lease expired
+(etcd deletes its key). `GET /api/v1/cluster` and `lbproxy ctl cluster` show the fleet and flag a
+node whose config differs from the most common one.
+
+When etcd cannot be reached, the node keeps serving as it is and says so (`connected` false, a log
+line, `lbproxy_cluster_connected 0`); it retries every second, and on its return registers again and
+reads a new snapshot. Nothing here is on the request path: it all runs as one task on the loop.
+
+Not yet (issue #18): admin actions written to etcd and applied by every node, servers added and
+removed at run time, shared health views, the status page's fleet, `make run-cluster`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from lbproxy import __version__
+from lbproxy.config import ClusterConfig
+from lbproxy.etcd import Etcd, EtcdError
+
+log = logging.getLogger("lbproxy.cluster")
+
+LEASE: int = 10  # seconds a node's registration outlives its last renewal
+RETRY: float = 1.0  # seconds between attempts while etcd cannot be reached
+
+
+class Cluster:
+    """This node in the fleet: its registration, the fleet as etcd says, and whether etcd answers."""
+
+    def __init__(self, settings: ClusterConfig, listeners: list[str], config_hash: str) -> None:
+        self.settings = settings
+        self.node = settings.node
+        self.listeners = listeners
+        self.config_hash = config_hash
+        self.started = time.time()
+        self.connected = False
+        self.since = time.time()  # when `connected` last changed
+        self.error = ""  # why etcd could not be reached, while it cannot
+        self.nodes: dict[str, dict[str, Any]] = {}  # node name -> its registration, as etcd has it
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._lease = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.settings.prefix}nodes/{self.node}"
+
+    def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self._task = asyncio.get_running_loop().create_task(self._run(Etcd(self.settings.endpoints, self._session)))
+
+    async def stop(self) -> None:
+        """Leave the fleet: the registration's lease is revoked (the others see it go at once)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._session is not None:
+            if self._lease:
+                with contextlib.suppress(EtcdError):
+                    await Etcd(self.settings.endpoints, self._session).revoke(self._lease)
+            await self._session.close()
+            self._session = None
+
+    def reloaded(self, listeners: list[str], config_hash: str) -> None:
+        """A reload changed what this node says of itself: written at the next renewal."""
+        self.listeners = listeners
+        self.config_hash = config_hash
+
+    def registration(self) -> bytes:
+        return json.dumps(
+            {
+                "node": self.node,
+                "version": __version__,
+                "listeners": self.listeners,
+                "config_hash": self.config_hash,
+                "started": self.started,
+            }
+        ).encode()
+
+    async def _run(self, etcd: Etcd) -> None:
+        while True:
+            try:
+                await self._serve(etcd)
+            except EtcdError as error:
+                self._disconnected(str(error))
+            await asyncio.sleep(RETRY)
+
+    async def _serve(self, etcd: Etcd) -> None:
+        """Register, read the fleet, then follow it until etcd fails (EtcdError)."""
+        self._lease = await etcd.grant(LEASE)
+        await etcd.put(self.key, self.registration(), self._lease)
+        prefix = f"{self.settings.prefix}nodes/"
+        revision, found = await etcd.get_prefix(prefix)
+        self.nodes = {key[len(prefix) :]: _parsed(value) for key, value in found.items()}
+        self._connected()
+        loop = asyncio.get_running_loop()
+        tasks = {loop.create_task(self._renew(etcd)), loop.create_task(self._follow(etcd, prefix, revision + 1))}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # its EtcdError ends this round
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, EtcdError):
+                    await task
+
+    async def _follow(self, etcd: Etcd, prefix: str, revision: int) -> None:
+        async for event in etcd.watch(prefix, revision):
+            name = event.key[len(prefix) :]
+            if event.value is None:
+                self.nodes.pop(name, None)
+            else:
+                self.nodes[name] = _parsed(event.value)
+
+    async def _renew(self, etcd: Etcd) -> None:
+        written = self.registration()
+        while True:
+            await asyncio.sleep(LEASE / 3)
+            if not await etcd.keep_alive(self._lease):
+                raise EtcdError("the registration's lease expired")
+            if self.registration() != written:  # a reload changed it
+                written = self.registration()
+                await etcd.put(self.key, written, self._lease)
+
+    def _connected(self) -> None:
+        if not self.connected:
+            log.warning("cluster: node %s connected to etcd: %d nodes in the fleet", self.node, len(self.nodes))
+            self.connected = True
+            self.since = time.time()
+            self.error = ""
+
+    def _disconnected(self, why: str) -> None:
+        if self.connected or not self.error:
+            log.error("cluster: node %s cannot reach etcd, serving with what it has: %s", self.node, why)
+            self.connected = False
+            self.since = time.time()
+        self.error = why
+
+    def state(self) -> dict[str, Any]:
+        """The fleet as the API and `ctl cluster` show it."""
+        hashes = Counter(node.get("config_hash") for node in self.nodes.values())
+        common = hashes.most_common(1)[0][0] if hashes else None
+        return {
+            "node": self.node,
+            "connected": self.connected,
+            "since": self.since,
+            "error": self.error or None,
+            "nodes": [
+                {
+                    **node,
+                    "self": name == self.node,
+                    "config_differs": node.get("config_hash") != common,
+                }
+                for name, node in sorted(self.nodes.items())
+            ],
+        }
+
+
+def _parsed(value: bytes) -> dict[str, Any]:
+    try:
+        found = json.loads(value)
+    except ValueError:
+        return {"error": "not a registration"}
+    return found if isinstance(found, dict) else {"error": "not a registration"}
+
+
+def config_hash(path: Path) -> str:
+    """A short hash of a config file's bytes: two nodes with the same file have the same one."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""

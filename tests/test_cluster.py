@@ -1,0 +1,191 @@
+"""A fleet of lbproxy nodes on etcd (issue #18, first part): nodes register and see each other, a node
+whose config differs is flagged, a node that leaves is dropped, and a node that loses etcd keeps
+serving and says so, then joins again.
+
+A real etcd (Debian's etcd-server) on 127.0.0.1, in a folder of the test's; lbproxy runtimes in this
+process, each with its own config file and admin port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from lbproxy import config, metrics
+from lbproxy.etcd import Etcd
+from lbproxy.runtime import Runtime
+from tests.support import Backend, ctl, eventually, free_port, get, port_of
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed (Debian: etcd-server)")
+
+
+class EtcdProcess:
+    """One etcd member on 127.0.0.1 that a test can stop and start again (its data stays)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.client = free_port()
+        self.peer = free_port()
+        self.url = f"http://127.0.0.1:{self.client}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with (self.folder / "etcd.log").open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                "etcd",
+                "--data-dir",
+                str(self.folder / "data"),
+                "--listen-client-urls",
+                self.url,
+                "--advertise-client-urls",
+                self.url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{self.peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{self.peer}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{self.peer}",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )
+        async with aiohttp.ClientSession() as session:
+            etcd = Etcd([self.url], session)
+
+            async def answers() -> bool:
+                try:
+                    await etcd.get_prefix("/")
+                except Exception:
+                    return False
+                return True
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not await answers():
+                assert loop.time() < deadline, (self.folder / "etcd.log").read_text()[-2000:]
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            await asyncio.wait_for(self.process.wait(), 20)
+            self.process = None
+
+
+@pytest.fixture
+def etcd_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "etcd"
+    folder.mkdir()
+    return folder
+
+
+@asynccontextmanager
+async def etcd_running(folder: Path) -> AsyncIterator[EtcdProcess]:
+    member = EtcdProcess(folder)
+    await member.start()
+    try:
+        yield member
+    finally:
+        await member.stop()
+
+
+def node_config(folder: Path, etcd: EtcdProcess, backend: Backend, extra: str = "") -> Path:
+    """One config file for every node (its name from ${NODE}), as a fleet shares one file."""
+    path = folder / f"lbproxy{len(extra)}.yaml"
+    path.write_text(
+        "admin: {bind: 127.0.0.1:0}\n"
+        f"cluster:\n  node: ${{NODE}}\n  etcd: {{endpoints: [{etcd.url}], prefix: /test/}}\n"
+        "listeners:\n  - {name: web, bind: 127.0.0.1:0, pool: farm}\n"
+        f'pools:\n  farm:\n    servers:\n      - {{name: a, address: "{backend.address}"}}\n{extra}'
+    )
+    return path
+
+
+@asynccontextmanager
+async def node(path: Path, name: str) -> AsyncIterator[Runtime]:
+    runtime = Runtime(config.load(path, environ={"NODE": name}))
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+def names(runtime: Runtime) -> list[str]:
+    state = runtime.cluster_state()
+    assert state is not None
+    return [entry["node"] for entry in state["nodes"]]
+
+
+async def test_nodes_see_each_other_and_a_different_config_is_flagged(tmp_path: Path, etcd_folder: Path) -> None:
+    async with etcd_running(etcd_folder) as etcd, Backend("a") as backend:
+        same = node_config(tmp_path, etcd, backend)
+        other = node_config(tmp_path, etcd, backend, extra="    retries: 1\n")
+        async with node(same, "lb1") as lb1, node(same, "lb2") as lb2, node(other, "lb3") as lb3:
+            for runtime in (lb1, lb2, lb3):
+                await eventually(lambda runtime=runtime: names(runtime) == ["lb1", "lb2", "lb3"])  # type: ignore[misc]
+            state = lb1.cluster_state()
+            assert state is not None
+            assert state["connected"] is True
+            assert {entry["node"]: entry["config_differs"] for entry in state["nodes"]} == {
+                "lb1": False,
+                "lb2": False,
+                "lb3": True,
+            }
+            assert [entry["self"] for entry in state["nodes"]] == [True, False, False]
+            assert state["nodes"][0]["listeners"] == [f"web {lb1.config.listeners[0].bind}"]
+            admin = lb2.bound["admin"]
+            url = f"http://{admin.host}:{admin.port}/api/v1/cluster"
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                assert response.status == 200
+                assert [entry["node"] for entry in (await response.json())["nodes"]] == ["lb1", "lb2", "lb3"]
+            code, out, err = await ctl("cluster", "--admin", f"http://{admin.host}:{admin.port}")
+            assert code == 0, err
+            lines = out.splitlines()
+            assert lines[0] == "node lb2: connected to etcd"
+            assert [line.split()[0] for line in lines[2:]] == ["lb1", "lb2", "lb3"]
+            assert "(this)" in lines[3]
+            assert "DIFFERS" in lines[4]
+            await lb3.stop()  # it leaves: its registration goes with its lease
+            await eventually(lambda: names(lb1) == ["lb1", "lb2"])
+            families = {family.name: family for family in metrics.families(metrics.read(lb1))}
+            assert [s.value for s in families["lbproxy_cluster_nodes"].samples] == [2]
+
+
+async def test_a_node_without_etcd_keeps_serving_and_joins_again(tmp_path: Path, etcd_folder: Path) -> None:
+    async with etcd_running(etcd_folder) as etcd, Backend("a") as backend:
+        path = node_config(tmp_path, etcd, backend)
+        async with node(path, "lb1") as lb1:
+            assert lb1.cluster is not None
+            cluster = lb1.cluster
+            await eventually(lambda: cluster.connected)
+            await etcd.stop()
+            await eventually(lambda: not cluster.connected, timeout=10)
+            assert (await get(port_of(lb1))).status == 200  # the farm is served as it was
+            families = {family.name: family for family in metrics.families(metrics.read(lb1))}
+            assert [s.value for s in families["lbproxy_cluster_connected"].samples] == [0]
+            await etcd.start()
+            await eventually(lambda: cluster.connected, timeout=10)
+            assert names(lb1) == ["lb1"]
+
+
+def test_the_cluster_block_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "lbproxy.yaml"
+    path.write_text(
+        "cluster:\n  node: 'lb 1'\n  etcd: {endpoints: ['10.0.0.1:2379'], prefix: /p}\n"
+        "listeners:\n  - {name: web, bind: 127.0.0.1:8080, pool: farm}\n"
+        "pools:\n  farm:\n    servers:\n      - {name: a, address: 10.0.0.1:80}\n"
+    )
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path, environ={})
+    problems = [str(problem) for problem in caught.value.problems]
+    assert any("cluster.node" in problem for problem in problems), problems
+    assert any(
+        "cluster.etcd.endpoints[0]: expected an etcd endpoint such as http://10.56.1.5:2379" in problem
+        for problem in problems
+    ), problems
