@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from lbproxy.etcd import EtcdError
 from lbproxy.pool import WEIGHT_SCALE, Pool, Server
 
 
@@ -59,6 +60,8 @@ class Runtime(Protocol):
     async def refresh(self) -> None: ...
 
     def cluster_state(self) -> dict[str, Any] | None: ...
+
+    async def share(self, pool: str, server: str, action: str) -> bool: ...
 
 
 class Registry(Protocol):
@@ -301,7 +304,15 @@ OPENAPI: dict[str, Any] = {
                 {"name": "action", "in": "path", "required": True, "schema": {"type": "string", "enum": list(ACTIONS)}},
             ],
             "post": {
-                **_operation("drain, disable or enable a server; answers its new state", 400, 401, 403, 404),
+                **_operation(
+                    "drain, disable or enable a server; answers its new state. With a cluster block every node "
+                    "applies it (503 when etcd cannot take it); `?local=1`: this node only",
+                    400,
+                    401,
+                    403,
+                    404,
+                    503,
+                ),
                 "security": WRITE_SECURITY,
             },
         },
@@ -394,9 +405,19 @@ async def action(request: web.Request) -> web.Response:
         server = runtime.server(request.match_info["pool"], request.match_info["server"])
     except KeyError as error:
         raise _error(web.HTTPNotFound, str(error.args[0])) from None
-    getattr(runtime, name)(server)
+    fleet = False
+    if request.query.get("local") != "1":  # with a cluster block, every node applies it (cluster.py)
+        try:
+            fleet = await runtime.share(server.pool.name, server.name, name)
+        except EtcdError as error:
+            raise _error(
+                web.HTTPServiceUnavailable,
+                f"etcd cannot be reached, so {name} was applied on no node ({error}); "
+                "`lbproxy ctl --local` applies it on this node only",
+            ) from None
+    getattr(runtime, name)(server)  # at once here; the other nodes from their watch
     await runtime.refresh()  # with workers: their in-flight counts
-    return web.json_response(server_state(server))
+    return web.json_response({**server_state(server), "applied_on": "fleet" if fleet else "this node"})
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -84,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.command == "ctl":
         return control.run(
-            args.admin, args.token, args.action, getattr(args, "pool", None), getattr(args, "server", None)
+            args.admin,
+            args.token,
+            args.action,
+            getattr(args, "pool", None),
+            getattr(args, "server", None),
+            local=getattr(args, "local", False),
         )
     import asyncio
 
@@ -161,6 +166,9 @@ def _add_ctl(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         command = actions.add_parser(action, parents=[options], help=text, description=text)
         command.add_argument("pool", help="the pool's name in the config")
         command.add_argument("server", help="the server's name in that pool")
+        command.add_argument(
+            "--local", action="store_true", help="with a cluster block: on this node only, not the whole fleet"
+        )
     actions.metavar = "{" + ",".join(actions.choices or ()) + "}"  # also in "arguments are required"
 
 

@@ -22,7 +22,7 @@ TOKEN_VARIABLE = "LBPROXY_ADMIN_TOKEN"  # the default --token
 ADMIN_HEADER = "X-Lbproxy-Admin"  # lbproxy.admin.ADMIN_HEADER (not imported: ctl loads no aiohttp)
 
 
-def run(admin: str, token: str | None, action: str, pool: str | None, server: str | None) -> int:
+def run(admin: str, token: str | None, action: str, pool: str | None, server: str | None, local: bool = False) -> int:
     base = admin.rstrip("/")
     try:
         if action == "status":
@@ -42,7 +42,8 @@ def run(admin: str, token: str | None, action: str, pool: str | None, server: st
             return 0
         assert pool is not None
         assert server is not None
-        state = _call(base, "POST", f"/api/v1/pools/{_quote(pool)}/servers/{_quote(server)}/{action}", token)
+        where = f"/api/v1/pools/{_quote(pool)}/servers/{_quote(server)}/{action}" + ("?local=1" if local else "")
+        state = _call(base, "POST", where, token)
     except ApiError as error:
         print(f"lbproxy ctl: {error}", file=sys.stderr)
         return 1
@@ -50,7 +51,8 @@ def run(admin: str, token: str | None, action: str, pool: str | None, server: st
         reason = getattr(error, "reason", error)
         print(f"lbproxy ctl: cannot reach the admin server at {admin}: {reason}", file=sys.stderr)
         return 2
-    print(f"{pool}/{server}: {state['admin']}, {state['state']}, {state['inflight']} in flight")
+    on = " (every node of the fleet)" if state.get("applied_on") == "fleet" else ""
+    print(f"{pool}/{server}: {state['admin']}, {state['state']}, {state['inflight']} in flight{on}")
     return 0
 
 

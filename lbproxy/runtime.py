@@ -30,7 +30,7 @@ from lbproxy.handshake import Acceptor
 from lbproxy.health import HealthChecks
 from lbproxy.http_proxy import HttpListener, HttpProxy
 from lbproxy.limits import RateLimiter, TrustedProxies
-from lbproxy.pool import Pool, Server
+from lbproxy.pool import AdminState, Pool, Server
 from lbproxy.routing import RouteTable
 from lbproxy.selection import RateLimit
 from lbproxy.tcp_proxy import TcpClient, TcpListener
@@ -132,6 +132,7 @@ class Runtime:
                 await self._serve_admin(self.config.admin.bind.host, self.config.admin.bind.port)
             if self.manage and self.config.cluster is not None:  # the control plane's node joins the fleet
                 self.cluster = Cluster(self.config.cluster, self._listener_names(), config_hash(self.config.path))
+                self.cluster.on_admin = self._fleet_action
                 self.cluster.start()
         except BaseException:
             for handler in opened.values():
@@ -143,6 +144,25 @@ class Runtime:
 
     def _listener_names(self) -> list[str]:
         return [f"{listener.name} {listener.bind}" for listener in self.config.listeners]
+
+    async def share(self, pool: str, server: str, action: str) -> bool:
+        """Write an admin action for the whole fleet (False: no cluster block, this node alone);
+        raises EtcdError when etcd cannot take it."""
+        if self.cluster is None:
+            return False
+        await self.cluster.publish(pool, server, action)
+        return True
+
+    def _fleet_action(self, pool: str, server: str, action: str) -> None:
+        """An admin action from etcd: applied as an API call is, unless the server is already there."""
+        try:
+            found = self.server(pool, server)
+        except KeyError:
+            log.warning("cluster: %s for %s/%s, which this node's config does not have: ignored", action, pool, server)
+            return
+        wanted = {"drain": AdminState.DRAINING, "disable": AdminState.DISABLED, "enable": AdminState.ENABLED}
+        if action in wanted and found.admin is not wanted[action]:
+            getattr(self, action)(found)
 
     def cluster_state(self) -> dict[str, Any] | None:
         """The fleet this node sees (`GET /api/v1/cluster`); None without a `cluster` block."""

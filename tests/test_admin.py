@@ -347,7 +347,7 @@ async def test_openapi_document_lists_every_route(tmp_path: Path) -> None:
         "/api/v1/reload",
     }
     action = document["paths"]["/api/v1/pools/{pool}/servers/{server}/{action}"]["post"]
-    assert set(action["responses"]) == {"200", "400", "401", "403", "404"}
+    assert set(action["responses"]) == {"200", "400", "401", "403", "404", "503"}
 
 
 async def test_ctl_status_shows_rates(tmp_path: Path) -> None:

@@ -189,3 +189,56 @@ def test_the_cluster_block_is_checked(tmp_path: Path) -> None:
         "cluster.etcd.endpoints[0]: expected an etcd endpoint such as http://10.56.1.5:2379" in problem
         for problem in problems
     ), problems
+
+
+async def action(runtime: Runtime, verb: str, local: bool = False) -> tuple[int, dict[str, object]]:
+    admin = runtime.bound["admin"]
+    url = f"http://{admin.host}:{admin.port}/api/v1/pools/farm/servers/a/{verb}" + ("?local=1" if local else "")
+    async with aiohttp.ClientSession() as session, session.post(url, headers={"X-Lbproxy-Admin": "1"}) as response:
+        return response.status, await response.json()
+
+
+async def test_an_admin_action_on_one_node_applies_on_every_node(tmp_path: Path, etcd_folder: Path) -> None:
+    async with etcd_running(etcd_folder) as etcd, Backend("a") as backend:
+        path = node_config(tmp_path, etcd, backend)
+        async with node(path, "lb1") as lb1, node(path, "lb2") as lb2, node(path, "lb3") as lb3:
+            fleet = (lb1, lb2, lb3)
+            for runtime in fleet:
+                await eventually(lambda runtime=runtime: runtime.cluster is not None and runtime.cluster.connected)  # type: ignore[misc]
+
+            def states() -> list[str]:
+                return [runtime.pools["farm"].by_name["a"].admin.value for runtime in fleet]
+
+            status, body = await action(lb2, "drain")  # to any node
+            assert (status, body["admin"], body["applied_on"]) == (200, "draining", "fleet")
+            await eventually(lambda: states() == ["draining"] * 3, timeout=1.0)  # within 1 s
+            code, out, err = await ctl(
+                "enable", "farm", "a", "--admin", f"http://{lb3.bound['admin'].host}:{lb3.bound['admin'].port}"
+            )
+            assert (code, out.strip()) == (0, "farm/a: enabled, up, 0 in flight (every node of the fleet)"), err
+            await eventually(lambda: states() == ["enabled"] * 3, timeout=1.0)
+            await lb3.stop()  # it misses what follows...
+            assert (await action(lb1, "disable"))[0] == 200
+            await eventually(lambda: states()[:2] == ["disabled"] * 2, timeout=1.0)
+        async with node(path, "lb3") as back:  # ...and reads it from the snapshot when it comes back
+            assert back.cluster is not None
+            await eventually(lambda: back.pools["farm"].by_name["a"].admin.value == "disabled")
+
+
+async def test_without_etcd_an_action_is_applied_nowhere_unless_asked_for_this_node(
+    tmp_path: Path, etcd_folder: Path
+) -> None:
+    async with etcd_running(etcd_folder) as etcd, Backend("a") as backend:
+        path = node_config(tmp_path, etcd, backend)
+        async with node(path, "lb1") as lb1:
+            cluster = lb1.cluster
+            assert cluster is not None
+            await eventually(lambda: cluster.connected)
+            await etcd.stop()
+            await eventually(lambda: not cluster.connected, timeout=10)
+            status, body = await action(lb1, "drain")
+            assert status == 503
+            assert "applied on no node" in str(body["error"])
+            assert lb1.pools["farm"].by_name["a"].admin.value == "enabled"  # not on this one either
+            status, body = await action(lb1, "drain", local=True)
+            assert (status, body["admin"], body["applied_on"]) == (200, "draining", "this node")
