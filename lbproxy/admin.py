@@ -61,7 +61,9 @@ class Runtime(Protocol):
 
     def cluster_state(self) -> dict[str, Any] | None: ...
 
-    async def share(self, pool: str, server: str, action: str) -> bool: ...
+    async def share(self, pool: str, server: str, action: str, percent: int | None = None) -> bool: ...
+
+    def set_weight(self, server: Server, percent: int) -> None: ...
 
 
 class Registry(Protocol):
@@ -110,6 +112,7 @@ def make_app(runtime: Runtime, registry: Registry, token: str | None, loopback: 
     app.router.add_get("/api/v1/cluster", cluster)
     app.router.add_get("/api/v1/pools/{pool}", pool)
     guarded = functools.partial(_guarded, token=token, loopback=loopback, refusals=refusals)
+    app.router.add_post("/api/v1/pools/{pool}/servers/{server}/weight", guarded(weight))  # before {action}
     app.router.add_post("/api/v1/pools/{pool}/servers/{server}/{action}", guarded(action))
     app.router.add_post("/api/v1/reload", guarded(reload))
     return app
@@ -316,6 +319,21 @@ OPENAPI: dict[str, Any] = {
                 "security": WRITE_SECURITY,
             },
         },
+        "/api/v1/pools/{pool}/servers/{server}/weight": {
+            "parameters": [{"name": "pool", **_NAME}, {"name": "server", **_NAME}],
+            "post": {
+                **_operation(
+                    'set the live weight, {"percent": 0-100} of the ratio; with a cluster block on every node '
+                    "(503 when etcd cannot take it); `?local=1`: this node only",
+                    400,
+                    401,
+                    403,
+                    404,
+                    503,
+                ),
+                "security": WRITE_SECURITY,
+            },
+        },
         "/api/v1/reload": {
             "post": {
                 **_operation("re-read the config file; 400 with the problems when it is refused", 400, 401, 403),
@@ -417,6 +435,36 @@ async def action(request: web.Request) -> web.Response:
             ) from None
     getattr(runtime, name)(server)  # at once here; the other nodes from their watch
     await runtime.refresh()  # with workers: their in-flight counts
+    return web.json_response({**server_state(server), "applied_on": "fleet" if fleet else "this node"})
+
+
+async def weight(request: web.Request) -> web.Response:
+    """The server's live weight, as a percentage of its ratio (`{"percent": 0-100}`); with a cluster
+    block, on every node (see `action`)."""
+    runtime = request.app[RUNTIME]
+    try:
+        server = runtime.server(request.match_info["pool"], request.match_info["server"])
+    except KeyError as error:
+        raise _error(web.HTTPNotFound, str(error.args[0])) from None
+    try:
+        body = await request.json()
+        percent = body["percent"]
+    except (ValueError, KeyError, TypeError):
+        raise _error(web.HTTPBadRequest, 'expected a JSON body {"percent": 0-100}') from None
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise _error(web.HTTPBadRequest, f"percent must be an integer from 0 to 100, got {percent!r}")
+    fleet = False
+    if request.query.get("local") != "1":
+        try:
+            fleet = await runtime.share(server.pool.name, server.name, "weight", percent)
+        except EtcdError as error:
+            raise _error(
+                web.HTTPServiceUnavailable,
+                f"etcd cannot be reached, so the weight was set on no node ({error}); "
+                "`lbproxy ctl --local` sets it on this node only",
+            ) from None
+    runtime.set_weight(server, percent)
+    await runtime.refresh()
     return web.json_response({**server_state(server), "applied_on": "fleet" if fleet else "this node"})
 
 

@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             getattr(args, "pool", None),
             getattr(args, "server", None),
             local=getattr(args, "local", False),
+            percent=getattr(args, "percent", None),
         )
     import asyncio
 
@@ -169,6 +170,12 @@ def _add_ctl(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         command.add_argument(
             "--local", action="store_true", help="with a cluster block: on this node only, not the whole fleet"
         )
+    text = "set the server's live weight, as a percentage (0-100) of its ratio"
+    weight = actions.add_parser("weight", parents=[options], help=text, description=text)
+    weight.add_argument("pool", help="the pool's name in the config")
+    weight.add_argument("server", help="the server's name in that pool")
+    weight.add_argument("percent", type=int, help="0 to 100: 0 sends nothing new")
+    weight.add_argument("--local", action="store_true", help="with a cluster block: on this node only")
     actions.metavar = "{" + ",".join(actions.choices or ()) + "}"  # also in "arguments are required"
 
 

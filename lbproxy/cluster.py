@@ -12,14 +12,15 @@ When etcd cannot be reached, the node keeps serving as it is and says so (`conne
 line, `lbproxy_cluster_connected 0`); it retries every second, and on its return registers again and
 reads a new snapshot. Nothing here is on the request path: it all runs as one task on the loop.
 
-**One admin action, every node.** Drain, disable and enable received by any node (its API, or
-`lbproxy ctl` against it) are written to etcd under `<prefix>admin/<pool>/<server>` (`publish`), and
+**One admin action, every node.** Drain, disable, enable and live weights received by any node (its
+API, or `lbproxy ctl` against it) are written to etcd under `<prefix>admin/<pool>/<server>` and
+`<prefix>weight/<pool>/<server>` (`publish`), and
 every node applies them from its watch (`on_admin`, the same path as an API call on one node); a
 snapshot at each (re)connection applies what changed while it was away. etcd unreachable: the write
 is refused (applied nowhere), unless the caller asks for this node only.
 
-Not yet (issue #18): weights and servers added or removed at run time, shared health views, the
-status page's fleet, `make run-cluster`.
+Not yet (issue #18): servers added or removed at run time, shared health views, the status page's
+fleet, `make run-cluster`.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class Cluster:
         self.since = time.time()  # when `connected` last changed
         self.error = ""  # why etcd could not be reached, while it cannot
         self.nodes: dict[str, dict[str, Any]] = {}  # node name -> its registration, as etcd has it
-        # Applies an admin action that etcd holds (pool, server, action), as an API call does on one node
-        self.on_admin: Callable[[str, str, str], None] | None = None
+        # Applies an admin action that etcd holds (pool, server, its fields), as an API call does on one node
+        self.on_admin: Callable[[str, str, dict[str, Any]], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._lease = 0
@@ -116,20 +117,16 @@ class Cluster:
         """Register, read the fleet, then follow it until etcd fails (EtcdError)."""
         self._lease = await etcd.grant(LEASE)
         await etcd.put(self.key, self.registration(), self._lease)
-        prefix = f"{self.settings.prefix}nodes/"
+        prefix = self.settings.prefix
+        # One consistent snapshot of everything under the prefix, then one watch from its revision:
+        # no change is missed, none applied twice; what changed while away is applied now.
         revision, found = await etcd.get_prefix(prefix)
-        self.nodes = {key[len(prefix) :]: _parsed(value) for key, value in found.items()}
-        actions = f"{self.settings.prefix}admin/"
-        acted, held = await etcd.get_prefix(actions)
-        for key, value in held.items():  # a consistent snapshot: what changed while away is applied
-            self._act(key[len(actions) :], value)
+        self.nodes = {}
+        for key, value in found.items():
+            self._changed(key[len(prefix) :], value)
         self._connected()
         loop = asyncio.get_running_loop()
-        tasks = {
-            loop.create_task(self._renew(etcd)),
-            loop.create_task(self._follow(etcd, prefix, revision + 1)),
-            loop.create_task(self._follow_actions(etcd, actions, acted + 1)),
-        }
+        tasks = {loop.create_task(self._renew(etcd)), loop.create_task(self._follow(etcd, prefix, revision + 1))}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -143,31 +140,34 @@ class Cluster:
 
     async def _follow(self, etcd: Etcd, prefix: str, revision: int) -> None:
         async for event in etcd.watch(prefix, revision):
-            name = event.key[len(prefix) :]
-            if event.value is None:
-                self.nodes.pop(name, None)
+            self._changed(event.key[len(prefix) :], event.value)
+
+    def _changed(self, where: str, value: bytes | None) -> None:
+        """One key under the prefix, as read or as changed (None: deleted): `nodes/<node>`, or
+        `admin/<pool>/<server>` and `weight/<pool>/<server>` (what every node applies)."""
+        kind, _, rest = where.partition("/")
+        if kind == "nodes":
+            if value is None:
+                self.nodes.pop(rest, None)
             else:
-                self.nodes[name] = _parsed(event.value)
+                self.nodes[rest] = _parsed(value)
+        elif kind in ("admin", "weight") and value is not None and self.on_admin is not None:
+            pool, _, server = rest.partition("/")
+            self.on_admin(pool, server, _parsed(value))
 
-    async def _follow_actions(self, etcd: Etcd, prefix: str, revision: int) -> None:
-        async for event in etcd.watch(prefix, revision):
-            if event.value is not None:
-                self._act(event.key[len(prefix) :], event.value)
-
-    def _act(self, where: str, value: bytes) -> None:
-        """Apply one admin action etcd holds (`<pool>/<server>`: {"action": ...})."""
-        pool, _, server = where.partition("/")
-        action = _parsed(value).get("action")
-        if self.on_admin is not None and isinstance(action, str):
-            self.on_admin(pool, server, action)
-
-    async def publish(self, pool: str, server: str, action: str) -> None:
-        """Write an admin action for every node (this one included) to apply; raises EtcdError when
-        etcd cannot take it, so that it is applied nowhere rather than on one node only."""
+    async def publish(self, pool: str, server: str, action: str, percent: int | None = None) -> None:
+        """Write an admin action (drain, disable, enable, or weight with `percent`) for every node,
+        this one included, to apply; raises EtcdError when etcd cannot take it, so that it is applied
+        nowhere rather than on one node only."""
         if self._session is None or not self.connected:
             raise EtcdError(self.error or "not connected to etcd")
-        value = json.dumps({"action": action, "by": self.node, "at": time.time()}).encode()
-        await Etcd(self.settings.endpoints, self._session).put(f"{self.settings.prefix}admin/{pool}/{server}", value)
+        fields: dict[str, Any] = {"action": action, "by": self.node, "at": time.time()}
+        kind = "admin"
+        if action == "weight":
+            fields["percent"] = percent
+            kind = "weight"  # beside the admin state: a drain does not undo a weight, nor the reverse
+        key = f"{self.settings.prefix}{kind}/{pool}/{server}"
+        await Etcd(self.settings.endpoints, self._session).put(key, json.dumps(fields).encode())
 
     async def _renew(self, etcd: Etcd) -> None:
         written = self.registration()

@@ -22,7 +22,15 @@ TOKEN_VARIABLE = "LBPROXY_ADMIN_TOKEN"  # the default --token
 ADMIN_HEADER = "X-Lbproxy-Admin"  # lbproxy.admin.ADMIN_HEADER (not imported: ctl loads no aiohttp)
 
 
-def run(admin: str, token: str | None, action: str, pool: str | None, server: str | None, local: bool = False) -> int:
+def run(
+    admin: str,
+    token: str | None,
+    action: str,
+    pool: str | None,
+    server: str | None,
+    local: bool = False,
+    percent: int | None = None,
+) -> int:
     base = admin.rstrip("/")
     try:
         if action == "status":
@@ -43,7 +51,7 @@ def run(admin: str, token: str | None, action: str, pool: str | None, server: st
         assert pool is not None
         assert server is not None
         where = f"/api/v1/pools/{_quote(pool)}/servers/{_quote(server)}/{action}" + ("?local=1" if local else "")
-        state = _call(base, "POST", where, token)
+        state = _call(base, "POST", where, token, {"percent": percent} if action == "weight" else None)
     except ApiError as error:
         print(f"lbproxy ctl: {error}", file=sys.stderr)
         return 1
@@ -52,7 +60,8 @@ def run(admin: str, token: str | None, action: str, pool: str | None, server: st
         print(f"lbproxy ctl: cannot reach the admin server at {admin}: {reason}", file=sys.stderr)
         return 2
     on = " (every node of the fleet)" if state.get("applied_on") == "fleet" else ""
-    print(f"{pool}/{server}: {state['admin']}, {state['state']}, {state['inflight']} in flight{on}")
+    weight = f", weight {state['weight']:g}" if action == "weight" else ""
+    print(f"{pool}/{server}: {state['admin']}, {state['state']}, {state['inflight']} in flight{weight}{on}")
     return 0
 
 
@@ -75,8 +84,10 @@ def _quote(part: str) -> str:
     return urllib.parse.quote(part, safe="")
 
 
-def _call(base: str, method: str, path: str, token: str | None) -> Any:
-    request = urllib.request.Request(base + path, method=method, headers={ADMIN_HEADER: "1"})
+def _call(base: str, method: str, path: str, token: str | None, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {ADMIN_HEADER: "1", **({"Content-Type": "application/json"} if data is not None else {})}
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:

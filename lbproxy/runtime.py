@@ -145,16 +145,17 @@ class Runtime:
     def _listener_names(self) -> list[str]:
         return [f"{listener.name} {listener.bind}" for listener in self.config.listeners]
 
-    async def share(self, pool: str, server: str, action: str) -> bool:
+    async def share(self, pool: str, server: str, action: str, percent: int | None = None) -> bool:
         """Write an admin action for the whole fleet (False: no cluster block, this node alone);
         raises EtcdError when etcd cannot take it."""
         if self.cluster is None:
             return False
-        await self.cluster.publish(pool, server, action)
+        await self.cluster.publish(pool, server, action, percent)
         return True
 
-    def _fleet_action(self, pool: str, server: str, action: str) -> None:
+    def _fleet_action(self, pool: str, server: str, fields: dict[str, Any]) -> None:
         """An admin action from etcd: applied as an API call is, unless the server is already there."""
+        action = fields.get("action")
         try:
             found = self.server(pool, server)
         except KeyError:
@@ -163,6 +164,9 @@ class Runtime:
         wanted = {"drain": AdminState.DRAINING, "disable": AdminState.DISABLED, "enable": AdminState.ENABLED}
         if action in wanted and found.admin is not wanted[action]:
             getattr(self, action)(found)
+        percent = fields.get("percent")
+        if action == "weight" and isinstance(percent, int) and 0 <= percent <= 100 and found.reported != percent:
+            self.set_weight(found, percent)
 
     def cluster_state(self) -> dict[str, Any] | None:
         """The fleet this node sees (`GET /api/v1/cluster`); None without a `cluster` block."""

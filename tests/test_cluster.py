@@ -242,3 +242,27 @@ async def test_without_etcd_an_action_is_applied_nowhere_unless_asked_for_this_n
             assert lb1.pools["farm"].by_name["a"].admin.value == "enabled"  # not on this one either
             status, body = await action(lb1, "drain", local=True)
             assert (status, body["admin"], body["applied_on"]) == (200, "draining", "this node")
+
+
+async def test_a_live_weight_set_on_one_node_is_set_on_every_node(tmp_path: Path, etcd_folder: Path) -> None:
+    async with etcd_running(etcd_folder) as etcd, Backend("a") as backend:
+        path = node_config(tmp_path, etcd, backend)
+        async with node(path, "lb1") as lb1, node(path, "lb2") as lb2:
+            for runtime in (lb1, lb2):
+                await eventually(lambda runtime=runtime: runtime.cluster is not None and runtime.cluster.connected)  # type: ignore[misc]
+            admin = lb1.bound["admin"]
+            code, out, err = await ctl("weight", "farm", "a", "40", "--admin", f"http://{admin.host}:{admin.port}")
+            assert (code, out.strip()) == (
+                0,
+                "farm/a: enabled, up, 0 in flight, weight 0.4 (every node of the fleet)",
+            ), err
+            await eventually(lambda: lb2.pools["farm"].by_name["a"].reported == 40, timeout=1.0)
+            drained = await action(lb2, "drain")  # a drain does not undo the weight, nor the reverse
+            assert drained[0] == 200
+            await eventually(lambda: lb1.pools["farm"].by_name["a"].admin.value == "draining", timeout=1.0)
+            assert lb1.pools["farm"].by_name["a"].reported == 40
+            url = f"http://{admin.host}:{admin.port}/api/v1/pools/farm/servers/a/weight"
+            async with aiohttp.ClientSession() as session:
+                for body in ({"percent": 101}, {"percent": "40"}, {}):
+                    async with session.post(url, json=body, headers={"X-Lbproxy-Admin": "1"}) as response:
+                        assert response.status == 400
