@@ -19,8 +19,11 @@ every node applies them from its watch (`on_admin`, the same path as an API call
 snapshot at each (re)connection applies what changed while it was away. etcd unreachable: the write
 is refused (applied nowhere), unless the caller asks for this node only.
 
-Not yet (issue #18): servers added or removed at run time, shared health views, the status page's
-fleet, `make run-cluster`.
+**Health views are shared, decisions stay local.** Each node keeps probing on its own and routes by
+what it sees; it publishes its view (`<prefix>health/<node>`, under its lease) when it changes, and
+`disagreements` says which servers the nodes do not see alike.
+
+Not yet (issue #18): servers added or removed at run time, the status page's fleet, `make run-cluster`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ log = logging.getLogger("lbproxy.cluster")
 
 LEASE: int = 10  # seconds a node's registration outlives its last renewal
 RETRY: float = 1.0  # seconds between attempts while etcd cannot be reached
+VIEW_EVERY: float = 0.5  # seconds between looks at this node's health view (published when it changed)
 
 
 class Cluster:
@@ -63,6 +67,9 @@ class Cluster:
         self.nodes: dict[str, dict[str, Any]] = {}  # node name -> its registration, as etcd has it
         # Applies an admin action that etcd holds (pool, server, its fields), as an API call does on one node
         self.on_admin: Callable[[str, str, dict[str, Any]], None] | None = None
+        # This node's health view, "pool/server" -> up: published for the others, never applied by them
+        self.view: Callable[[], dict[str, bool]] | None = None
+        self.views: dict[str, dict[str, bool]] = {}  # node -> its published view
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._lease = 0
@@ -126,7 +133,11 @@ class Cluster:
             self._changed(key[len(prefix) :], value)
         self._connected()
         loop = asyncio.get_running_loop()
-        tasks = {loop.create_task(self._renew(etcd)), loop.create_task(self._follow(etcd, prefix, revision + 1))}
+        tasks = {
+            loop.create_task(self._renew(etcd)),
+            loop.create_task(self._follow(etcd, prefix, revision + 1)),
+            loop.create_task(self._publish_view(etcd)),
+        }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -151,6 +162,12 @@ class Cluster:
                 self.nodes.pop(rest, None)
             else:
                 self.nodes[rest] = _parsed(value)
+        elif kind == "health":
+            if value is None:
+                self.views.pop(rest, None)
+            else:
+                view = _parsed(value)
+                self.views[rest] = {key: up for key, up in view.items() if isinstance(up, bool)}
         elif kind in ("admin", "weight") and value is not None and self.on_admin is not None:
             pool, _, server = rest.partition("/")
             self.on_admin(pool, server, _parsed(value))
@@ -168,6 +185,31 @@ class Cluster:
             kind = "weight"  # beside the admin state: a drain does not undo a weight, nor the reverse
         key = f"{self.settings.prefix}{kind}/{pool}/{server}"
         await Etcd(self.settings.endpoints, self._session).put(key, json.dumps(fields).encode())
+
+    async def _publish_view(self, etcd: Etcd) -> None:
+        """Publish this node's view of its servers' health whenever it changes (checked twice a
+        second), under its lease: it goes with the node."""
+        written: dict[str, bool] | None = None
+        while True:
+            view = self.view() if self.view is not None else {}
+            if view != written:
+                await etcd.put(f"{self.settings.prefix}health/{self.node}", json.dumps(view).encode(), self._lease)
+                written = view
+            await asyncio.sleep(VIEW_EVERY)
+
+    def disagreements(self) -> dict[str, dict[str, list[str]]]:
+        """The servers the nodes do not see alike: "pool/server" -> {"up": [nodes], "down": [nodes]}.
+        Down on one node only is a network path between that node and the server, not a broken server."""
+        found: dict[str, dict[str, list[str]]] = {}
+        servers = {key for view in self.views.values() for key in view}
+        for key in sorted(servers):
+            seen: dict[str, list[str]] = {"up": [], "down": []}
+            for node, view in sorted(self.views.items()):
+                if key in view:
+                    seen["up" if view[key] else "down"].append(node)
+            if seen["up"] and seen["down"]:
+                found[key] = seen
+        return found
 
     async def _renew(self, etcd: Etcd) -> None:
         written = self.registration()
@@ -202,6 +244,7 @@ class Cluster:
             "connected": self.connected,
             "since": self.since,
             "error": self.error or None,
+            "disagreements": self.disagreements(),
             "nodes": [
                 {
                     **node,

@@ -131,7 +131,7 @@ class Reading:
     last_reload_ok: bool
     worker_requests: dict[str, int] | None  # with --workers: the supervisor's view
     worker_restarts: int
-    cluster: tuple[bool, int] | None = None  # with a cluster block: connected to etcd, nodes seen
+    cluster: tuple[bool, int, int] | None = None  # with a cluster block: connected, nodes, servers seen unalike
 
 
 def read(source: Source) -> Reading:
@@ -224,8 +224,8 @@ def read(source: Source) -> Reading:
     )
 
 
-def _cluster(cluster: Any) -> tuple[bool, int] | None:
-    return (cluster.connected, len(cluster.nodes)) if cluster is not None else None
+def _cluster(cluster: Any) -> tuple[bool, int, int] | None:
+    return (cluster.connected, len(cluster.nodes), len(cluster.disagreements())) if cluster is not None else None
 
 
 def _client_expiry(pool: Pool) -> float | None:
@@ -263,7 +263,12 @@ def families(reading: Reading) -> Iterator[Metric]:
         connected.add_metric([], 1 if reading.cluster[0] else 0)
         nodes = GaugeMetricFamily("lbproxy_cluster_nodes", "The lbproxy nodes this node sees in the fleet.")
         nodes.add_metric([], reading.cluster[1])
-        yield from (connected, nodes)
+        unalike = GaugeMetricFamily(
+            "lbproxy_cluster_health_disagreements",
+            "Servers the nodes of the fleet do not see alike (up on some, down on others): a network path.",
+        )
+        unalike.add_metric([], reading.cluster[2])
+        yield from (connected, nodes, unalike)
     if reading.worker_requests is not None:
         per_worker = CounterMetricFamily(
             "lbproxy_worker_requests", "Requests each worker process received.", labels=["worker"]

@@ -133,6 +133,7 @@ class Runtime:
             if self.manage and self.config.cluster is not None:  # the control plane's node joins the fleet
                 self.cluster = Cluster(self.config.cluster, self._listener_names(), config_hash(self.config.path))
                 self.cluster.on_admin = self._fleet_action
+                self.cluster.view = self._health_view
                 self.cluster.start()
         except BaseException:
             for handler in opened.values():
@@ -167,6 +168,10 @@ class Runtime:
         percent = fields.get("percent")
         if action == "weight" and isinstance(percent, int) and 0 <= percent <= 100 and found.reported != percent:
             self.set_weight(found, percent)
+
+    def _health_view(self) -> dict[str, bool]:
+        """This node's view of its servers' health ("pool/server" -> up), for the fleet."""
+        return {f"{pool.name}/{server.name}": server.up for pool in self.pools.values() for server in pool.servers}
 
     def cluster_state(self) -> dict[str, Any] | None:
         """The fleet this node sees (`GET /api/v1/cluster`); None without a `cluster` block."""

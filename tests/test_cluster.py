@@ -266,3 +266,26 @@ async def test_a_live_weight_set_on_one_node_is_set_on_every_node(tmp_path: Path
                 for body in ({"percent": 101}, {"percent": "40"}, {}):
                     async with session.post(url, json=body, headers={"X-Lbproxy-Admin": "1"}) as response:
                         assert response.status == 400
+
+
+async def test_each_node_publishes_what_it_sees_and_disagreements_are_shown(tmp_path: Path, etcd_folder: Path) -> None:
+    probe = "    health: {type: tcp, interval: 100ms, timeout: 100ms, rise: 1, fall: 1}\n"
+    async with etcd_running(etcd_folder) as etcd, Backend("a") as backend:
+        reachable = node_config(tmp_path, etcd, backend, extra=probe)
+        # lb2 reaches server a at an address where nothing listens: a broken network path, for it only
+        unreachable = tmp_path / "unreachable.yaml"
+        unreachable.write_text(reachable.read_text().replace(backend.address, f"127.0.0.1:{free_port()}"))
+        async with node(reachable, "lb1") as lb1, node(unreachable, "lb2") as lb2:
+            await eventually(lambda: not lb2.pools["farm"].by_name["a"].up)
+            assert lb1.pools["farm"].by_name["a"].up  # each node decides for itself
+            assert lb1.cluster is not None
+
+            def seen() -> object:
+                state = lb1.cluster_state()
+                return state["disagreements"] if state is not None else None
+
+            await eventually(lambda: seen() == {"farm/a": {"up": ["lb1"], "down": ["lb2"]}})
+            families = {family.name: family for family in metrics.families(metrics.read(lb1))}
+            assert [s.value for s in families["lbproxy_cluster_health_disagreements"].samples] == [1]
+            await lb2.stop()  # its view goes with its lease
+            await eventually(lambda: seen() == {})
