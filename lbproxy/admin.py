@@ -394,9 +394,9 @@ async def listeners(request: web.Request) -> web.Response:
 
 async def cluster(request: web.Request) -> web.Response:
     state = request.app[RUNTIME].cluster_state()
-    if state is None:
-        return web.json_response({"error": "this node has no cluster block: it is on its own"}, status=404)
-    return web.json_response(state)
+    if state is None:  # 200, so that the status page asks without an error in the browser's console
+        return web.json_response({"enabled": False, "message": "this node has no cluster block: it is on its own"})
+    return web.json_response({"enabled": True, **state})
 
 
 async def pools(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ is refused (applied nowhere), unless the caller asks for this node only.
 what it sees; it publishes its view (`<prefix>health/<node>`, under its lease) when it changes, and
 `disagreements` says which servers the nodes do not see alike.
 
-Not yet (issue #18): servers added or removed at run time, the status page's fleet, `make run-cluster`.
+Not yet (issue #18): servers added or removed at run time, `make run-cluster`.
 """
 
 from __future__ import annotations

@@ -46,7 +46,11 @@ def run(
             print("reloaded")
             return 0
         if action == "cluster":
-            print(cluster_table(_call(base, "GET", "/api/v1/cluster", token)))
+            state = _call(base, "GET", "/api/v1/cluster", token)
+            if not state.get("enabled"):
+                print(f"lbproxy ctl: {state.get('message', 'no cluster')}", file=sys.stderr)
+                return 1
+            print(cluster_table(state))
             return 0
         assert pool is not None
         assert server is not None

@@ -20,7 +20,7 @@ import pytest
 from lbproxy import config, metrics
 from lbproxy.etcd import Etcd
 from lbproxy.runtime import Runtime
-from tests.support import Backend, ctl, eventually, free_port, get, port_of
+from tests.support import Backend, chromium, ctl, eventually, free_port, get, port_of
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed (Debian: etcd-server)")
 
@@ -287,5 +287,19 @@ async def test_each_node_publishes_what_it_sees_and_disagreements_are_shown(tmp_
             await eventually(lambda: seen() == {"farm/a": {"up": ["lb1"], "down": ["lb2"]}})
             families = {family.name: family for family in metrics.families(metrics.read(lb1))}
             assert [s.value for s in families["lbproxy_cluster_health_disagreements"].samples] == [1]
+            with chromium(tmp_path) as browser:  # the status page shows the fleet
+                admin = lb1.bound["admin"]
+                await asyncio.to_thread(browser.get, f"http://{admin.host}:{admin.port}/")
+                script = """return [...document.querySelectorAll('#fleet [data-node], #fleet [data-disagreement]')]
+                    .map((line) => line.textContent);"""
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while len(shown := await asyncio.to_thread(browser.execute_script, script)) < 3:
+                    assert loop.time() < deadline, shown
+                    await asyncio.sleep(0.1)
+                assert shown[0].startswith("lb1 (this node) · 0.1.0 · config ")
+                assert shown[1].startswith("lb2 · 0.1.0 · config ")
+                assert shown[1].endswith(" differs") != shown[0].endswith(" differs")  # two nodes: one of them
+                assert shown[2] == "farm/a: up on lb1, down on lb2"
             await lb2.stop()  # its view goes with its lease
             await eventually(lambda: seen() == {})
