@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest check clean system-deps
+.PHONY: run run-cluster test lint typecheck pytest check clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # One process per demo back-end (their PIDs printed), lbproxy in front, and three things to try
 run: $(STAMP)
 	$(BIN)/lbproxy demo -c config/demo.yaml
+
+# One etcd, three lbproxy nodes (8081-8083) as one fleet, the demo back-ends, and things to try
+run-cluster: $(STAMP)
+	config/run-cluster
 
 test: lint typecheck pytest
 
