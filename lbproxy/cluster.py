@@ -70,6 +70,7 @@ class Cluster:
         # This node's health view, "pool/server" -> up: published for the others, never applied by them
         self.view: Callable[[], dict[str, bool]] | None = None
         self.views: dict[str, dict[str, bool]] = {}  # node -> its published view
+        self.held: dict[str, bytes] = {}  # "admin/<pool>/<server>", "weight/...": what etcd holds
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._lease = 0
@@ -97,9 +98,13 @@ class Cluster:
             self._session = None
 
     def reloaded(self, listeners: list[str], config_hash: str) -> None:
-        """A reload changed what this node says of itself: written at the next renewal."""
+        """A reload was applied: what this node says of itself is written at the next renewal, and
+        what etcd holds is applied again on top of the new file (a server the file brings back gets
+        the fleet's admin state and weight for it)."""
         self.listeners = listeners
         self.config_hash = config_hash
+        for where, value in list(self.held.items()):
+            self._apply(where.partition("/")[2], value)
 
     def registration(self) -> bytes:
         return json.dumps(
@@ -128,7 +133,7 @@ class Cluster:
         # One consistent snapshot of everything under the prefix, then one watch from its revision:
         # no change is missed, none applied twice; what changed while away is applied now.
         revision, found = await etcd.get_prefix(prefix)
-        self.nodes = {}
+        self.nodes, self.views, self.held = {}, {}, {}  # what was deleted while away is gone
         for key, value in found.items():
             self._changed(key[len(prefix) :], value)
         self._connected()
@@ -168,8 +173,16 @@ class Cluster:
             else:
                 view = _parsed(value)
                 self.views[rest] = {key: up for key, up in view.items() if isinstance(up, bool)}
-        elif kind in ("admin", "weight") and value is not None and self.on_admin is not None:
-            pool, _, server = rest.partition("/")
+        elif kind in ("admin", "weight"):
+            if value is None:
+                self.held.pop(where, None)
+                return
+            self.held[where] = value
+            self._apply(rest, value)
+
+    def _apply(self, where: str, value: bytes) -> None:
+        if self.on_admin is not None:
+            pool, _, server = where.partition("/")
             self.on_admin(pool, server, _parsed(value))
 
     async def publish(self, pool: str, server: str, action: str, percent: int | None = None) -> None:

@@ -160,7 +160,7 @@ class Runtime:
         try:
             found = self.server(pool, server)
         except KeyError:
-            log.warning("cluster: %s for %s/%s, which this node's config does not have: ignored", action, pool, server)
+            log.info("cluster: %s for %s/%s, which this node's config does not have: ignored", action, pool, server)
             return
         wanted = {"drain": AdminState.DRAINING, "disable": AdminState.DISABLED, "enable": AdminState.ENABLED}
         if action in wanted and found.admin is not wanted[action]:

@@ -303,3 +303,34 @@ async def test_each_node_publishes_what_it_sees_and_disagreements_are_shown(tmp_
                 assert shown[2] == "farm/a: up on lb1, down on lb2"
             await lb2.stop()  # its view goes with its lease
             await eventually(lambda: seen() == {})
+
+
+async def test_the_file_is_the_base_and_the_fleets_admin_states_apply_on_top(
+    tmp_path: Path, etcd_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NODE", "lb1")  # a reload reads the file with the process's environment
+    async with etcd_running(etcd_folder) as etcd, Backend("a") as backend, Backend("b") as other:
+        path = node_config(tmp_path, etcd, backend)
+        with_b = path.read_text() + f'      - {{name: b, address: "{other.address}"}}\n'
+        path.write_text(with_b)
+        async with node(path, "lb1") as lb1:
+            assert lb1.cluster is not None
+            await eventually(lambda: lb1.cluster is not None and lb1.cluster.connected)
+            admin = lb1.bound["admin"]
+            url = f"http://{admin.host}:{admin.port}/api/v1/pools/farm/servers/b/drain"
+            async with aiohttp.ClientSession() as session, session.post(url, headers={"X-Lbproxy-Admin": "1"}) as got:
+                assert got.status == 200
+            # the file changes b's address: the fleet's drain still holds (by name), the address is the file's
+            moved = Backend("b")
+            async with moved:
+                path.write_text(with_b.replace(other.address, moved.address))
+                assert await lb1.reload() == []
+                server = lb1.pools["farm"].by_name["b"]
+                assert (server.admin.value, str(server.address)) == ("draining", moved.address)
+                # the file drops b, then brings it back: it comes back drained, as the fleet has it
+                path.write_text(with_b.split("      - {name: b")[0])
+                assert await lb1.reload() == []
+                assert "b" not in lb1.pools["farm"].by_name
+                path.write_text(with_b.replace(other.address, moved.address))
+                assert await lb1.reload() == []
+                assert lb1.pools["farm"].by_name["b"].admin.value == "draining"
