@@ -283,10 +283,8 @@ def _latency(out: str, label: str) -> float:
     return float(found.group(1)) * _UNITS_MS[found.group(2)]
 
 
-def haproxy_ssl_sessions(stats_socket: Path) -> tuple[int, int]:
-    """(full handshakes, resumed ones) that HAProxy's frontends have completed so far, from `show stat`
-    on its stats socket: `ssl_sess` counts the new sessions (full handshakes), `ssl_reused_sess` the
-    resumed ones."""
+def haproxy_stat(stats_socket: Path) -> list[dict[str, str]]:
+    """HAProxy's `show stat` from its stats socket: one mapping of column to value per proxy and server."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(5)
         sock.connect(str(stats_socket))
@@ -296,9 +294,14 @@ def haproxy_ssl_sessions(stats_socket: Path) -> tuple[int, int]:
             chunks.append(chunk)
     header, *rows = b"".join(chunks).decode().splitlines()
     columns = header.lstrip("# ").split(",")
+    return [dict(zip(columns, row.split(","), strict=False)) for row in rows]
+
+
+def haproxy_ssl_sessions(stats_socket: Path) -> tuple[int, int]:
+    """(full handshakes, resumed ones) that HAProxy's frontends have completed so far: `ssl_sess`
+    counts the new sessions (full handshakes), `ssl_reused_sess` the resumed ones."""
     full = resumed = 0
-    for row in rows:
-        values = dict(zip(columns, row.split(","), strict=False))
+    for values in haproxy_stat(stats_socket):
         if values.get("svname") == "FRONTEND":
             full += int(values.get("ssl_sess") or 0)
             resumed += int(values.get("ssl_reused_sess") or 0)

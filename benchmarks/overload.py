@@ -40,7 +40,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -59,7 +58,7 @@ from failover import (
     proxy_listening,
     run_load,
 )
-from harness import cpu_model, cpu_seconds
+from harness import cpu_model, cpu_seconds, haproxy_stat
 
 HERE = Path(__file__).resolve().parent
 BACKEND = HERE / "slots_backend.py"
@@ -247,18 +246,8 @@ def lbproxy_queue(admin: int) -> dict[str, float]:
 
 def haproxy_queue(stats_socket: Path) -> dict[str, float]:
     """The backend's queue figures from HAProxy's `show stat`: its longest queue, its 5xx."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(str(stats_socket))
-        sock.sendall(b"show stat\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    header, *rows = b"".join(chunks).decode().splitlines()
-    columns = header.lstrip("# ").split(",")
     figures: dict[str, float] = {}
-    for row in rows:
-        values = dict(zip(columns, row.split(","), strict=False))
+    for values in haproxy_stat(stats_socket):
         if values.get("pxname") == "be" and values.get("svname") == "BACKEND":
             figures["qmax"] = float(values.get("qmax") or 0)
             figures["qtime_ms"] = float(values.get("qtime") or 0)  # average over the last 1024 requests

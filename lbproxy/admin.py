@@ -415,37 +415,18 @@ async def pool(request: web.Request) -> web.Response:
 
 
 async def action(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
     name = request.match_info["action"]
     if name not in ACTIONS:
         raise _error(web.HTTPBadRequest, f"unknown action {name!r}: use one of {', '.join(ACTIONS)}")
-    try:
-        server = runtime.server(request.match_info["pool"], request.match_info["server"])
-    except KeyError as error:
-        raise _error(web.HTTPNotFound, str(error.args[0])) from None
-    fleet = False
-    if request.query.get("local") != "1":  # with a cluster block, every node applies it (cluster.py)
-        try:
-            fleet = await runtime.share(server.pool.name, server.name, name)
-        except EtcdError as error:
-            raise _error(
-                web.HTTPServiceUnavailable,
-                f"etcd cannot be reached, so {name} was applied on no node ({error}); "
-                "`lbproxy ctl --local` applies it on this node only",
-            ) from None
-    getattr(runtime, name)(server)  # at once here; the other nodes from their watch
-    await runtime.refresh()  # with workers: their in-flight counts
-    return web.json_response({**server_state(server), "applied_on": "fleet" if fleet else "this node"})
+    runtime = request.app[RUNTIME]
+    server = _server(request)
+    return await _applied(request, server, name, None, lambda: getattr(runtime, name)(server))
 
 
 async def weight(request: web.Request) -> web.Response:
     """The server's live weight, as a percentage of its ratio (`{"percent": 0-100}`); with a cluster
-    block, on every node (see `action`)."""
-    runtime = request.app[RUNTIME]
-    try:
-        server = runtime.server(request.match_info["pool"], request.match_info["server"])
-    except KeyError as error:
-        raise _error(web.HTTPNotFound, str(error.args[0])) from None
+    block, on every node (see `_applied`)."""
+    server = _server(request)
     try:
         body = await request.json()
         percent = body["percent"]
@@ -453,18 +434,35 @@ async def weight(request: web.Request) -> web.Response:
         raise _error(web.HTTPBadRequest, 'expected a JSON body {"percent": 0-100}') from None
     if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
         raise _error(web.HTTPBadRequest, f"percent must be an integer from 0 to 100, got {percent!r}")
+    runtime = request.app[RUNTIME]
+    return await _applied(request, server, "weight", percent, lambda: runtime.set_weight(server, percent))
+
+
+def _server(request: web.Request) -> Server:
+    try:
+        return request.app[RUNTIME].server(request.match_info["pool"], request.match_info["server"])
+    except KeyError as error:
+        raise _error(web.HTTPNotFound, str(error.args[0])) from None
+
+
+async def _applied(
+    request: web.Request, server: Server, name: str, percent: int | None, apply: Callable[[], None]
+) -> web.Response:
+    """Apply an admin action: with a cluster block, written to etcd first so that every node applies
+    it (cluster.py), refused (503) when etcd cannot take it; `?local=1`: this node only, on purpose."""
+    runtime = request.app[RUNTIME]
     fleet = False
     if request.query.get("local") != "1":
         try:
-            fleet = await runtime.share(server.pool.name, server.name, "weight", percent)
+            fleet = await runtime.share(server.pool.name, server.name, name, percent)
         except EtcdError as error:
             raise _error(
                 web.HTTPServiceUnavailable,
-                f"etcd cannot be reached, so the weight was set on no node ({error}); "
-                "`lbproxy ctl --local` sets it on this node only",
+                f"etcd cannot be reached, so {name} was applied on no node ({error}); "
+                "`lbproxy ctl --local` applies it on this node only",
             ) from None
-    runtime.set_weight(server, percent)
-    await runtime.refresh()
+    apply()  # at once here; the other nodes from their watch
+    await runtime.refresh()  # with workers: their in-flight counts
     return web.json_response({**server_state(server), "applied_on": "fleet" if fleet else "this node"})
 
 
