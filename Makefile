@@ -65,3 +65,9 @@ profile: $(BENCH_STAMP)
 # back-ends are killed, frozen, drained and the config reloaded; writes benchmarks/results/soak-DATE.md.
 soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py $(if $(filter 1 yes true,$(QUICK)),--quick)
+
+# A fleet on etcd (issue #18): a drain's propagation to three nodes, and a rolling restart behind a
+# retrying client; writes benchmarks/results/cluster-DATE.md (about 10 s).
+.PHONY: bench-cluster
+bench-cluster: $(STAMP) system-deps
+	$(BIN)/python benchmarks/cluster.py $(if $(filter 1 yes true,$(QUICK)),--quick)

@@ -32,8 +32,11 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from lbproxy.config import ServerConfig, server_from
+from lbproxy.control import StartError
 from lbproxy.etcd import EtcdError
 from lbproxy.pool import WEIGHT_SCALE, Pool, Server
+from lbproxy.server_changes import Refused
 
 
 class Runtime(Protocol):
@@ -64,6 +67,10 @@ class Runtime(Protocol):
     async def share(self, pool: str, server: str, action: str, percent: int | None = None) -> bool: ...
 
     def set_weight(self, server: Server, percent: int) -> None: ...
+
+    async def change_server(self, pool: str, name: str, server: ServerConfig | None, local: bool) -> bool: ...
+
+    def server_changes(self) -> dict[str, Any]: ...
 
 
 class Registry(Protocol):
@@ -112,6 +119,8 @@ def make_app(runtime: Runtime, registry: Registry, token: str | None, loopback: 
     app.router.add_get("/api/v1/cluster", cluster)
     app.router.add_get("/api/v1/pools/{pool}", pool)
     guarded = functools.partial(_guarded, token=token, loopback=loopback, refusals=refusals)
+    app.router.add_post("/api/v1/pools/{pool}/servers", guarded(add_server))
+    app.router.add_delete("/api/v1/pools/{pool}/servers/{server}", guarded(remove_server))
     app.router.add_post("/api/v1/pools/{pool}/servers/{server}/weight", guarded(weight))  # before {action}
     app.router.add_post("/api/v1/pools/{pool}/servers/{server}/{action}", guarded(action))
     app.router.add_post("/api/v1/reload", guarded(reload))
@@ -300,6 +309,38 @@ OPENAPI: dict[str, Any] = {
             "parameters": [{"name": "pool", **_NAME}],
             "get": _operation("one pool", 404),
         },
+        "/api/v1/pools/{pool}/servers": {
+            "parameters": [{"name": "pool", **_NAME}],
+            "post": {
+                **_operation(
+                    'add a server at run time, {"name", "address", "ratio"?, "backup"?, "max_connections"?}; '
+                    "201 once in force here. With a cluster block every node applies it (503 when etcd cannot "
+                    "take it); `?local=1`: this node only, until its restart",
+                    400,
+                    401,
+                    403,
+                    404,
+                    409,
+                    503,
+                ),
+                "security": WRITE_SECURITY,
+            },
+        },
+        "/api/v1/pools/{pool}/servers/{server}": {
+            "parameters": [{"name": "pool", **_NAME}, {"name": "server", **_NAME}],
+            "delete": {
+                **_operation(
+                    "remove a server at run time (what it has in flight finishes); with a cluster block on "
+                    "every node (503 when etcd cannot take it); `?local=1`: this node only",
+                    401,
+                    403,
+                    404,
+                    409,
+                    503,
+                ),
+                "security": WRITE_SECURITY,
+            },
+        },
         "/api/v1/pools/{pool}/servers/{server}/{action}": {
             "parameters": [
                 {"name": "pool", **_NAME},
@@ -365,6 +406,7 @@ OPENAPI: dict[str, Any] = {
                 (401, "missing or wrong bearer token"),
                 (403, "write refused: from another origin, no admin.token off loopback, foreign Host, no header"),
                 (404, "unknown pool or server"),
+                (409, "the change conflicts with the pool as it is (a name taken, min_up)"),
                 (503, "not ready"),
             )
         },
@@ -402,7 +444,9 @@ async def cluster(request: web.Request) -> web.Response:
 async def pools(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     await runtime.refresh()
-    return web.json_response({"pools": [pool_state(p) for p in runtime.pools.values()]})
+    return web.json_response(
+        {"pools": [pool_state(p) for p in runtime.pools.values()], "servers_changed": runtime.server_changes()}
+    )
 
 
 async def pool(request: web.Request) -> web.Response:
@@ -464,6 +508,54 @@ async def _applied(
     apply()  # at once here; the other nodes from their watch
     await runtime.refresh()  # with workers: their in-flight counts
     return web.json_response({**server_state(server), "applied_on": "fleet" if fleet else "this node"})
+
+
+async def add_server(request: web.Request) -> web.Response:
+    """A server added at run time: `{"name", "address", "ratio"?, "backup"?, "max_connections"?}`, checked
+    as the file's are; 201 once in force on this node (with a cluster block: written to etcd, every node
+    applies it)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _error(web.HTTPBadRequest, "expected a JSON object with name and address") from None
+    if not isinstance(body, dict):
+        raise _error(web.HTTPBadRequest, "expected a JSON object with name and address")
+    try:
+        server = server_from(body)
+    except ValueError as error:
+        raise _error(web.HTTPBadRequest, str(error)) from None
+    pool = request.match_info["pool"]
+    fleet = await _changed(request, pool, server.name, server)
+    found = request.app[RUNTIME].pools[pool].by_name[server.name]
+    return web.json_response(
+        {"applied_on": "fleet" if fleet else "this node", "server": server_state(found)}, status=201
+    )
+
+
+async def remove_server(request: web.Request) -> web.Response:
+    """A server removed at run time; what it has in flight finishes (as when a reload removes it)."""
+    pool, name = request.match_info["pool"], request.match_info["server"]
+    fleet = await _changed(request, pool, name, None)
+    return web.json_response({"applied_on": "fleet" if fleet else "this node", "removed": f"{pool}/{name}"})
+
+
+async def _changed(request: web.Request, pool: str, name: str, server: ServerConfig | None) -> bool:
+    """Add or remove a server through the runtime, its refusals as HTTP errors; True: on the fleet."""
+    what = "added" if server is not None else "removed"
+    try:
+        return await request.app[RUNTIME].change_server(pool, name, server, request.query.get("local") == "1")
+    except Refused as error:
+        raise _error(web.HTTPNotFound if error.missing else web.HTTPConflict, str(error)) from None
+    except OSError as error:
+        raise _error(web.HTTPBadRequest, f"address: cannot resolve it: {error.strerror or error}") from None
+    except (EtcdError, TimeoutError) as error:
+        raise _error(
+            web.HTTPServiceUnavailable,
+            f"etcd cannot be reached, so {pool}/{name} was {what} on no node ({error or 'timed out'}); "
+            "`lbproxy ctl --local` applies it on this node only",
+        ) from None
+    except StartError as error:
+        raise _error(web.HTTPInternalServerError, f"{pool}/{name} could not be {what} here: {error}") from None
 
 
 async def reload(request: web.Request) -> web.Response:

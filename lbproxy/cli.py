@@ -91,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             getattr(args, "server", None),
             local=getattr(args, "local", False),
             percent=getattr(args, "percent", None),
+            definition=(
+                {"name": args.server, "address": args.address, "ratio": args.ratio, "backup": args.backup}
+                if args.action == "add-server"
+                else None
+            ),
         )
     import asyncio
 
@@ -176,6 +181,19 @@ def _add_ctl(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     weight.add_argument("server", help="the server's name in that pool")
     weight.add_argument("percent", type=int, help="0 to 100: 0 sends nothing new")
     weight.add_argument("--local", action="store_true", help="with a cluster block: on this node only")
+    text = "add a server to a pool at run time (with a cluster block: on every node)"
+    add = actions.add_parser("add-server", parents=[options], help=text, description=text)
+    add.add_argument("pool", help="the pool's name in the config")
+    add.add_argument("server", help="the new server's name")
+    add.add_argument("address", help="HOST:PORT")
+    add.add_argument("--ratio", type=int, default=1, help="its share, as in the config (default 1)")
+    add.add_argument("--backup", action="store_true", help="a backup server")
+    add.add_argument("--local", action="store_true", help="with a cluster block: on this node only")
+    text = "remove a server from a pool at run time (what it has in flight finishes)"
+    remove = actions.add_parser("remove-server", parents=[options], help=text, description=text)
+    remove.add_argument("pool", help="the pool's name in the config")
+    remove.add_argument("server", help="the server's name in that pool")
+    remove.add_argument("--local", action="store_true", help="with a cluster block: on this node only")
     actions.metavar = "{" + ",".join(actions.choices or ()) + "}"  # also in "arguments are required"
 
 

@@ -1,4 +1,4 @@
-"""A fleet of lbproxy nodes on etcd: this node's registration, and the nodes it sees (issue #18, first part).
+"""A fleet of lbproxy nodes on etcd: this node in it, the nodes it sees, and what they all apply.
 
 With a `cluster` block, the node that runs the control plane (the only process, or the supervisor of
 `--workers`) registers itself under `<prefix>nodes/<node>` with a lease: its name, version,
@@ -19,11 +19,16 @@ every node applies them from its watch (`on_admin`, the same path as an API call
 snapshot at each (re)connection applies what changed while it was away. etcd unreachable: the write
 is refused (applied nowhere), unless the caller asks for this node only.
 
+**Servers added or removed at run time, every node.** `publish_server` writes `<prefix>servers/<pool>/<server>`:
+the server's definition, or `{"removed": true}` for a server the file has (a removal of a server the
+file lacks deletes the key, so that nothing stale waits for a file that adds that name one day).
+Every node hands the whole set to `on_servers` at each change (the runtime applies it on top of its
+file, lbproxy.server_changes); the node that took the call waits until its own watch has seen the
+write, so that its answer means applied here too.
+
 **Health views are shared, decisions stay local.** Each node keeps probing on its own and routes by
 what it sees; it publishes its view (`<prefix>health/<node>`, under its lease) when it changes, and
 `disagreements` says which servers the nodes do not see alike.
-
-Not yet (issue #18): servers added or removed at run time, `make run-cluster`.
 """
 
 from __future__ import annotations
@@ -41,15 +46,17 @@ from typing import Any
 
 import aiohttp
 
-from lbproxy import __version__
-from lbproxy.config import ClusterConfig
+from lbproxy import __version__, tls
+from lbproxy.config import ClusterConfig, ServerConfig, server_fields, server_from
 from lbproxy.etcd import Etcd, EtcdError
+from lbproxy.server_changes import Changes
 
 log = logging.getLogger("lbproxy.cluster")
 
 LEASE: int = 10  # seconds a node's registration outlives its last renewal
 RETRY: float = 1.0  # seconds between attempts while etcd cannot be reached
 VIEW_EVERY: float = 0.5  # seconds between looks at this node's health view (published when it changed)
+CATCH_UP: float = 5.0  # seconds a node that wrote a change waits for its own watch to see it
 
 
 class Cluster:
@@ -71,8 +78,15 @@ class Cluster:
         self.view: Callable[[], dict[str, bool]] | None = None
         self.views: dict[str, dict[str, bool]] = {}  # node -> its published view
         self.held: dict[str, bytes] = {}  # "admin/<pool>/<server>", "weight/...": what etcd holds
+        self.servers: dict[tuple[str, str], ServerConfig | None] = {}  # the fleet's run-time servers, None: removed
+        # Applies the fleet's run-time servers (all of them, at each change), as the API does on one node
+        self.on_servers: Callable[[Changes], None] | None = None
+        self.revision = 0  # etcd's revision this node has seen everything up to
+        self.renewals = 0  # of its registration's lease, since it started
+        self._moved = asyncio.Event()  # set when `revision` moves
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._etcd: Etcd | None = None
         self._lease = 0
 
     @property
@@ -80,8 +94,13 @@ class Cluster:
         return f"{self.settings.prefix}nodes/{self.node}"
 
     def start(self) -> None:
-        self._session = aiohttp.ClientSession()
-        self._task = asyncio.get_running_loop().create_task(self._run(Etcd(self.settings.endpoints, self._session)))
+        settings = self.settings
+        # https endpoints: the CA and client certificate of cluster.etcd.tls, else the system's CAs
+        context = tls.upstream_context(settings.tls) if settings.tls is not None else None
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context or True))
+        credentials = (settings.username, settings.password) if settings.username and settings.password else None
+        self._etcd = Etcd(settings.endpoints, self._session, credentials)
+        self._task = asyncio.get_running_loop().create_task(self._run(self._etcd))
 
     async def stop(self) -> None:
         """Leave the fleet: the registration's lease is revoked (the others see it go at once)."""
@@ -91,20 +110,23 @@ class Cluster:
                 await self._task
             self._task = None
         if self._session is not None:
-            if self._lease:
+            if self._lease and self._etcd is not None:
                 with contextlib.suppress(EtcdError):
-                    await Etcd(self.settings.endpoints, self._session).revoke(self._lease)
+                    await self._etcd.revoke(self._lease)
             await self._session.close()
             self._session = None
+            self._etcd = None
 
-    def reloaded(self, listeners: list[str], config_hash: str) -> None:
-        """A reload was applied: what this node says of itself is written at the next renewal, and
-        what etcd holds is applied again on top of the new file (a server the file brings back gets
-        the fleet's admin state and weight for it)."""
+    def reloaded(self, listeners: list[str], config_hash: str, added: set[str]) -> None:
+        """A reload was applied: what this node says of itself is written at the next renewal, and the
+        servers it `added` ("pool/server") get what etcd holds for them (a server the file brings back
+        gets the fleet's admin state and weight). Servers that stayed kept theirs, a `--local` one
+        included."""
         self.listeners = listeners
         self.config_hash = config_hash
         for where, value in list(self.held.items()):
-            self._apply(where.partition("/")[2], value)
+            if where.partition("/")[2] in added:
+                self._apply(where.partition("/")[2], value)
 
     def registration(self) -> bytes:
         return json.dumps(
@@ -133,9 +155,14 @@ class Cluster:
         # One consistent snapshot of everything under the prefix, then one watch from its revision:
         # no change is missed, none applied twice; what changed while away is applied now.
         revision, found = await etcd.get_prefix(prefix)
-        self.nodes, self.views, self.held = {}, {}, {}  # what was deleted while away is gone
+        # What was deleted while away is gone; an admin state or weight is applied only if it changed
+        # meanwhile (`_changed`), so that a `--local` action taken while etcd was away stays.
+        self.nodes, self.views, self.servers = {}, {}, {}
+        self.held = {where: value for where, value in self.held.items() if prefix + where in found}
         for key, value in found.items():
-            self._changed(key[len(prefix) :], value)
+            self._changed(key[len(prefix) :], value, batch=True)
+        self._servers_changed()
+        self._seen(revision)
         self._connected()
         loop = asyncio.get_running_loop()
         tasks = {
@@ -150,17 +177,33 @@ class Cluster:
         finally:
             for task in tasks:
                 task.cancel()
+            # Wait for their ends without taking their exceptions: a cancellation of this task (a stop)
+            # must go on up, not be swallowed with theirs (it was: a node stopped as etcd went away
+            # kept retrying etcd for ever).
+            await asyncio.wait(tasks)
             for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, EtcdError):
-                    await task
+                if not task.cancelled():
+                    task.exception()  # seen: the one that ended the round was raised above
 
     async def _follow(self, etcd: Etcd, prefix: str, revision: int) -> None:
         async for event in etcd.watch(prefix, revision):
             self._changed(event.key[len(prefix) :], event.value)
+            self._seen(event.revision)
 
-    def _changed(self, where: str, value: bytes | None) -> None:
-        """One key under the prefix, as read or as changed (None: deleted): `nodes/<node>`, or
-        `admin/<pool>/<server>` and `weight/<pool>/<server>` (what every node applies)."""
+    def _seen(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            self._moved.set()
+            self._moved.clear()  # the waiters woken keep running: set() has scheduled them
+
+    async def _caught_up(self, revision: int) -> None:
+        while self.revision < revision:
+            await self._moved.wait()
+
+    def _changed(self, where: str, value: bytes | None, batch: bool = False) -> None:
+        """One key under the prefix, as read or as changed (None: deleted): `nodes/<node>`,
+        `health/<node>`, or what every node applies: `admin/<pool>/<server>`, `weight/<pool>/<server>`
+        and `servers/<pool>/<server>` (`batch`: part of a snapshot, the servers handed over after it)."""
         kind, _, rest = where.partition("/")
         if kind == "nodes":
             if value is None:
@@ -177,8 +220,32 @@ class Cluster:
             if value is None:
                 self.held.pop(where, None)
                 return
-            self.held[where] = value
-            self._apply(rest, value)
+            if self.held.get(where) != value:  # each write differs (its time): unchanged means seen already
+                self.held[where] = value
+                self._apply(rest, value)
+        elif kind == "servers":
+            pool, _, name = rest.partition("/")
+            self.servers.pop((pool, name), None)
+            if value is not None:
+                self._server_entry(pool, name, _parsed(value))
+            if not batch:
+                self._servers_changed()
+
+    def _server_entry(self, pool: str, name: str, fields: dict[str, Any]) -> None:
+        if fields.get("removed") is True:
+            self.servers[pool, name] = None
+            return
+        definition = fields.get("server")
+        try:
+            if not isinstance(definition, dict) or definition.get("name") != name:
+                raise ValueError("not a server definition under its name")
+            self.servers[pool, name] = server_from(definition)
+        except ValueError as error:  # written by something else than lbproxy: ignored, said
+            log.error("cluster: %sservers/%s/%s ignored: %s", self.settings.prefix, pool, name, error)
+
+    def _servers_changed(self) -> None:
+        if self.on_servers is not None:
+            self.on_servers(dict(self.servers))
 
     def _apply(self, where: str, value: bytes) -> None:
         if self.on_admin is not None:
@@ -189,7 +256,8 @@ class Cluster:
         """Write an admin action (drain, disable, enable, or weight with `percent`) for every node,
         this one included, to apply; raises EtcdError when etcd cannot take it, so that it is applied
         nowhere rather than on one node only."""
-        if self._session is None or not self.connected:
+        etcd = self._etcd
+        if etcd is None or not self.connected:
             raise EtcdError(self.error or "not connected to etcd")
         fields: dict[str, Any] = {"action": action, "by": self.node, "at": time.time()}
         kind = "admin"
@@ -197,7 +265,27 @@ class Cluster:
             fields["percent"] = percent
             kind = "weight"  # beside the admin state: a drain does not undo a weight, nor the reverse
         key = f"{self.settings.prefix}{kind}/{pool}/{server}"
-        await Etcd(self.settings.endpoints, self._session).put(key, json.dumps(fields).encode())
+        await etcd.put(key, json.dumps(fields).encode())
+
+    async def publish_server(self, pool: str, name: str, server: ServerConfig | None, keep: bool) -> None:
+        """Write a server added (its definition) or removed (None) for every node, this one included, and
+        wait until this node's watch has seen it (its `on_servers` has been called). `keep` False: the
+        change undoes what etcd holds for that name (the key is deleted). Raises EtcdError when etcd
+        cannot take it, TimeoutError when the watch lags."""
+        etcd = self._etcd
+        if etcd is None or not self.connected:
+            raise EtcdError(self.error or "not connected to etcd")
+        key = f"{self.settings.prefix}servers/{pool}/{name}"
+        if not keep:
+            revision = await etcd.delete(key)
+        else:
+            fields: dict[str, Any] = {"by": self.node, "at": time.time()}
+            if server is None:
+                fields["removed"] = True
+            else:
+                fields["server"] = server_fields(server)
+            revision = await etcd.put(key, json.dumps(fields).encode())
+        await asyncio.wait_for(self._caught_up(revision), CATCH_UP)
 
     async def _publish_view(self, etcd: Etcd) -> None:
         """Publish this node's view of its servers' health whenever it changes (checked twice a
@@ -230,6 +318,7 @@ class Cluster:
             await asyncio.sleep(LEASE / 3)
             if not await etcd.keep_alive(self._lease):
                 raise EtcdError("the registration's lease expired")
+            self.renewals += 1
             if self.registration() != written:  # a reload changed it
                 written = self.registration()
                 await etcd.put(self.key, written, self._lease)
@@ -258,6 +347,10 @@ class Cluster:
             "since": self.since,
             "error": self.error or None,
             "disagreements": self.disagreements(),
+            "servers": {
+                f"{pool}/{name}": "removed" if server is None else server_fields(server)
+                for (pool, name), server in sorted(self.servers.items())
+            },
             "nodes": [
                 {
                     **node,

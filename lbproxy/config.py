@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, TypeAlias, TypeVar
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
@@ -239,6 +239,9 @@ class ClusterConfig:
     node: str
     endpoints: tuple[str, ...]
     prefix: str = "/lbproxy/"  # every key lbproxy writes lives under it
+    tls: PoolTlsConfig | None = None  # https endpoints: the CA, and lbproxy's client certificate if etcd asks
+    username: str | None = None  # etcd's authentication, with password (both or neither)
+    password: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,7 +451,8 @@ _TOP: Final = "the top level"
 _KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     _TOP: ("admin", "listeners", "pools", "state_file", "shutdown_timeout", "log_format", "cluster"),
     "cluster": ("node", "etcd"),
-    "cluster.etcd": ("endpoints", "prefix"),
+    "cluster.etcd": ("endpoints", "prefix", "tls", "username", "password"),
+    "cluster.etcd.tls": ("ca", "cert", "key"),
     "admin": ("bind", "token"),
     "listeners[]": (
         "name",
@@ -709,11 +713,39 @@ class _Reader:
         prefix = self.value(etcd, "prefix", "cluster.etcd", _string, "/lbproxy/")
         if not prefix.endswith("/"):
             prefix += "/"
+        username = self.value(etcd, "username", "cluster.etcd", _optional(_nonempty), None)
+        password = self.value(etcd, "password", "cluster.etcd", _optional(_nonempty), None)
+        if (username is None) != (password is None):
+            self.problem(node, "cluster.etcd", "username and password go together")
         return ClusterConfig(
             node=self.value(entries, "node", "cluster", _name, _host_name()),
             endpoints=tuple(endpoints),
             prefix=prefix,
+            tls=self.etcd_tls(etcd["tls"]) if "tls" in etcd else None,
+            username=username,
+            password=password,
         )
+
+    def etcd_tls(self, node: Node) -> PoolTlsConfig | None:
+        """`cluster.etcd.tls`: as a pool's TLS to its servers (the same context), under etcd's key names."""
+        key = "cluster.etcd.tls"
+        entries = self.mapping(node, key, key)
+        if entries is None:
+            return None
+        settings = PoolTlsConfig(
+            ca=self.value(entries, "ca", key, self._file, None),
+            client_cert=self.value(entries, "cert", key, self._file, None),
+            client_key=self.value(entries, "key", key, self._file, None),
+        )
+        if (settings.client_cert is None) != (settings.client_key is None):
+            self.problem(node, key, "cert and key go together")
+            return None
+        try:
+            tls.upstream_context(settings)
+        except tls.TlsError as error:
+            self.problem(node, key, str(error))
+            return None
+        return settings
 
     def admin(self, node: Node) -> AdminConfig:
         entries = self.mapping(node, "admin", "admin")
@@ -1458,8 +1490,8 @@ def _host_name() -> str:
 
 
 def _endpoint(value: object) -> str:
-    """An etcd client URL: `http://HOST:PORT` (https needs the TLS settings of a later version)."""
-    if not isinstance(value, str) or not re.fullmatch(r"http://[^/\s]+:\d+/?", value):
+    """An etcd client URL: `http://HOST:PORT` or `https://HOST:PORT` (with `cluster.etcd.tls`, or the system's CAs)."""
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^/\s]+:\d+/?", value):
         raise _Invalid(f"expected an etcd endpoint such as http://10.56.1.5:2379, got {value!r}")
     return value.rstrip("/")
 
@@ -1574,6 +1606,43 @@ def resolve(address: Address) -> str:
     return address.host
 
 
+def server_from(fields: Mapping[str, object]) -> ServerConfig:
+    """A server as the admin API is given one (a JSON object with the keys of `pools.<name>.servers[]`),
+    checked as the file's are; ValueError names the key that is wrong."""
+    keys = _KEYS["pools.<name>.servers[]"]
+    for key in fields:
+        if key not in keys:
+            raise ValueError(f"unknown key {key!r}: expected {', '.join(keys)}")
+    for key in ("name", "address"):
+        if key not in fields:
+            raise ValueError(f"{key}: missing")
+    checks: dict[str, Callable[[object], object]] = {
+        "name": _name,
+        "address": _server_address,
+        "ratio": _integer(1, MAX_RATIO),
+        "backup": _boolean,
+        "max_connections": _optional(_integer(1, 1_000_000)),
+    }
+    values: dict[str, Any] = {}
+    for key, value in fields.items():
+        try:
+            values[key] = checks[key](value)
+        except _Invalid as error:
+            raise ValueError(f"{key}: {error}") from None
+    return ServerConfig(**values)
+
+
+def server_fields(server: ServerConfig) -> dict[str, object]:
+    """`server` as `server_from` takes it (JSON values)."""
+    return {
+        "name": server.name,
+        "address": str(server.address),
+        "ratio": server.ratio,
+        "backup": server.backup,
+        "max_connections": server.max_connections,
+    }
+
+
 def _server_address(value: object) -> Address:
     return _address(value, 1)
 
@@ -1595,4 +1664,6 @@ __all__ = [
     "load",
     "parse",
     "resolve",
+    "server_fields",
+    "server_from",
 ]

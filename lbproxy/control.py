@@ -14,6 +14,9 @@ of the live state is applied in one synchronous step of the event loop, so that 
   commit hands the servers that stay over to the new pools as they are at that instant, moves the
   listeners to them, replaces the probe loops and bumps the version. A reload refused before its
   commit has changed nothing. A reload holds a lock across its awaits: reloads run one after another.
+- Servers added or removed at run time (the admin API, or the fleet's etcd) are a reload that does not
+  re-read the file: the file as last loaded (`base`) with the changes wanted (`want`) on top
+  (lbproxy.server_changes). Every reload applies the changes in force, so a file reload keeps them.
 
 `snapshot()` is the applied state with its version: what the workers of `--workers N` (and later the
 cluster) are to follow. This module must not touch a socket or a protocol; the listener side of a
@@ -33,10 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lbproxy import config
+from lbproxy import config, server_changes
 from lbproxy.config import Config
 from lbproxy.health import HealthChecks
 from lbproxy.pool import AdminState, Pool, Server
+from lbproxy.server_changes import Changes
 
 log = logging.getLogger("lbproxy.control")
 
@@ -114,7 +118,10 @@ class Controller:
     """
 
     def __init__(self, whole: Config, manage: bool, cut: Callable[[Server], None]) -> None:
-        self.config = whole
+        self.config = whole  # the config in force: the file's with the servers changed at run time
+        self.base = whole  # the file's, as last loaded
+        self.changes: Changes = {}  # the servers changed at run time that `config` has (server_changes)
+        self.wanted: Changes = {}  # those to apply at the next reload
         self.manage = manage
         self.version = 1
         self.phase = Phase.IDLE
@@ -215,9 +222,20 @@ class Controller:
 
     # -- reload --
 
-    async def reload(self, prepare: Prepare, new: Config | None = None, hosts: Hosts | None = None) -> list[str]:
+    def want(self, changes: Changes) -> None:
+        """The servers changed at run time (both layers, see server_changes) from now on: applied by the
+        next reload, which `reload(prepare, reread=False)` makes at once."""
+        self.wanted = dict(changes)
+
+    async def reload(
+        self, prepare: Prepare, new: Config | None = None, hosts: Hosts | None = None, reread: bool = True
+    ) -> list[str]:
         """Re-read the config file, build the new state beside the live one, and commit it; returns the
         problems (empty: committed). One reload at a time: a second one waits for the first to end.
+
+        The servers changed at run time (`want`) are applied on top of the file (`server_changes.apply`).
+        `reread` False: the file as last loaded, with the changes wanted now: nothing to do when they are
+        in force already.
 
         `new` and `hosts`: a config and its addresses that someone else loaded, checked and resolved (a
         worker of `--workers N` is given its supervisor's), taken as they are instead of the file and the
@@ -229,17 +247,26 @@ class Controller:
         """
         async with self._lock:
             try:
-                return await self._reload(prepare, new, hosts)
+                return await self._reload(prepare, new, hosts, reread)
             finally:
                 self.phase = Phase.IDLE
 
-    async def _reload(self, prepare: Prepare, new: Config | None, hosts: Hosts | None) -> list[str]:
+    async def _reload(self, prepare: Prepare, new: Config | None, hosts: Hosts | None, reread: bool) -> list[str]:
         self.phase = Phase.LOADING
+        base, changes = self.base, self.wanted
         if new is None:
-            try:
-                new = await asyncio.to_thread(config.load, self.config.path)
-            except config.ConfigError as error:
-                return self._refused([str(problem) for problem in error.problems])
+            if reread:
+                try:
+                    base = await asyncio.to_thread(config.load, self.config.path)
+                except config.ConfigError as error:
+                    return self._refused([str(problem) for problem in error.problems])
+            elif changes == self.changes:
+                return []  # in force already (an earlier reload took them)
+            new, notes = server_changes.apply(base, changes)
+            for note in notes:
+                log.warning("servers changed at run time: %s", note)
+        else:
+            base = new  # a worker's: the supervisor's config, changes applied; a worker never re-reads
         self.phase = Phase.BUILDING
         try:
             if hosts is None:
@@ -253,9 +280,11 @@ class Controller:
             return self._refused(["lbproxy is stopping"])
         # The commit: one synchronous step, from here to `self.phase = SETTLING`.
         retired = self._commit(new, pools, hosts)
+        self.base, self.changes = base, changes
         stage.commit()
         self.phase = Phase.SETTLING
-        log.info("reload: %s (version %d)", new.summary(), self.version)
+        what = "reload" if reread else "servers changed at run time"
+        log.info("%s: %s (version %d)", what, new.summary(), self.version)
         await stage.settle()
         await retired.stop()  # cancelled at the commit already: this only waits for their end
         return []

@@ -30,6 +30,7 @@ def run(
     server: str | None,
     local: bool = False,
     percent: int | None = None,
+    definition: dict[str, Any] | None = None,
 ) -> int:
     base = admin.rstrip("/")
     try:
@@ -54,7 +55,18 @@ def run(
             return 0
         assert pool is not None
         assert server is not None
-        where = f"/api/v1/pools/{_quote(pool)}/servers/{_quote(server)}/{action}" + ("?local=1" if local else "")
+        query = "?local=1" if local else ""
+        if action in ("add-server", "remove-server"):
+            servers = f"/api/v1/pools/{_quote(pool)}/servers"
+            if definition is not None:
+                answer = _call(base, "POST", servers + query, token, definition)
+            else:
+                answer = _call(base, "DELETE", f"{servers}/{_quote(server)}{query}", token)
+            done = "added" if definition is not None else "removed"
+            on = "every node of the fleet" if answer.get("applied_on") == "fleet" else "this node only"
+            print(f"{pool}/{server}: {done} on {on}")
+            return 0
+        where = f"/api/v1/pools/{_quote(pool)}/servers/{_quote(server)}/{action}" + query
         state = _call(base, "POST", where, token, {"percent": percent} if action == "weight" else None)
     except ApiError as error:
         print(f"lbproxy ctl: {error}", file=sys.stderr)
@@ -63,7 +75,7 @@ def run(
         reason = getattr(error, "reason", error)
         print(f"lbproxy ctl: cannot reach the admin server at {admin}: {reason}", file=sys.stderr)
         return 2
-    on = " (every node of the fleet)" if state.get("applied_on") == "fleet" else ""
+    on = " (every node of the fleet)" if state.get("applied_on") == "fleet" else " (this node only)" if local else ""
     weight = f", weight {state['weight']:g}" if action == "weight" else ""
     print(f"{pool}/{server}: {state['admin']}, {state['state']}, {state['inflight']} in flight{weight}{on}")
     return 0

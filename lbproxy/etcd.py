@@ -6,6 +6,11 @@ one JSON object per event batch. lbproxy needs a handful of calls (put, range, d
 and keep-alive, watch), so this is a page of code on the HTTP client lbproxy already has, rather
 than a gRPC stack (aetcd and its kind) to install and keep up. Each call tries the endpoints in
 turn, starting with the last that answered; `EtcdError` says that none did, or what etcd refused.
+
+With a user name and password (etcd's authentication on), the client asks etcd for a token
+(`auth/authenticate`) and sends it with every call; a call refused because the token has expired (etcd's
+simple tokens live five minutes by default) gets a new token and is tried once more. TLS is the
+session's: its connector carries the context (the CA, and a client certificate if etcd asks for one).
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ TIMEOUT = aiohttp.ClientTimeout(total=5)  # one call; a watch has no total, only
 
 class EtcdError(Exception):
     """No endpoint answered, or etcd refused the call (the message says which)."""
+
+
+class _Unauthenticated(EtcdError):
+    """etcd wants a (new) token: none was sent, or it has expired."""
+
+
+# etcd's messages for a call without a valid token (etcdserver/api/v3rpc/rpctypes)
+_TOKEN_REFUSED = ("invalid auth token", "user name is empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,23 +66,55 @@ def prefix_end(prefix: str) -> str:
 class Etcd:
     """etcd's v3 API through its JSON gateway, on one aiohttp session."""
 
-    def __init__(self, endpoints: Sequence[str], session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], session: aiohttp.ClientSession, credentials: tuple[str, str] | None = None
+    ) -> None:
         self.endpoints = [endpoint.rstrip("/") for endpoint in endpoints]
         self.session = session
+        self.credentials = credentials  # (user, password), when etcd's authentication is on
+        self._token: str | None = None
         self._first = 0  # the endpoint that answered last
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST `body` to `/v3/PATH` on the first endpoint that answers; its JSON answer."""
+        if self.credentials is None:
+            return await self._post(path, body)
+        if self._token is None:
+            await self._authenticate()
+        try:
+            return await self._post(path, body)
+        except _Unauthenticated:
+            await self._authenticate()
+            return await self._post(path, body)
+
+    async def _authenticate(self) -> None:
+        assert self.credentials is not None
+        self._token = None
+        user, password = self.credentials
+        answer = await self._post("auth/authenticate", {"name": user, "password": password})
+        self._token = str(answer.get("token", ""))
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": self._token} if self._token else {}
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
         count = len(self.endpoints)
         for step in range(count):
             index = (self._first + step) % count
             url = f"{self.endpoints[index]}/v3/{path}"
             try:
-                async with self.session.post(url, json=body, timeout=TIMEOUT) as response:
-                    answer: dict[str, Any] = await response.json(content_type=None)
+                async with self.session.post(url, json=body, timeout=TIMEOUT, headers=self._headers()) as response:
+                    text = await response.text()
+                    try:
+                        answer: dict[str, Any] = json.loads(text)
+                    except ValueError:  # the gateway's own refusals are plain text
+                        raise EtcdError(f"{url}: {response.status} {text.strip()[:200]}") from None
                     if response.status != 200:
-                        raise EtcdError(f"{url}: {answer.get('error') or answer.get('message') or response.status}")
+                        why = str(answer.get("error") or answer.get("message") or response.status)
+                        if any(refused in why for refused in _TOKEN_REFUSED):
+                            raise _Unauthenticated(f"{url}: {why}")
+                        raise EtcdError(f"{url}: {why}")
                     self._first = index
                     return answer
             except (aiohttp.ClientError, TimeoutError, ValueError) as error:
@@ -117,17 +162,23 @@ class Etcd:
                 "start_revision": str(start_revision),
             }
         }
+        if self.credentials is not None and self._token is None:
+            await self._authenticate()
         url = f"{self.endpoints[self._first]}/v3/watch"
         try:
             async with self.session.post(
-                url, json=request, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+                url, json=request, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5), headers=self._headers()
             ) as response:
                 if response.status != 200:
                     raise EtcdError(f"{url}: watch refused ({response.status})")
                 async for line in response.content:
                     if not line.strip():
                         continue
-                    message = json.loads(line).get("result", {})
+                    parsed = json.loads(line)
+                    if "error" in parsed:  # the stream's own refusal, e.g. an expired token
+                        self._token = None  # the next round authenticates again
+                        raise EtcdError(f"{url}: watch refused: {parsed['error'].get('message', parsed['error'])}")
+                    message = parsed.get("result", {})
                     if message.get("canceled") or message.get("compact_revision"):
                         raise EtcdError(f"{url}: watch cancelled ({message.get('cancel_reason', 'compacted')})")
                     for event in message.get("events", ()):

@@ -11,6 +11,7 @@ ones (`_ListenerStage`), drives the deadline ticks, serves the admin API, and sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import sys
@@ -21,9 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
-from lbproxy import admin, metrics
+from lbproxy import admin, metrics, server_changes
 from lbproxy.cluster import Cluster, config_hash
-from lbproxy.config import Config, ListenerConfig
+from lbproxy.config import Config, ListenerConfig, ServerConfig, resolve, server_fields
 from lbproxy.control import Controller, Hosts, Stage
 from lbproxy.control import StartError as StartError  # re-exported: cli and workers catch it from here
 from lbproxy.handshake import Acceptor
@@ -33,6 +34,7 @@ from lbproxy.limits import RateLimiter, TrustedProxies
 from lbproxy.pool import AdminState, Pool, Server
 from lbproxy.routing import RouteTable
 from lbproxy.selection import RateLimit
+from lbproxy.server_changes import Changes
 from lbproxy.tcp_proxy import TcpClient, TcpListener
 from lbproxy.tls import ListenerContexts, TlsError, expiries
 
@@ -80,6 +82,11 @@ class Runtime:
         self._bound_all = False
         self._ticker: asyncio.Task[None] | None = None
         self.cluster: Cluster | None = None  # with a `cluster` block, on the control plane's node
+        # Servers changed at run time (server_changes), the two layers: the fleet's (etcd's, set by the
+        # cluster) and this node's own, on top; the controller applies both.
+        self.fleet_servers: Changes = {}
+        self.local_servers: dict[tuple[str, str], ServerConfig | None] = {}
+        self._applying: set[asyncio.Task[list[str]]] = set()  # the fleet's changes being applied
         self._log_handlers: dict[str, logging.Handler] = {}
         self._retired: list[Listener] = []  # removed by a reload, until their connections end
         self._stopped = False
@@ -134,6 +141,7 @@ class Runtime:
                 self.cluster = Cluster(self.config.cluster, self._listener_names(), config_hash(self.config.path))
                 self.cluster.on_admin = self._fleet_action
                 self.cluster.view = self._health_view
+                self.cluster.on_servers = self._fleet_servers
                 self.cluster.start()
         except BaseException:
             for handler in opened.values():
@@ -170,8 +178,67 @@ class Runtime:
             self.set_weight(found, percent)
 
     def _health_view(self) -> dict[str, bool]:
-        """This node's view of its servers' health ("pool/server" -> up), for the fleet."""
-        return {f"{pool.name}/{server.name}": server.up for pool in self.pools.values() for server in pool.servers}
+        """This node's view of its servers' health ("pool/server" -> up), for the fleet: from the
+        controller's snapshot, as the workers follow it."""
+        return {key: state.up for key, state in self.controller.snapshot().servers.items()}
+
+    # -- servers added or removed at run time (lbproxy.server_changes) --
+
+    async def change_server(self, pool: str, name: str, server: ServerConfig | None, local: bool) -> bool:
+        """Add `server` to `pool` as `name`, or remove `name` (None), and wait until it is in force here;
+        True when written for the whole fleet, False for this node only (`local`, or no cluster block).
+
+        Raises server_changes.Refused (refused before anything is written), OSError (the address does
+        not resolve), EtcdError or TimeoutError (etcd could not take it: applied nowhere), or StartError
+        (this node's reload refused it: the message says why).
+        """
+        base = self.controller.base
+        wanted = self.controller.wanted
+        server_changes.refusal(base, wanted, pool, name, server)
+        if server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, resolve, server.address)
+        fleet = not local and self.cluster is not None
+        if self.cluster is not None and fleet:
+            # On etcd: a removal of a file's server, or an addition the file lacks; else the key goes.
+            keep = (server_changes.defined(base, pool, name) is None) is (server is not None)
+            await self.cluster.publish_server(pool, name, server, keep)  # on_servers has been called
+        else:
+            self.local_servers[pool, name] = server
+            self._want_servers()
+        before = self._server_keys()
+        problems = await self.controller.reload(self._prepare, reread=False)
+        self._reloaded(problems, before)
+        if problems:
+            raise StartError("; ".join(problems))
+        return fleet
+
+    def _fleet_servers(self, changes: Changes) -> None:
+        """The fleet's run-time servers, from etcd: applied at once, by a reload that does not re-read
+        the file (one at a time; those that find the changes in force already do nothing)."""
+        self.fleet_servers = changes
+        self._want_servers()
+        task = asyncio.get_running_loop().create_task(self._apply_servers())
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+
+    async def _apply_servers(self) -> list[str]:
+        before = self._server_keys()
+        problems = await self.controller.reload(self._prepare, reread=False)
+        self._reloaded(problems, before)
+        return problems
+
+    def _want_servers(self) -> None:
+        self.controller.want({**self.fleet_servers, **self.local_servers})
+
+    def server_changes(self) -> dict[str, Any]:
+        """The servers changed at run time, as the API shows them: by "pool/server", the definition
+        added or "removed", and whose change it is (the fleet's, or this node's only)."""
+        shown: dict[str, Any] = {}
+        for layer, changes in (("fleet", self.fleet_servers), ("this node", self.local_servers)):
+            for (pool, name), server in sorted(changes.items()):
+                change = "removed" if server is None else server_fields(server)
+                shown[f"{pool}/{name}"] = {"change": change, "by": layer}
+        return shown
 
     def cluster_state(self) -> dict[str, Any] | None:
         """The fleet this node sees (`GET /api/v1/cluster`); None without a `cluster` block."""
@@ -219,6 +286,10 @@ class Runtime:
         if self.cluster is not None:
             await self.cluster.stop()
             self.cluster = None
+        for task in list(self._applying):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
@@ -256,10 +327,20 @@ class Runtime:
         (their open connections finish), changed ones updated; servers that stay keep health, admin
         state and counters; in-flight requests are not interrupted.
         """
+        before = self._server_keys()
         problems = await self.controller.reload(self._prepare, new, hosts)
-        if not problems and self.cluster is not None:  # the fleet sees this node's new config
-            self.cluster.reloaded(self._listener_names(), config_hash(self.config.path))
+        self._reloaded(problems, before)
         return problems
+
+    def _server_keys(self) -> set[str]:
+        return {f"{pool.name}/{server.name}" for pool in self.pools.values() for server in pool.servers}
+
+    def _reloaded(self, problems: list[str], before: set[str]) -> None:
+        """After a reload: the fleet sees this node's new config, and its servers new to it get the
+        fleet's admin state and weight."""
+        if not problems and self.cluster is not None:
+            added = self._server_keys() - before
+            self.cluster.reloaded(self._listener_names(), config_hash(self.config.path), added)
 
     async def _prepare(self, new: Config, pools: Mapping[str, Pool], hosts: Hosts) -> Stage:
         """The controller's `Prepare`: the listeners' stage, then the `stage_hook`'s (with --workers)."""

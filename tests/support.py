@@ -480,11 +480,15 @@ class Authority:
         self.path = folder / f"{stem}.pem"
         self.path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, stem: str, *names: str, days: float = 30, key_of: Issued | None = None) -> Issued:
+    def issue(
+        self, stem: str, *names: str, days: float = 30, key_of: Issued | None = None, common_name: bool = True
+    ) -> Issued:
+        """A certificate for `names` (the first one its CommonName too, unless not `common_name`)."""
         key = ec.generate_private_key(ec.SECP256R1())
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, names[0])] if common_name else []
         leaf = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())

@@ -343,6 +343,8 @@ async def test_openapi_document_lists_every_route(tmp_path: Path) -> None:
         "/api/v1/pools",
         "/api/v1/cluster",
         "/api/v1/pools/{pool}",
+        "/api/v1/pools/{pool}/servers",
+        "/api/v1/pools/{pool}/servers/{server}",
         "/api/v1/pools/{pool}/servers/{server}/{action}",
         "/api/v1/pools/{pool}/servers/{server}/weight",
         "/api/v1/reload",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,27 +19,45 @@ import aiohttp
 import pytest
 
 from lbproxy import config, metrics
-from lbproxy.etcd import Etcd
+from lbproxy.etcd import Etcd, EtcdError
 from lbproxy.runtime import Runtime
-from tests.support import Backend, chromium, ctl, eventually, free_port, get, port_of
+from tests.support import Authority, Backend, Issued, chromium, ctl, eventually, free_port, get, port_of
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed (Debian: etcd-server)")
 
 
 class EtcdProcess:
-    """One etcd member on 127.0.0.1 that a test can stop and start again (its data stays)."""
+    """One etcd member on 127.0.0.1 that a test can stop and start again (its data stays); with `tls`
+    (a CA and the member's certificate), on https, a client certificate from that CA required."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tls: tuple[Authority, Issued] | None = None, *flags: str) -> None:
         self.folder = folder
         self.client = free_port()
         self.peer = free_port()
-        self.url = f"http://127.0.0.1:{self.client}"
+        self.tls = tls
+        self.flags = list(flags)
+        if tls is not None:
+            authority, issued = tls
+            # No CommonName: with authentication on, etcd 3.4's gateway refuses a client certificate with one.
+            self.client_cert = authority.issue("etcd-client", "lbproxy", common_name=False)
+            self.flags += ["--cert-file", str(issued.cert), "--key-file", str(issued.key)]
+            self.flags += ["--trusted-ca-file", str(authority.path), "--client-cert-auth"]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.client}"
         self.process: asyncio.subprocess.Process | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """A client session that etcd takes (its client certificate, with `tls`)."""
+        if self.tls is None:
+            return aiohttp.ClientSession()
+        context = ssl.create_default_context(cafile=self.tls[0].path)
+        context.load_cert_chain(self.client_cert.cert, self.client_cert.key)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
 
     async def start(self) -> None:
         with (self.folder / "etcd.log").open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 "etcd",
+                *self.flags,
                 "--data-dir",
                 str(self.folder / "data"),
                 "--listen-client-urls",
@@ -54,14 +73,14 @@ class EtcdProcess:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=log,
             )
-        async with aiohttp.ClientSession() as session:
+        async with self.session() as session:
             etcd = Etcd([self.url], session)
 
             async def answers() -> bool:
                 try:
                     await etcd.get_prefix("/")
-                except Exception:
-                    return False
+                except EtcdError as error:
+                    return "user name is empty" in str(error)  # it answers: with authentication on
                 return True
 
             loop = asyncio.get_running_loop()
@@ -234,6 +253,7 @@ async def test_without_etcd_an_action_is_applied_nowhere_unless_asked_for_this_n
             cluster = lb1.cluster
             assert cluster is not None
             await eventually(lambda: cluster.connected)
+            assert (await action(lb1, "enable"))[0] == 200  # etcd holds "enable" for a
             await etcd.stop()
             await eventually(lambda: not cluster.connected, timeout=10)
             status, body = await action(lb1, "drain")
@@ -242,6 +262,12 @@ async def test_without_etcd_an_action_is_applied_nowhere_unless_asked_for_this_n
             assert lb1.pools["farm"].by_name["a"].admin.value == "enabled"  # not on this one either
             status, body = await action(lb1, "drain", local=True)
             assert (status, body["admin"], body["applied_on"]) == (200, "draining", "this node")
+            # etcd back: its snapshot's unchanged "enable" does not undo the drain taken here meanwhile
+            await etcd.start()
+            await eventually(lambda: cluster.connected, timeout=10)
+            assert lb1.pools["farm"].by_name["a"].admin.value == "draining"
+            assert (await action(lb1, "enable"))[0] == 200  # a fleet action ends it
+            assert lb1.pools["farm"].by_name["a"].admin.value == "enabled"
 
 
 async def test_a_live_weight_set_on_one_node_is_set_on_every_node(tmp_path: Path, etcd_folder: Path) -> None:
@@ -334,3 +360,116 @@ async def test_the_file_is_the_base_and_the_fleets_admin_states_apply_on_top(
                 path.write_text(with_b.replace(other.address, moved.address))
                 assert await lb1.reload() == []
                 assert lb1.pools["farm"].by_name["b"].admin.value == "draining"
+
+
+async def change(runtime: Runtime, method: str, path: str, body: object = None) -> tuple[int, dict[str, object]]:
+    admin = runtime.bound["admin"]
+    url = f"http://{admin.host}:{admin.port}{path}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, json=body, headers={"X-Lbproxy-Admin": "1"}) as response,
+    ):
+        return response.status, await response.json()
+
+
+def served(runtime: Runtime) -> list[str]:
+    return [server.name for server in runtime.pools["farm"].servers]
+
+
+async def test_a_server_added_or_removed_on_one_node_is_on_every_node(tmp_path: Path, etcd_folder: Path) -> None:
+    async with etcd_running(etcd_folder) as etcd, Backend("a") as backend, Backend("c") as added:
+        path = node_config(tmp_path, etcd, backend)
+        async with node(path, "lb1") as lb1, node(path, "lb2") as lb2, node(path, "lb3") as lb3:
+            fleet = (lb1, lb2, lb3)
+            for runtime in fleet:
+                await eventually(lambda runtime=runtime: runtime.cluster is not None and runtime.cluster.connected)  # type: ignore[misc]
+            status, body = await change(
+                lb2, "POST", "/api/v1/pools/farm/servers", {"name": "c", "address": added.address}
+            )
+            assert (status, body["applied_on"]) == (201, "fleet"), body
+            assert served(lb2) == ["a", "c"]  # in force on the node that answered
+            await eventually(lambda: [served(runtime) for runtime in fleet] == [["a", "c"]] * 3, timeout=1.0)
+            for runtime in fleet:
+                assert {(await get(port_of(runtime))).body for _ in range(4)} == {b"a", b"c"}
+            state = lb1.cluster_state()
+            assert state is not None
+            assert state["servers"] == {
+                "farm/c": {"name": "c", "address": added.address, "ratio": 1, "backup": False, "max_connections": None}
+            }
+            # a file's server removed on lb3: gone on every node; a node away reads it from the snapshot
+            await lb1.stop()
+            status, body = await change(lb3, "DELETE", "/api/v1/pools/farm/servers/a")
+            assert (status, body) == (200, {"applied_on": "fleet", "removed": "farm/a"})
+            await eventually(lambda: [served(runtime) for runtime in (lb2, lb3)] == [["c"]] * 2, timeout=1.0)
+        async with node(path, "lb1") as back:
+            await eventually(lambda: served(back) == ["c"])
+            assert {(await get(port_of(back))).body for _ in range(3)} == {b"c"}
+            # the file's definition undoes the removal; a server added and then removed leaves nothing
+            status, body = await change(
+                back, "POST", "/api/v1/pools/farm/servers", {"name": "a", "address": backend.address}
+            )
+            assert status == 201, body
+            status, body = await change(back, "DELETE", "/api/v1/pools/farm/servers/c")
+            assert status == 200, body
+            assert served(back) == ["a"]
+            state = back.cluster_state()
+            assert state is not None
+            assert state["servers"] == {}  # nothing left in etcd for either name
+            # etcd away: refused everywhere, unless asked for this node only
+            await etcd.stop()
+            assert back.cluster is not None
+            cluster = back.cluster
+            await eventually(lambda: not cluster.connected, timeout=10)
+            body = {"name": "c", "address": added.address}
+            status, answer = await change(back, "POST", "/api/v1/pools/farm/servers", body)
+            assert status == 503
+            assert "was added on no node" in str(answer["error"]), answer
+            assert served(back) == ["a"]
+            status, answer = await change(back, "POST", "/api/v1/pools/farm/servers?local=1", body)
+            assert (status, answer["applied_on"]) == (201, "this node")
+            assert served(back) == ["a", "c"]
+
+
+async def test_etcd_over_tls_with_a_client_certificate_and_a_password(tmp_path: Path, etcd_folder: Path) -> None:
+    authority = Authority(tmp_path)
+    # Tokens live one second: every call of a node's life past the first needs a new one.
+    member = EtcdProcess(etcd_folder, (authority, authority.issue("etcd", "127.0.0.1")), "--auth-token-ttl", "1")
+    await member.start()
+    try:
+        async with member.session() as session:  # root, its role, and authentication on
+            etcd = Etcd([member.url], session)
+            await etcd.call("auth/user/add", {"name": "root", "password": "s3cret"})
+            await etcd.call("auth/user/grant", {"user": "root", "role": "root"})
+            await etcd.call("auth/enable", {})
+        client = authority.issue("lbproxy", "lbproxy", common_name=False)  # see EtcdProcess
+        async with Backend("a") as backend:
+            path = tmp_path / "tls.yaml"
+            path.write_text(
+                "admin: {bind: 127.0.0.1:0}\n"
+                "cluster:\n  node: ${NODE}\n"
+                f"  etcd:\n    endpoints: [{member.url}]\n    prefix: /tls/\n"
+                f"    tls: {{ca: {authority.path}, cert: {client.cert}, key: {client.key}}}\n"
+                "    username: root\n    password: ${ETCD_PASSWORD}\n"
+                "listeners:\n  - {name: web, bind: 127.0.0.1:0, pool: farm}\n"
+                f'pools:\n  farm:\n    servers:\n      - {{name: a, address: "{backend.address}"}}\n'
+            )
+            good = Runtime(config.load(path, environ={"NODE": "lb1", "ETCD_PASSWORD": "s3cret"}))
+            bad = Runtime(config.load(path, environ={"NODE": "lb2", "ETCD_PASSWORD": "wrong"}))
+            await good.start()
+            await bad.start()
+            try:
+                await eventually(lambda: (good.cluster_state() or {}).get("connected") is True, timeout=10)
+                await eventually(lambda: "authentication failed" in str((bad.cluster_state() or {}).get("error")))
+                assert names(good) == ["lb1"]  # lb2 never got in
+                # The token expires (1 s) while the node renews its lease and watches: it takes a new one.
+                await eventually(lambda: good.cluster is not None and good.cluster.renewals >= 1, timeout=10)
+                status, body = await action(good, "drain")
+                assert (status, body["applied_on"]) == (200, "fleet"), body
+                assert good.cluster is not None
+                assert good.cluster.connected
+                await eventually(lambda: good.cluster is not None and "admin/farm/a" in good.cluster.held)
+            finally:
+                await bad.stop()
+                await good.stop()
+    finally:
+        await member.stop()
