@@ -282,6 +282,11 @@ async def status_page(request: web.Request) -> web.Response:
     return response
 
 
+def _write_operation(summary: str, *errors: int) -> dict[str, Any]:
+    """An operation that writes: it needs the token, or the header on a loopback bind."""
+    return {**_operation(summary, *errors), "security": WRITE_SECURITY}
+
+
 def _operation(summary: str, *errors: int, body: str = "object") -> dict[str, Any]:
     responses: dict[str, Any] = {
         "200": {"description": "OK", "content": {"application/json": {"schema": {"type": body}}}}
@@ -311,35 +316,29 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/v1/pools/{pool}/servers": {
             "parameters": [{"name": "pool", **_NAME}],
-            "post": {
-                **_operation(
-                    'add a server at run time, {"name", "address", "ratio"?, "backup"?, "max_connections"?}; '
-                    "201 once in force here. With a cluster block every node applies it (503 when etcd cannot "
-                    "take it); `?local=1`: this node only, until its restart",
-                    400,
-                    401,
-                    403,
-                    404,
-                    409,
-                    503,
-                ),
-                "security": WRITE_SECURITY,
-            },
+            "post": _write_operation(
+                'add a server at run time, {"name", "address", "ratio"?, "backup"?, "max_connections"?}; '
+                "201 once in force here. With a cluster block every node applies it (503 when etcd cannot "
+                "take it); `?local=1`: this node only, until its restart",
+                400,
+                401,
+                403,
+                404,
+                409,
+                503,
+            ),
         },
         "/api/v1/pools/{pool}/servers/{server}": {
             "parameters": [{"name": "pool", **_NAME}, {"name": "server", **_NAME}],
-            "delete": {
-                **_operation(
-                    "remove a server at run time (what it has in flight finishes); with a cluster block on "
-                    "every node (503 when etcd cannot take it); `?local=1`: this node only",
-                    401,
-                    403,
-                    404,
-                    409,
-                    503,
-                ),
-                "security": WRITE_SECURITY,
-            },
+            "delete": _write_operation(
+                "remove a server at run time (what it has in flight finishes); with a cluster block on "
+                "every node (503 when etcd cannot take it); `?local=1`: this node only",
+                401,
+                403,
+                404,
+                409,
+                503,
+            ),
         },
         "/api/v1/pools/{pool}/servers/{server}/{action}": {
             "parameters": [
@@ -347,39 +346,30 @@ OPENAPI: dict[str, Any] = {
                 {"name": "server", **_NAME},
                 {"name": "action", "in": "path", "required": True, "schema": {"type": "string", "enum": list(ACTIONS)}},
             ],
-            "post": {
-                **_operation(
-                    "drain, disable or enable a server; answers its new state. With a cluster block every node "
-                    "applies it (503 when etcd cannot take it); `?local=1`: this node only",
-                    400,
-                    401,
-                    403,
-                    404,
-                    503,
-                ),
-                "security": WRITE_SECURITY,
-            },
+            "post": _write_operation(
+                "drain, disable or enable a server; answers its new state. With a cluster block every node "
+                "applies it (503 when etcd cannot take it); `?local=1`: this node only",
+                400,
+                401,
+                403,
+                404,
+                503,
+            ),
         },
         "/api/v1/pools/{pool}/servers/{server}/weight": {
             "parameters": [{"name": "pool", **_NAME}, {"name": "server", **_NAME}],
-            "post": {
-                **_operation(
-                    'set the live weight, {"percent": 0-100} of the ratio; with a cluster block on every node '
-                    "(503 when etcd cannot take it); `?local=1`: this node only",
-                    400,
-                    401,
-                    403,
-                    404,
-                    503,
-                ),
-                "security": WRITE_SECURITY,
-            },
+            "post": _write_operation(
+                'set the live weight, {"percent": 0-100} of the ratio; with a cluster block on every node '
+                "(503 when etcd cannot take it); `?local=1`: this node only",
+                400,
+                401,
+                403,
+                404,
+                503,
+            ),
         },
         "/api/v1/reload": {
-            "post": {
-                **_operation("re-read the config file; 400 with the problems when it is refused", 400, 401, 403),
-                "security": WRITE_SECURITY,
-            }
+            "post": _write_operation("re-read the config file; 400 with the problems when it is refused", 400, 401, 403)
         },
     },
     "components": {

@@ -4,6 +4,9 @@ The fleet's side is in test_cluster.py and test_fleet.py."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +111,20 @@ async def served_by(runtime: Runtime, count: int) -> set[bytes]:
     return {(await get(port_of(runtime))).body for _ in range(count)}
 
 
+@asynccontextmanager
+async def farm(tmp_path: Path, *more: str) -> AsyncIterator[tuple[Runtime, dict[str, Backend]]]:
+    """lbproxy on pool farm of a and b, and back-ends `more` that it does not have yet."""
+    backends = {name: Backend(name) for name in ("a", "b", *more)}
+    async with contextlib.AsyncExitStack() as stack:
+        for backend in backends.values():
+            await stack.enter_async_context(backend)
+        a, b = backends["a"].address, backends["b"].address
+        yield await stack.enter_async_context(running(admin_farm(), tmp_path, a=a, b=b)), backends
+
+
 async def test_a_server_added_gets_traffic_and_a_removed_one_none(tmp_path: Path) -> None:
-    async with (
-        Backend("a") as a,
-        Backend("b") as b,
-        Backend("c") as c,
-        running(admin_farm(), tmp_path, a=a.address, b=b.address) as lb,
-    ):
+    async with farm(tmp_path, "c") as (lb, backends):
+        a, c = backends["a"], backends["c"]
         assert await served_by(lb, 4) == {b"a", b"b"}
         status, body = await call(lb, "POST", "/api/v1/pools/farm/servers", {"name": "c", "address": c.address})
         assert (status, body["applied_on"], body["server"]["name"]) == (201, "this node", "c"), body
@@ -141,7 +151,8 @@ async def test_a_server_added_gets_traffic_and_a_removed_one_none(tmp_path: Path
 
 
 async def test_the_api_refuses_what_it_cannot_apply_and_changes_nothing(tmp_path: Path) -> None:
-    async with Backend("a") as a, Backend("b") as b, running(admin_farm(), tmp_path, a=a.address, b=b.address) as lb:
+    async with farm(tmp_path) as (lb, backends):
+        a = backends["a"]
         servers = "/api/v1/pools/farm/servers"
         for method, path, body, status, message in (
             ("POST", servers, {"name": "c"}, 400, "address: missing"),
@@ -165,12 +176,8 @@ async def test_the_api_refuses_what_it_cannot_apply_and_changes_nothing(tmp_path
 
 
 async def test_ctl_adds_and_removes_servers(tmp_path: Path) -> None:
-    async with (
-        Backend("a") as a,
-        Backend("b") as b,
-        Backend("c") as c,
-        running(admin_farm(), tmp_path, a=a.address, b=b.address) as lb,
-    ):
+    async with farm(tmp_path, "c") as (lb, backends):
+        c = backends["c"]
         admin = f"http://{lb.bound['admin'].host}:{lb.bound['admin'].port}"
         code, out, err = await ctl("add-server", "farm", "c", c.address, "--ratio", "3", "--admin", admin)
         assert (code, out.strip()) == (0, "farm/c: added on this node only"), err
@@ -188,13 +195,8 @@ async def test_ctl_adds_and_removes_servers(tmp_path: Path) -> None:
 async def test_a_file_that_defines_a_server_added_at_run_time_wins(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with (
-        Backend("a") as a,
-        Backend("b") as b,
-        Backend("c") as c,
-        Backend("c2") as moved,
-        running(admin_farm(), tmp_path, a=a.address, b=b.address) as lb,
-    ):
+    async with farm(tmp_path, "c", "c2") as (lb, backends):
+        c, moved = backends["c"], backends["c2"]
         assert (await call(lb, "POST", "/api/v1/pools/farm/servers", {"name": "c", "address": c.address}))[0] == 201
         path = lb.config.path
         path.write_text(path.read_text() + f'      - {{name: c, address: "{moved.address}"}}\n')
