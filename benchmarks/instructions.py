@@ -15,6 +15,10 @@ second pool) or `cookie` (a pool with cookie persistence, the request carrying i
 which is taken out before the server). The difference from `plain` is what routing or persistence
 costs per request.
 
+Each checkout is counted as it would run: compiled with mypyc when its compiled modules are built
+and match their source (`make build`, issue #19), else pure Python. `--pure` counts this checkout's
+pure-Python build as well (`LBPROXY_PURE=1`), for the compiled build's gain in one command.
+
 `--base DIR` counts the lbproxy package of another checkout as well (`git worktree add DIR REV`),
 for a before-and-after from one command; `routes` and `cookie` need a checkout with lbproxy/routing.py
 and lbproxy/persistence.py (issue #15): with an older one only `plain` can be counted.
@@ -62,7 +66,7 @@ def run_cycles(cycles: int, request: str, listener: str) -> None:
     loop.close()
 
 
-def count(package_root: Path, cycles: int, request: str, listener: str) -> int:
+def count(package_root: Path, cycles: int, request: str, listener: str, pure: bool = False) -> int:
     """Instructions valgrind counts for a whole run of `cycles` cycles with lbproxy from `package_root`."""
     command = [
         "valgrind",
@@ -78,7 +82,7 @@ def count(package_root: Path, cycles: int, request: str, listener: str) -> int:
         "--listener",
         listener,
     ]
-    env = {**os.environ, "PYTHONPATH": str(package_root)}
+    env = {**os.environ, "PYTHONPATH": str(package_root), "LBPROXY_PURE": "1" if pure else ""}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
     if found is None:
@@ -86,9 +90,18 @@ def count(package_root: Path, cycles: int, request: str, listener: str) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def per_request(package_root: Path, request: str, listener: str) -> float:
-    long, short = count(package_root, LONG, request, listener), count(package_root, SHORT, request, listener)
+def per_request(package_root: Path, request: str, listener: str, pure: bool = False) -> float:
+    long = count(package_root, LONG, request, listener, pure)
+    short = count(package_root, SHORT, request, listener, pure)
     return (long - short) / (LONG - SHORT)
+
+
+def build_of(package_root: Path, pure: bool = False) -> str:
+    """Which build of lbproxy runs from `package_root`: "mypyc" or "pure"."""
+    env = {**os.environ, "PYTHONPATH": str(package_root), "LBPROXY_PURE": "1" if pure else ""}
+    code = "import lbproxy, sys; print(getattr(getattr(lbproxy, 'build', None), 'RUNNING', 'pure'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return done.stdout.strip()
 
 
 def main() -> int:
@@ -101,6 +114,7 @@ def main() -> int:
         help="plain (default), with 10 host routes, or with cookie persistence and the cookie sent",
     )
     parser.add_argument("--base", type=Path, help="another checkout to count as well")
+    parser.add_argument("--pure", action="store_true", help="count this checkout's pure-Python build as well")
     parser.add_argument("--cycles", type=int, help=argparse.SUPPRESS)  # the run under valgrind
     args = parser.parse_args()
     if args.cycles is not None:
@@ -120,10 +134,16 @@ def main() -> int:
         return 1
     what = f"{args.request} request, {args.listener} listener"
     here = per_request(REPO, args.request, args.listener)
-    print(f"{REPO}: {here:,.0f} instructions per request ({what})")
+    print(f"{REPO} ({build_of(REPO)}): {here:,.0f} instructions per request ({what})")
+    if args.pure:
+        pure = per_request(REPO, args.request, args.listener, pure=True)
+        print(f"{REPO} (pure): {pure:,.0f} instructions per request; the build above {here / pure - 1:+.1%}")
     if args.base is not None:
         base = per_request(args.base.resolve(), args.request, args.listener)
-        print(f"{args.base}: {base:,.0f} instructions per request; this checkout {here / base - 1:+.1%}")
+        print(
+            f"{args.base} ({build_of(args.base.resolve())}): {base:,.0f} instructions per request; "
+            f"this checkout {here / base - 1:+.1%}"
+        )
     return 0
 
 

@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from lbproxy import __version__, build
 from lbproxy.config import ServerConfig, server_from
 from lbproxy.control import StartError
 from lbproxy.etcd import EtcdError
@@ -435,7 +436,11 @@ async def pools(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     await runtime.refresh()
     return web.json_response(
-        {"pools": [pool_state(p) for p in runtime.pools.values()], "servers_changed": runtime.server_changes()}
+        {
+            "pools": [pool_state(p) for p in runtime.pools.values()],
+            "servers_changed": runtime.server_changes(),
+            "lbproxy": {"version": __version__, "build": build.RUNNING, "described": build.described()},
+        }
     )
 
 

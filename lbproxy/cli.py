@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lbproxy import __version__
+from lbproxy import __version__, build
 from lbproxy import ctl as control
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ log = logging.getLogger("lbproxy")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lbproxy", description="A load balancer for a farm of servers.")
-    parser.add_argument("--version", action="version", version=f"lbproxy {__version__}")
+    parser.add_argument("--version", action="version", version=f"lbproxy {__version__} ({build.described()})")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="check a config file and exit")
     check.add_argument("-c", "--config", required=True, help="the config file")

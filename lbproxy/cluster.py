@@ -46,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from lbproxy import __version__, tls
+from lbproxy import __version__, build, tls
 from lbproxy.config import ClusterConfig, ServerConfig, server_fields, server_from
 from lbproxy.etcd import Etcd, EtcdError
 from lbproxy.server_changes import Changes
@@ -133,6 +133,7 @@ class Cluster:
             {
                 "node": self.node,
                 "version": __version__,
+                "build": build.RUNNING,
                 "listeners": self.listeners,
                 "config_hash": self.config_hash,
                 "started": self.started,

@@ -127,7 +127,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     # httptools looks up every callback when it makes a parser, as it does once per response here:
     # those we leave out are found as None, not searched for through the class hierarchy in vain.
-    on_message_begin = on_status = on_header = on_chunk_header = on_chunk_complete = None
+    on_message_begin = None
+    on_status = None
+    on_header = None
+    on_chunk_header = None
+    on_chunk_complete = None
 
     def __init__(self, server: Server, listener: Listening) -> None:
         self.server = server

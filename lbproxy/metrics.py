@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector as CollectorBase
 
+from lbproxy import __version__, build
 from lbproxy.handshake import HANDSHAKE_BOUNDS
 from lbproxy.http_proxy import DURATION_BOUNDS
 from lbproxy.limits import WAIT_BOUNDS
@@ -256,6 +257,13 @@ def families(reading: Reading) -> Iterator[Metric]:
     )
     last.add_metric([], 1 if reading.last_reload_ok else 0)
     yield last
+    running = GaugeMetricFamily(
+        "lbproxy_build_info",
+        "Always 1: the version of lbproxy and its build (mypyc or pure).",
+        labels=["version", "build"],
+    )
+    running.add_metric([__version__, build.RUNNING], 1)
+    yield running
     if reading.cluster is not None:
         connected = GaugeMetricFamily(
             "lbproxy_cluster_connected", "1 while this node reaches etcd (cluster block); 0: it serves alone."

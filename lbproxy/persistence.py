@@ -342,6 +342,7 @@ class Persistence(Generic[S]):
         "redispatches",
         "key_of",
         "last",
+        "remembered",
     )
 
     def __init__(
@@ -357,8 +358,10 @@ class Persistence(Generic[S]):
         header: str | None = None,
         balance: float = 1.25,
         secret: bytes = b"",
+        remembered: int = REMEMBERED,
     ) -> None:
         self.kind = kind
+        self.remembered = remembered  # the most keys `last` holds
         self.cookie = cookie.encode()
         self.pair = self.cookie + b"="  # how a Cookie field holding only ours begins
         self.header = header.lower().encode() if header is not None else b""
@@ -405,9 +408,9 @@ class Persistence(Generic[S]):
         return self.last.get(key)
 
     def remember(self, key: bytes, server: S) -> None:
-        """`key` went to `server`. The most recent REMEMBERED keys are kept; the oldest go first."""
+        """`key` went to `server`. The most recent `remembered` keys are kept; the oldest go first."""
         last = self.last
-        if key not in last and len(last) >= REMEMBERED:
+        if key not in last and len(last) >= self.remembered:
             del last[next(iter(last))]
         last[key] = server
 

@@ -21,7 +21,14 @@ import pytest
 import uvloop
 from pytest_asyncio.plugin import LoopFactory
 
+from lbproxy import build
+
 os.environ["RES_OPTIONS"] = "attempts:0"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which build the tests run against: `make test` runs them on both (issue #19)."""
+    return f"lbproxy build: {build.described()} ({build.PURE_VARIABLE}={os.environ.get(build.PURE_VARIABLE, '')})"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, LoopFactory]:

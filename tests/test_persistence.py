@@ -481,9 +481,8 @@ def test_the_header_and_source_keys() -> None:
     assert by_client.key_of([], b"192.0.2.1") == b"192.0.2.1"
 
 
-def test_the_keys_a_pool_remembers_are_bounded_the_oldest_going_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lbproxy.persistence.REMEMBERED", 3)
-    persistence = Persistence("source_ip", "farm", ["a", "b"], str, lambda server: 1.0)
+def test_the_keys_a_pool_remembers_are_bounded_the_oldest_going_first() -> None:
+    persistence = Persistence("source_ip", "farm", ["a", "b"], str, lambda server: 1.0, remembered=3)
     for key in (b"k1", b"k2", b"k3"):
         persistence.remember(key, "a")
     persistence.remember(b"k2", "b")  # known: updated in place, nothing forgotten

@@ -10,17 +10,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lbproxy import transaction
-from lbproxy.pool import Server
+from lbproxy.config import Address, PoolConfig, ServerConfig
+from lbproxy.pool import Pool
 from lbproxy.transaction import AWAITING, GIVE_UP, OTHER_SERVER, RELAYING, SAME_SERVER, Exchange, after_failure
 
 METHODS = [b"GET", b"HEAD", b"PUT", b"DELETE", b"POST", b"PATCH", b"CONNECT"]
+SERVERS = Pool(PoolConfig("farm", tuple(ServerConfig(f"s{n}", Address("127.0.0.1", 80)) for n in range(4)))).servers
 
 
 def exchange(method: bytes, answered: bool = False, replayable: bool = True, tried: int = 0) -> Exchange[object]:
     made: Exchange[object] = Exchange(method, b"/", b"", True, True)
     made.phase = RELAYING if answered else AWAITING  # some of the response reached the client, or not
     made.replayable = replayable
-    made.tried = tuple(object.__new__(Server) for _ in range(tried))
+    made.tried = tuple(SERVERS[:tried])
     return made
 
 
