@@ -23,7 +23,8 @@ import aiohttp
 import pytest
 from selenium.webdriver.chrome.webdriver import WebDriver
 
-from lbproxy import admin
+import lbproxy
+from lbproxy import admin, build
 from lbproxy.runtime import Runtime
 from tests.support import Backend, Client, Request, chromium, ctl, port_of, running
 
@@ -72,7 +73,8 @@ return Array.from(document.querySelectorAll('tr[data-server]'), (row) => ({
 LISTENERS = "return Array.from(document.querySelectorAll('tr[data-listener]'), (row) => row.dataset.listener);"
 BANNER = """
 const banner = document.getElementById('error');
-return {shown: !banner.hidden, text: banner.textContent, updated: document.getElementById('updated').textContent};
+return {shown: !banner.hidden, text: banner.textContent, updated: document.getElementById('updated').textContent,
+        build: document.getElementById('build').textContent};
 """
 OVERFLOW = "return document.documentElement.scrollWidth - window.innerWidth;"
 
@@ -230,6 +232,7 @@ async def test_status_page_shows_the_farm_and_a_server_going_down(tmp_path: Path
                     meta = await run(browser.execute_script, BANNER)
                     assert not meta["shown"]
                     assert meta["updated"].startswith("Updated ")
+                    assert meta["build"] == f"{lbproxy.__version__} · {build.described()}"  # which build answers
                     if readme:  # some history before the incident, for the picture
                         await until(browser, ROWS, lambda rows: rows[0]["points"] >= 15, "history", timeout=60)
 
