@@ -327,6 +327,7 @@ OPENAPI: dict[str, Any] = {
                 404,
                 409,
                 503,
+                504,
             ),
         },
         "/api/v1/pools/{pool}/servers/{server}": {
@@ -339,6 +340,7 @@ OPENAPI: dict[str, Any] = {
                 404,
                 409,
                 503,
+                504,
             ),
         },
         "/api/v1/pools/{pool}/servers/{server}/{action}": {
@@ -398,7 +400,8 @@ OPENAPI: dict[str, Any] = {
                 (403, "write refused: from another origin, no admin.token off loopback, foreign Host, no header"),
                 (404, "unknown pool or server"),
                 (409, "the change conflicts with the pool as it is (a name taken, min_up)"),
-                (503, "not ready"),
+                (503, "not ready, or etcd cannot be reached (a fleet write, applied on no node)"),
+                (504, "written to etcd, not yet seen back by this node's watch"),
             )
         },
     },
@@ -543,11 +546,17 @@ async def _changed(request: web.Request, pool: str, name: str, server: ServerCon
         raise _error(web.HTTPNotFound if error.missing else web.HTTPConflict, str(error)) from None
     except OSError as error:
         raise _error(web.HTTPBadRequest, f"address: cannot resolve it: {error.strerror or error}") from None
-    except (EtcdError, TimeoutError) as error:
+    except EtcdError as error:
         raise _error(
             web.HTTPServiceUnavailable,
-            f"etcd cannot be reached, so {pool}/{name} was {what} on no node ({error or 'timed out'}); "
+            f"etcd cannot be reached, so {pool}/{name} was {what} on no node ({error}); "
             "`lbproxy ctl --local` applies it on this node only",
+        ) from None
+    except TimeoutError:  # written, but this node's watch lags: the fleet applies it as its watches see it
+        raise _error(
+            web.HTTPGatewayTimeout,
+            f"{pool}/{name} is written to etcd, but this node has not seen it back yet: "
+            "every node applies it when its watch does (GET /api/v1/pools shows when)",
         ) from None
     except StartError as error:
         raise _error(web.HTTPInternalServerError, f"{pool}/{name} could not be {what} here: {error}") from None
