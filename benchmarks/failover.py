@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httptools
-from harness import cpu_model, wait_listening
+from harness import checkout_python, cpu_model, lbproxy_command, wait_listening
 
 HERE = Path(__file__).resolve().parent
 BACKEND = HERE / "backend.py"
@@ -128,7 +128,7 @@ class Target:
     def command(self, work: Path, port: int, backends: list[int]) -> list[str]:
         if self.kind == "lbproxy":
             path = self.lbproxy_config(work, port, backends)
-            return [sys.executable, "-m", "lbproxy", "run", "-c", str(path), "--log-level", "warning"]
+            return lbproxy_command(path)
         servers = "".join(
             f"  server {name} 127.0.0.1:{backend}\n" for name, backend in zip(SERVERS, backends, strict=True)
         )
@@ -172,7 +172,7 @@ def lbproxy_refuses(target: Target, work: Path) -> str | None:
     if target.kind != "lbproxy" or not target.pool:
         return None
     path = target.lbproxy_config(work, free_port(), [free_port() for _ in SERVERS], f"{target.key}-check.yaml")
-    command = [sys.executable, "-m", "lbproxy", "check", "-c", str(path), "--no-resolve"]
+    command = [*checkout_python(), "-m", "lbproxy", "check", "-c", str(path), "--no-resolve"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     if done.returncode == 0:
         return None

@@ -9,6 +9,7 @@ listens anywhere but 127.0.0.1. Standard library only.
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout these benchmarks belong to: its lbproxy runs
 TOOLS = ("nginx", "haproxy", "wrk")
 DEBIAN_PACKAGES = "apt-get install -y haproxy nginx-light wrk"
 
@@ -308,5 +310,43 @@ def haproxy_ssl_sessions(stats_socket: Path) -> tuple[int, int]:
     return full, resumed
 
 
-def lbproxy_command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "lbproxy", "run", "-c", str(config), "--log-level", "warning"]
+def checkout_python(root: Path = REPO, pure: bool = False) -> list[str]:
+    """This Python (and its venv), importing lbproxy from the checkout at `root`: its compiled build
+    (issue #19), or its pure-Python one with `pure` (LBPROXY_PURE=1; 0 otherwise, whatever the caller's
+    environment says).
+
+    The venv holds an editable install of one checkout, and `python -m` or `-c` put the working
+    directory first on sys.path: `-P` leaves the working directory out and PYTHONPATH puts `root`
+    before site-packages (the editable install's finder comes after both), so `root` wins, wherever
+    the script was started from.
+    """
+    return ["env", f"PYTHONPATH={root}", f"LBPROXY_PURE={1 if pure else 0}", sys.executable, "-P"]
+
+
+def lbproxy_command(config: Path, root: Path = REPO, pure: bool = False) -> list[str]:
+    """`lbproxy run -c config` with the package of the checkout at `root` (see checkout_python)."""
+    return [*checkout_python(root, pure), "-m", "lbproxy", "run", "-c", str(config), "--log-level", "warning"]
+
+
+def lbproxy_build(pid: int) -> dict[str, object]:
+    """Which build of lbproxy the process `pid` runs, from the files it has mapped (/proc/PID/maps):
+    "mypyc" when it loaded compiled modules of lbproxy (extensions in a folder named lbproxy), else
+    "pure"; `modules`, the compiled modules loaded (mypyc's shared library of them left out), and
+    `package`, the folder they came from. What the process did, not what a probe would do."""
+    modules: set[str] = set()
+    folders: set[str] = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6:
+            continue
+        path = Path(fields[5])
+        if path.parent.name == "lbproxy" and path.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+            folders.add(str(path.parent))
+            name = path.name.split(".", 1)[0]
+            if not name.endswith("__mypyc"):
+                modules.add(name)
+    return {
+        "build": "mypyc" if folders else "pure",
+        "modules": sorted(modules),
+        "package": ", ".join(sorted(folders)),
+    }

@@ -1,6 +1,10 @@
 """Macro benchmarks: lbproxy beside HAProxy, nginx and a plain aiohttp proxy, on the same machine, as ratios.
 
-    python benchmarks/macro.py [--quick] [--rounds N] [--seconds S] [--json FILE]
+    python benchmarks/macro.py [--quick] [--rounds N] [--seconds S] [--only S,..] [--targets T,..] [--json FILE]
+
+Prints the markdown report of what it measured (report.py's, as `make bench` writes it, without the
+micro-benchmarks, failover and overload); `--json FILE` writes the results as run.py does (FILE)
+and the report (FILE.md): `python benchmarks/report.py FILE` re-renders them, the chart included.
 
 Back-ends: one nginx (`worker_processes 1`) with four `server` blocks, each answering `/` with a
 12-byte body and `/64k`, `/1m` with files of that size. Targets: one back-end directly (the
@@ -25,6 +29,15 @@ wrk's `Host: 127.0.0.1`, last, to a second pool of the same back-ends), and lbpr
 pool with cookie persistence and wrk sending the cookie of one server (every request a persistence
 hit, the cookie taken out). The report sets their CPU per request beside the plain L7 target's.
 
+Compiled and pure Python (issue #19): every lbproxy target runs this checkout's compiled build (mypyc,
+`make build`) but two, lbproxy-http-pure and lbproxy-tcp-pure: the plain target's listeners in a
+process of their own started with LBPROXY_PURE=1, in every scenario but the TLS ones. All run the
+package of this checkout (harness.lbproxy_command: PYTHONPATH and -P), wherever the script is started
+from. Once they listen, the build each lbproxy process runs is read from the files it mapped
+(/proc/PID/maps: lbproxy's compiled extensions, or none) and checked: a compiled target that runs
+pure Python (a .py changed since the build, or no build) or a pure one that runs compiled stops the
+run before anything is measured, with lbproxy's own word on why. The builds go into the results.
+
 TLS (issue #16): a self-signed RSA 2048 certificate for localhost and 127.0.0.1 is made at start;
 lbproxy-https (lbproxy L7, `tls: {cert, key}`) and haproxy-https (`mode http`, `bind ... ssl crt
 PEM alpn http/1.1`, `nbthread 1`, `http-reuse always`) each run as a process of their own over the
@@ -45,8 +58,10 @@ connection's first), 0% in tls-full.
 lbproxy-http@base and lbproxy-tcp@base (and, for TLS, lbproxy-https@base and
 lbproxy-https-notickets@base, with the `tls: {cert, key}` form every checkout with TLS reads),
 interleaved in every round with the others, run by the same Python and venv with DIR first on the
-import path (the routes and cookie targets have no twin: they run this checkout only); it prints
-the markdown report, which compares each scenario's ratios to HAProxy before and after.
+import path (the routes, cookie and pure targets have no twin: they run this checkout only); a base
+runs its compiled build if DIR has one that matches its source, else pure Python (recorded, not
+checked). The report gets a table "this checkout vs base": each scenario's ratios to HAProxy, before
+and after.
 `--targets` runs some targets alone, e.g. `--targets haproxy-http,lbproxy-http,lbproxy-http@base`
 or `--targets haproxy-https,lbproxy-https,haproxy-https-notickets,lbproxy-https-notickets`.
 """
@@ -73,14 +88,17 @@ import bulk
 import report
 from harness import (
     DEBIAN_PACKAGES,
+    REPO,
     Processes,
     WrkResult,
+    checkout_python,
     cores,
     cpu_model,
     cpu_seconds,
     find_tool,
     free_port,
     haproxy_ssl_sessions,
+    lbproxy_build,
     lbproxy_command,
     lbproxy_servers,
     missing_tools,
@@ -90,7 +108,6 @@ from harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 SMALL_BODY = "hello world\n"  # 12 bytes
 
 BACKEND_NGINX = """
@@ -357,7 +374,20 @@ SCENARIOS = (
     ),
 )
 # The targets, in report order; with --base each lbproxy target has a twin running the base checkout.
-TARGET_KEYS = ("direct", "lbproxy-http", "haproxy-http", "nginx", "aiohttp", "lbproxy-tcp", "haproxy-tcp")
+TARGET_KEYS = (
+    "direct",
+    "lbproxy-http",
+    "lbproxy-http-pure",
+    "haproxy-http",
+    "nginx",
+    "aiohttp",
+    "lbproxy-tcp",
+    "lbproxy-tcp-pure",
+    "haproxy-tcp",
+)
+# The pure-Python build of this checkout (issue #19): the plain lbproxy's listeners, one process of its
+# own started with LBPROXY_PURE=1, in every scenario but TLS. The others run the compiled build.
+PURE = "lbproxy-pure"  # its process, which serves lbproxy-http-pure and lbproxy-tcp-pure (report.PURE)
 # The TLS targets (issue #16), after the others: each a process of its own, started only when measured.
 TLS_KEYS = ("lbproxy-https", "haproxy-https", "lbproxy-https-notickets", "haproxy-https-notickets")
 LBPROXY_KEYS = ("lbproxy-http", "lbproxy-tcp", "lbproxy-https", "lbproxy-https-notickets")
@@ -370,7 +400,9 @@ TLS_NAMES = {
 # The mode of each lbproxy target (its twin's too): HAProxy of that mode is its reference.
 LBPROXY_MODES = {
     "lbproxy-http": "http",
+    "lbproxy-http-pure": "http",
     "lbproxy-tcp": "tcp",
+    "lbproxy-tcp-pure": "tcp",
     "lbproxy-https": "https",
     "lbproxy-https-notickets": "https-notickets",
 }
@@ -396,7 +428,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke run")
     parser.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 4; 2 with --quick)")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here (as run.py does), the report to FILE.md")
     parser.add_argument("--only", help="comma-separated scenario keys (bulk included), e.g. keepalive-c50,1m")
     parser.add_argument(
         "--targets",
@@ -407,8 +439,7 @@ def main() -> int:
         "--base",
         type=Path,
         help="another checkout (git worktree add DIR REV): its lbproxy measured too, as lbproxy-http@base, "
-        "lbproxy-tcp@base, lbproxy-https@base and lbproxy-https-notickets@base; prints the markdown report "
-        "(with --json: FILE and FILE.md)",
+        "lbproxy-tcp@base, lbproxy-https@base and lbproxy-https-notickets@base, and the report compares them",
     )
     args = parser.parse_args()
     missing = missing_tools()
@@ -435,15 +466,7 @@ def main() -> int:
                 print(f"warning: {key} runs in {', '.join(scenarios)} only", file=sys.stderr)
     if args.base is not None and not (args.base / "lbproxy" / "__init__.py").is_file():
         parser.error(f"{args.base} holds no lbproxy package")
-    if args.base is None:
-        results = run(args.quick, args.rounds, args.seconds, only, keys)
-        text = json.dumps(results, indent=2)
-        if args.json is not None:
-            args.json.write_text(text + "\n")
-        else:
-            print(text)
-        return 0
-    # A comparison: the results in run.py's shape, so that report.py renders (and re-renders) them.
+    # The results in run.py's shape, so that report.py renders (and re-renders) them.
     compared: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d"),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -486,7 +509,8 @@ def run(
     work = Path(tempfile.mkdtemp(prefix="lbproxy-macro-"))
     try:
         with Processes() as processes:
-            checkouts = None if base is None else {"this": checkout(REPO), "base": checkout(base)}
+            this = checkout(REPO)
+            checkouts = None if base is None else {"this": this, "base": checkout(base)}
             # the processes of the routes, cookie and TLS targets start only when they are to be measured
             wanted = [
                 key
@@ -494,6 +518,7 @@ def run(
                 if (keys is None or key in keys) and any(s.key in ONLY[key.removesuffix(BASE)] for s in scenarios)
             ]
             targets = start(processes, work, load_core, proxy_core, base, wanted)
+            builds = check_builds(processes, work, targets)
             targets = [target for target in targets if keys is None or target.key in keys]
             warm_up(targets, load_core, 1.0)
             runs: dict[str, dict[str, list[dict[str, object]]]] = {}
@@ -525,7 +550,12 @@ def run(
                 "bulk_bytes": bulk_size,
                 "pinning": {"load_core": load_core, "proxy_core": proxy_core},
                 "wall_seconds": round(time.monotonic() - started, 1),
-                "targets": [{"key": t.key, "name": t.name, "mode": t.mode} for t in targets],
+                "targets": [
+                    {"key": t.key, "name": t.name, "mode": t.mode}
+                    | ({"build": str(builds[t.process]["build"])} if t.process in builds else {})
+                    for t in targets
+                ],
+                "lbproxy": {"checkout": this, "builds": builds},
                 "scenarios": [
                     {"key": s.key, "title": s.title, "connections": s.connections, "path": s.path} for s in scenarios
                 ]
@@ -552,7 +582,8 @@ def start(
 ) -> list[Target]:
     """Write the configs, start the back-ends and every proxy; the targets, in report order (target_keys).
 
-    With `base`, a second lbproxy runs that checkout's package, and both run through checkout_command.
+    lbproxy runs this checkout's package (harness.lbproxy_command), compiled, and pure Python in a
+    process of its own (PURE); with `base`, one more runs that checkout's package.
     `wanted`: which of the targets that start on demand (optional_keys: the routes, cookie and TLS
     targets, and the TLS twins) to start, each a process of its own; None: all of them.
     """
@@ -568,9 +599,11 @@ def start(
     backends = [free_port() for _ in range(4)]
     source = free_port()
     ports = {name: free_port() for name in ("haproxy-http", "haproxy-tcp", "haproxy-bulk", "nginx", "aiohttp")}
-    ports |= {name: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
-    if base is not None:
-        ports |= {name + BASE: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk")}
+    # lbproxy's processes that run the plain listeners: this checkout compiled (""), pure, and the base
+    suffixes = ("", "-pure", BASE) if base is not None else ("", "-pure")
+    ports |= {
+        name + suffix: free_port() for name in ("lbproxy-http", "lbproxy-tcp", "lbproxy-bulk") for suffix in suffixes
+    }
     ports |= {key: free_port() for key in wanted}
 
     (work / "backend.conf").write_text(backend_nginx(work, backends))
@@ -586,7 +619,7 @@ def start(
             source=source,
         )
     )
-    for suffix in ("", BASE) if base is not None else ("",):
+    for suffix in suffixes:
         (work / f"lbproxy{suffix}.yaml").write_text(
             LBPROXY.format(
                 http_port=ports["lbproxy-http" + suffix],
@@ -634,19 +667,16 @@ def start(
     processes.start("source", [sys.executable, str(HERE / "bulk.py"), "serve", str(source)], load_core)
     processes.start("haproxy", [haproxy, "-f", str(work / "haproxy.cfg")], proxy_core, work / "haproxy.out")
     processes.start("nginx", nginx_command("proxy.conf"), proxy_core, work / "proxy.out")
-    if base is None:
-        processes.start("lbproxy", lbproxy_command(work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
-    else:
-        processes.start("lbproxy", checkout_command(REPO, work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
-        command = checkout_command(base, work / f"lbproxy{BASE}.yaml")
+    processes.start("lbproxy", lbproxy_command(work / "lbproxy.yaml"), proxy_core, work / "lbproxy.out")
+    processes.start(PURE, lbproxy_command(work / f"{PURE}.yaml", pure=True), proxy_core, work / f"{PURE}.out")
+    if base is not None:
+        command = lbproxy_command(work / f"lbproxy{BASE}.yaml", base)
         processes.start("lbproxy" + BASE, command, proxy_core, work / f"lbproxy{BASE}.out")
     for name in [key for key in VARIANTS if key in wanted] + tls:
         if name.startswith("haproxy"):
             command = [haproxy, "-f", str(work / f"{name}.cfg")]
-        elif base is None:
-            command = lbproxy_command(work / f"{name}.yaml")
         else:
-            command = checkout_command(base if name.endswith(BASE) else REPO, work / f"{name}.yaml")
+            command = lbproxy_command(work / f"{name}.yaml", base if name.endswith(BASE) else REPO)
         if name.removesuffix(BASE).endswith("-notickets"):  # the same proxy, told by OpenSSL to issue no ticket
             command = ["env", f"OPENSSL_CONF={work / 'openssl-notickets.cnf'}", *command]
         processes.start(name, command, proxy_core, work / f"{name}.out")
@@ -661,7 +691,6 @@ def start(
             raise
     targets = [
         Target("direct", "direct (one nginx back-end)", backends[0], None, "direct", source),
-        Target("lbproxy-http", "lbproxy L7", ports["lbproxy-http"], "lbproxy", "http"),
         *(
             Target(key, report.VARIANTS[key].name, ports[key], key, "http", headers=extra[key], only=ONLY[key])
             for key in VARIANTS
@@ -670,31 +699,31 @@ def start(
         Target("haproxy-http", "HAProxy mode http", ports["haproxy-http"], "haproxy", "http"),
         Target("nginx", "nginx proxy_pass", ports["nginx"], "nginx", "http"),
         Target("aiohttp", "aiohttp proxy (floor)", ports["aiohttp"], "aiohttp", "http"),
-        Target("lbproxy-tcp", "lbproxy L4", ports["lbproxy-tcp"], "lbproxy", "tcp", ports["lbproxy-bulk"]),
         Target("haproxy-tcp", "HAProxy mode tcp", ports["haproxy-tcp"], "haproxy", "tcp", ports["haproxy-bulk"]),
     ]
+    lbproxies = [("", "lbproxy", " (mypyc)"), ("-pure", PURE, " (pure Python)")]
+    if base is not None:
+        lbproxies.append((BASE, "lbproxy" + BASE, " " + BASE))
+    for suffix, process, label in lbproxies:
+        port = ports["lbproxy-http" + suffix]
+        targets.append(Target("lbproxy-http" + suffix, "lbproxy L7" + label, port, process, "http"))
+        targets.append(
+            Target(
+                "lbproxy-tcp" + suffix,
+                "lbproxy L4" + label,
+                ports["lbproxy-tcp" + suffix],
+                process,
+                "tcp",
+                ports["lbproxy-bulk" + suffix],
+            )
+        )
     for name in tls:
         plain = name.removesuffix(BASE)
         label = TLS_NAMES[plain] + (" " + BASE if name != plain else "")
         mode = "https-notickets" if plain.endswith("-notickets") else "https"
         targets.append(Target(name, label, ports[name], name, mode, only=ONLY[plain]))
-    if base is not None:
-        twins = {
-            "lbproxy-http": Target(
-                "lbproxy-http" + BASE, "lbproxy L7 @base", ports["lbproxy-http" + BASE], "lbproxy" + BASE, "http"
-            ),
-            "lbproxy-tcp": Target(
-                "lbproxy-tcp" + BASE,
-                "lbproxy L4 @base",
-                ports["lbproxy-tcp" + BASE],
-                "lbproxy" + BASE,
-                "tcp",
-                ports["lbproxy-bulk" + BASE],
-            ),
-        }
-        targets = [twin for target in targets for twin in (target, twins.get(target.key)) if twin is not None]
-    assert [target.key for target in targets] == target_keys(base is not None, wanted)
-    return targets
+    by_key = {target.key: target for target in targets}
+    return [by_key[key] for key in target_keys(base is not None, wanted)]
 
 
 def target_keys(base: bool, wanted: Sequence[str] | None = None) -> list[str]:
@@ -774,21 +803,6 @@ def server_cookie(pool: str, server: str) -> str:
     from lbproxy.persistence import cookie_value  # this checkout's: the cookie target never runs @base
 
     return cookie_value(pool, server).decode()
-
-
-def checkout_python(root: Path) -> list[str]:
-    """This Python (and its venv), importing lbproxy from the checkout at `root`.
-
-    The venv holds an editable install of one checkout, and `python -m` or `-c` put the working
-    directory first on sys.path: `-P` leaves the working directory out and PYTHONPATH puts `root`
-    before site-packages (the editable install's finder comes after both), so `root` wins.
-    """
-    return ["env", f"PYTHONPATH={root}", sys.executable, "-P"]
-
-
-def checkout_command(root: Path, config: Path) -> list[str]:
-    """`lbproxy run` with the package of the checkout at `root`."""
-    return [*checkout_python(root), *lbproxy_command(config)[1:]]
 
 
 def checkout(root: Path) -> dict[str, str]:
@@ -873,6 +887,52 @@ def lbproxy_handshakes(admin: int) -> tuple[int, int] | None:
         return None
     done, again = round(float(finished.group(1))), round(float(resumed.group(1)))
     return done - again, again
+
+
+def check_builds(processes: Processes, work: Path, targets: Sequence[Target]) -> dict[str, dict[str, object]]:
+    """The build each lbproxy process runs (harness.lbproxy_build: what it loaded), by process name.
+
+    Checked, so that a stale build cannot pass for the compiled one: every process of this checkout
+    must run the compiled build but PURE, which must run pure Python; else the run stops here, with
+    lbproxy's own word on why from its log (a `.py` changed since the build, no build at all). A base
+    checkout's process runs whichever build it has, recorded only. Where a process has an admin port
+    (the TLS targets), its `lbproxy_build_info` must say what it loaded.
+    """
+    builds: dict[str, dict[str, object]] = {}
+    for name in processes.started:
+        if not name.startswith("lbproxy"):
+            continue
+        found = lbproxy_build(processes.pid(name))
+        expected = None if name.endswith(BASE) else ("pure" if name == PURE else "mypyc")
+        admin = work / f"{name}.admin"
+        if admin.exists():
+            said = lbproxy_build_info(int(admin.read_text()))
+            if said is not None and said != found["build"]:
+                raise RuntimeError(f"{name} loaded the {found['build']} build, and its lbproxy_build_info says {said}")
+            found["build_info"] = said
+        if expected is not None and found["build"] != expected:
+            served = ", ".join(target.key for target in targets if target.process == name)
+            raise RuntimeError(wrong_build(f"{name} (targets {served})", expected, work / f"{name}.out"))
+        builds[name] = found | {"expected": expected}
+    return builds
+
+
+def wrong_build(name: str, expected: str, log: Path) -> str:
+    """Why the process `name` did not run the `expected` build, in words, for the error that stops the run."""
+    if expected == "pure":
+        return f"{name} was started with LBPROXY_PURE=1 and still loaded lbproxy's compiled modules"
+    warning = "lbproxy runs as pure Python: "  # lbproxy.build's, when a compiled build exists but may not run
+    said = [line for line in log.read_text(errors="replace").splitlines() if warning in line]
+    why = said[0].split(warning, 1)[1] if said else f"there is no compiled build in {REPO / 'lbproxy'}; `make build`"
+    return f"{name} runs pure Python, not the compiled build it is there to measure: {why}"
+
+
+def lbproxy_build_info(admin: int) -> str | None:
+    """The `build` label of lbproxy_build_info on lbproxy's admin port; None from a checkout without it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(r'^lbproxy_build_info\{[^}]*build="(\w+)"', text, re.M)
+    return found.group(1) if found else None
 
 
 def resumed_share(before: tuple[int, int], after: tuple[int, int]) -> dict[str, object]:

@@ -58,7 +58,7 @@ from failover import (
     proxy_listening,
     run_load,
 )
-from harness import cpu_model, cpu_seconds, haproxy_stat
+from harness import cpu_model, cpu_seconds, haproxy_stat, lbproxy_command
 
 HERE = Path(__file__).resolve().parent
 BACKEND = HERE / "slots_backend.py"
@@ -125,7 +125,7 @@ class Target:
             queue = f"    queue: {{max_size: {QUEUE_SIZE}, timeout: {QUEUE_TIMEOUT}}}\n" if self.limit else ""
             path = work / f"{self.key}.yaml"
             path.write_text(LBPROXY.format(port=port, admin=admin, queue=queue, servers=servers))
-            return [sys.executable, "-m", "lbproxy", "run", "-c", str(path), "--log-level", "warning"]
+            return lbproxy_command(path)
         maxconn = f" maxconn {SLOTS}" if self.limit else ""
         servers = "".join(
             f"  server {name} 127.0.0.1:{backend}{maxconn}\n" for name, backend in zip(SERVERS, backends, strict=True)

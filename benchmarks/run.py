@@ -3,9 +3,10 @@
     python benchmarks/run.py [--quick] [--skip micro,macro,failover,overload] [--no-readme]
 
 Writes benchmarks/results/DATE.json (everything measured, every round), DATE.md (the tables) and
-DATE.png (the chart); a `--quick` run (`make bench QUICK=1`, a smoke test) writes DATE-quick.* so
-that it never replaces a full run's files. A full run also rewrites the README's `## Performance`
-section with its figures. Every process started is stopped before this exits, whatever happens.
+DATE.png (the chart), or DATE-2.* (-3, ...) when a full run of the same day wrote DATE.* already; a
+`--quick` run (`make bench QUICK=1`, a smoke test) writes DATE-quick.* so that it never replaces a
+full run's files. A full run also rewrites the README's `## Performance` section with its figures.
+Every process started is stopped before this exits, whatever happens.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import macro
 import report
-from harness import DEBIAN_PACKAGES, cpu_model, missing_tools
+from harness import DEBIAN_PACKAGES, checkout_python, cpu_model, missing_tools
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -46,7 +47,7 @@ def main() -> int:
         print(f"not installed: {', '.join(missing)}; as root: {DEBIAN_PACKAGES}", file=sys.stderr)
         return 2
     date = time.strftime("%Y-%m-%d")
-    stem = f"{date}-quick" if args.quick else date
+    stem = f"{date}-quick" if args.quick else free_stem(date)
     RESULTS.mkdir(exist_ok=True)
     results: dict[str, object] = {
         "date": date,
@@ -87,6 +88,16 @@ def main() -> int:
     return 0
 
 
+def free_stem(date: str) -> str:
+    """`date`, or `date-2`, `date-3`, ... when a full run of that day has written its files already: a
+    second run on the same day never replaces the first's (a QUICK run's files are replaced)."""
+    stem, number = date, 1
+    while (RESULTS / f"{stem}.json").exists():
+        number += 1
+        stem = f"{date}-{number}"
+    return stem
+
+
 def machine() -> dict[str, object]:
     return {
         "nproc": os.cpu_count(),
@@ -98,11 +109,14 @@ def machine() -> dict[str, object]:
 
 
 def micro(quick: bool) -> dict[str, object]:
-    """Run benchmarks/micro with pytest-benchmark; the medians of each benchmark."""
+    """Run benchmarks/micro with pytest-benchmark on this checkout's compiled build (checkout_python);
+    the medians of each benchmark, and the build they ran (lbproxy.build.RUNNING in the same setting)."""
+    probe = [*checkout_python(), "-c", "import lbproxy.build; print(lbproxy.build.RUNNING)"]
+    build = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="lbproxy-micro-") as folder:
         output = Path(folder) / "micro.json"
         command = [
-            sys.executable,
+            *checkout_python(),
             "-m",
             "pytest",
             str(HERE / "micro"),
@@ -137,6 +151,7 @@ def micro(quick: bool) -> dict[str, object]:
             for bench in raw["benchmarks"]
         ],
         "python": raw["machine_info"]["python_version"],
+        "build": build,
     }
 
 
