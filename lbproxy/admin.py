@@ -298,6 +298,8 @@ def _operation(summary: str, *errors: int, body: str = "object") -> dict[str, An
 
 
 _NAME = {"in": "path", "required": True, "schema": {"type": "string"}}
+# A server added or removed at run time: refused by the auth rules, unknown, conflicting, etcd away or lagging
+_FLEET_WRITE_ERRORS = (401, 403, 404, 409, 503, 504)
 # Either proof will do: the token when admin.token is set; else the header, on a loopback bind only.
 WRITE_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"adminHeader": []}]
 OPENAPI: dict[str, Any] = {
@@ -322,12 +324,7 @@ OPENAPI: dict[str, Any] = {
                 "201 once in force here. With a cluster block every node applies it (503 when etcd cannot "
                 "take it); `?local=1`: this node only, until its restart",
                 400,
-                401,
-                403,
-                404,
-                409,
-                503,
-                504,
+                *_FLEET_WRITE_ERRORS,
             ),
         },
         "/api/v1/pools/{pool}/servers/{server}": {
@@ -335,12 +332,7 @@ OPENAPI: dict[str, Any] = {
             "delete": _write_operation(
                 "remove a server at run time (what it has in flight finishes); with a cluster block on "
                 "every node (503 when etcd cannot take it); `?local=1`: this node only",
-                401,
-                403,
-                404,
-                409,
-                503,
-                504,
+                *_FLEET_WRITE_ERRORS,
             ),
         },
         "/api/v1/pools/{pool}/servers/{server}/{action}": {
