@@ -265,8 +265,13 @@ class Cluster:
         if action == "weight":
             fields["percent"] = percent
             kind = "weight"  # beside the admin state: a drain does not undo a weight, nor the reverse
-        key = f"{self.settings.prefix}{kind}/{pool}/{server}"
-        await etcd.put(key, json.dumps(fields).encode())
+        where = f"{kind}/{pool}/{server}"
+        value = json.dumps(fields).encode()
+        await etcd.put(self.settings.prefix + where, value)
+        # Held at once, as the caller applies it at once: a reload before the watch brings it back (a
+        # server the file drops and adds again) gets it too, and the echo, the same bytes, is not
+        # applied a second time.
+        self.held[where] = value
 
     async def publish_server(self, pool: str, name: str, server: ServerConfig | None, keep: bool) -> None:
         """Write a server added (its definition) or removed (None) for every node, this one included, and

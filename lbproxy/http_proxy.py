@@ -30,9 +30,9 @@ from lbproxy import hedging as hedging_
 from lbproxy.framing import BadRequest
 from lbproxy.handshake import Accepting, Handshakes
 from lbproxy.hedging import HEDGEABLE, watch
-from lbproxy.http_upstream import CHUNK_END, CRLF, HedgedConnection, UpstreamConnection
+from lbproxy.http_upstream import CHUNK_END, CRLF, ClientSide, HedgedConnection, Listening, UpstreamConnection
 from lbproxy.pool import Pool, Server
-from lbproxy.request_head import RequestReader
+from lbproxy.request_head import RequestReader, Settings
 from lbproxy.selection import RateLimit, RedirectHttps, Steering, must_wait, select, waits_for
 from lbproxy.transaction import AWAITING, CONNECTING, DONE, IDEMPOTENT, QUEUED, RELAYING, REPLAY_LIMIT, SENDING
 from lbproxy.upstream import Endpoint, IdleConnections, dial
@@ -75,7 +75,7 @@ def certificate_states(certificates: tuple[tuple[str, float], ...]) -> list[dict
     ]
 
 
-class HttpListener:
+class HttpListener(Settings, Listening):
     """What the connections of one http listener share: settings, pool, idle upstreams, counters."""
 
     mode: Final = "http"
@@ -370,7 +370,7 @@ class HttpListener:
         return cut
 
 
-class HttpProxy(asyncio.Protocol):
+class HttpProxy(asyncio.Protocol, ClientSide):
     """The client side of the L7 proxy: one instance per client connection."""
 
     __slots__ = (

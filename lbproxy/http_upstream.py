@@ -12,12 +12,15 @@ that this module sits under `http_proxy` and imports nothing from it.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
+from mypy_extensions import trait
 
 from lbproxy import flow, framing
 from lbproxy.transaction import RELAYING
+from lbproxy.upstream import Reusable
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -43,8 +46,12 @@ HEAD_ENDS: Final = {
 }
 
 
-class Listening(Protocol):
-    """What a server connection needs of its listener (`http_proxy.HttpListener`)."""
+@trait
+class Listening:
+    """What a server connection needs of its listener (`http_proxy.HttpListener`). A trait, inherited
+    by its implementer, as `request_head.Settings` is: compiled code reaches it without name lookups."""
+
+    __slots__ = ()
 
     loop: asyncio.AbstractEventLoop
     outbox: flow.Outbox
@@ -53,11 +60,19 @@ class Listening(Protocol):
     draining: bool
     secure: bool
 
-    def idle_for(self, server: Server) -> IdleConnections[UpstreamConnection]: ...
+    @abstractmethod
+    def idle_for(self, server: Server) -> IdleConnections[UpstreamConnection]:
+        raise NotImplementedError
 
 
-class ClientSide(Protocol):
-    """What a server connection needs of the client connection it serves (`http_proxy.HttpProxy`)."""
+@trait
+class ClientSide:
+    """What a server connection needs of the client connection it serves (`http_proxy.HttpProxy`); a
+    trait, as `Listening` is. The listener is the connection's own (`UpstreamConnection.listener`):
+    a trait's attribute keeps its type in the class that inherits it, and `HttpProxy.listener` is the
+    narrower `HttpListener`."""
+
+    __slots__ = ()
 
     loop: asyncio.AbstractEventLoop
     gate: flow.ReadGate | None
@@ -65,29 +80,42 @@ class ClientSide(Protocol):
     closed: bool
     pinned: UpstreamConnection | None
 
-    @property
-    def listener(self) -> Listening: ...
+    @abstractmethod
+    def flush(self, parts: list[bytes]) -> None:
+        raise NotImplementedError
 
-    def flush(self, parts: list[bytes]) -> None: ...
+    @abstractmethod
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
 
-    def write(self, data: bytes) -> None: ...
+    @abstractmethod
+    def exchange_done(self, exchange: Exchange, upstream: UpstreamConnection, pin: bool) -> None:
+        raise NotImplementedError
 
-    def exchange_done(self, exchange: Exchange, upstream: UpstreamConnection, pin: bool) -> None: ...
-
+    @abstractmethod
     def upstream_failed(
         self, exchange: Exchange, upstream: UpstreamConnection | None, reason: str, timeout: bool
-    ) -> None: ...
+    ) -> None:
+        raise NotImplementedError
 
-    def start_tunnel(self, upstream: UpstreamConnection) -> flow.Relay: ...
+    @abstractmethod
+    def start_tunnel(self, upstream: UpstreamConnection) -> flow.Relay:
+        raise NotImplementedError
 
-    def first_byte(self, exchange: Exchange, upstream: UpstreamConnection, hedging: Hedging) -> None: ...
+    @abstractmethod
+    def first_byte(self, exchange: Exchange, upstream: UpstreamConnection, hedging: Hedging) -> None:
+        raise NotImplementedError
 
-    def extend_response_deadline(self) -> None: ...
+    @abstractmethod
+    def extend_response_deadline(self) -> None:
+        raise NotImplementedError
 
-    def close_now(self) -> None: ...
+    @abstractmethod
+    def close_now(self) -> None:
+        raise NotImplementedError
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol, Reusable):
     """The server side of the L7 proxy: one connection to one server, serving one exchange at a time.
 
     llhttp is fed a response's head and, when the body is chunked, its body: it checks both and
@@ -367,7 +395,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.status = status
         body = framing.response_framing(exchange.method, status, head.content_length, head.chunked)
         self.framing = body
-        keep_client = exchange.keep_alive and not proxy.client_eof and not proxy.listener.draining
+        keep_client = exchange.keep_alive and not proxy.client_eof and not self.listener.draining
         self.chunked_out = False
         if body == framing.LENGTH:
             self.spent = True  # llhttp waits for the body we relay ourselves
@@ -396,7 +424,7 @@ class UpstreamConnection(asyncio.Protocol):
         out = self.out
         out.append(head.head)
         if exchange.cookie is not None:  # persistence: this client now sticks to this server
-            out.append(exchange.cookie[proxy.listener.secure])
+            out.append(exchange.cookie[self.listener.secure])
         if head.codings and self.chunked_out:
             # RFC 9112 §6.1: the codings before chunked go on as they came; lbproxy only re-chunks
             out += (
@@ -457,7 +485,7 @@ class UpstreamConnection(asyncio.Protocol):
             and exchange.request_done
             and not exchange.pin
             and not self.closed
-            and not proxy.listener.draining
+            and not self.listener.draining
         ):
             listener = self.listener
             idle = listener.idle.get(self.server.endpoint)  # idle_for(), but for its first use

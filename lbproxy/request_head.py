@@ -16,9 +16,11 @@ sees a socket, a server or the event loop.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import httptools
+from mypy_extensions import trait
 
 from lbproxy import framing
 from lbproxy.framing import BadRequest
@@ -41,8 +43,15 @@ _LENGTHS: Final = frozenset(len(name) for name in _NAMES)
 _CRLF: Final = b"\r\n"
 
 
-class Settings(Protocol):
-    """What a reader needs of its listener: read at each head, so a reload applies to the next one."""
+@trait
+class Settings:
+    """What a reader needs of its listener: read at each head, so a reload applies to the next one.
+
+    A trait (mypy_extensions), not a typing.Protocol: `HttpListener` inherits it, so that the compiled
+    reader reaches these attributes at their place rather than by name (issue #19). Interpreted, it is
+    a plain base class; mypy checks that an implementer leaves no abstract method out."""
+
+    __slots__ = ()
 
     forwarded: bool
     proto_field: bytes
@@ -53,7 +62,9 @@ class Settings(Protocol):
     steer: Steer | None  # routes, persistence, a rate limit (selection.Steering), else None: nothing to read
     trusted: TrustedProxies | None  # trusted_proxies: whose X-Forwarded-For names the client
 
-    def default_host(self) -> bytes: ...
+    @abstractmethod
+    def default_host(self) -> bytes:
+        raise NotImplementedError
 
 
 class RequestHead:

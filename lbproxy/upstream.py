@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, NamedTuple, Protocol, TypeVar
+
+from mypy_extensions import trait
 
 
 class Endpoint(NamedTuple):
@@ -32,12 +35,19 @@ class Endpoint(NamedTuple):
         return f"[{self.host}]" if ":" in self.host else self.host
 
 
-class Reusable(Protocol):
-    """What the idle stack needs of a connection's protocol."""
+@trait
+class Reusable:
+    """What the idle stack needs of a connection's protocol (a trait: see `request_head.Settings`)."""
 
-    def is_open(self) -> bool: ...
+    __slots__ = ()
 
-    def close(self) -> None: ...
+    @abstractmethod
+    def is_open(self) -> bool:
+        raise NotImplementedError
+
+    @abstractmethod
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 C = TypeVar("C", bound=Reusable)

@@ -6,27 +6,29 @@ behaviour end to end; these pin the rebuilt head byte for byte, and the refusals
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import httptools
 import pytest
 
+from lbproxy.config import Address, PoolConfig, ServerConfig
 from lbproxy.framing import BadRequest
+from lbproxy.http_proxy import HttpListener
+from lbproxy.pool import Pool
 from lbproxy.request_head import RequestHead, RequestReader
 
 
-@dataclass
-class Settings:
-    forwarded: bool = True
-    proto_field: bytes = b"X-Forwarded-Proto: http\r\n"
-    max_header_size: int = 8192
-    max_header_count: int = 10
-    max_target: int = 1024
-    max_body: int | None = None
-    steer: None = None  # no routes, no persistence
-
-    def default_host(self) -> bytes:
-        return b"10.0.0.1:80"
+def listener() -> HttpListener:
+    """The reader's settings, from a real listener (the reader's `Settings` is a compiled trait, which
+    only lbproxy's own classes implement): forwarded fields on, small head limits, no routes or
+    persistence, and a pool whose first server (the Host of a request without one) is 10.0.0.1:80."""
+    pool = Pool(PoolConfig("farm", (ServerConfig("a", Address("10.0.0.1", 80)),)))
+    loop = asyncio.new_event_loop()  # kept by the listener, never run: the reader does no I/O
+    try:
+        return HttpListener("web", pool, loop=loop, max_header_size=8192, max_header_count=10, max_target=1024)
+    finally:
+        loop.close()
 
 
 @dataclass
@@ -48,14 +50,14 @@ class Owner:
         pass
 
 
-def read(data: bytes, settings: Settings | None = None, upgrading: bool = False) -> Owner:
+def read(data: bytes, settings: HttpListener | None = None, upgrading: bool = False) -> Owner:
     """Feed `data` to a reader from a client at 192.0.2.7; fails the test on any parser error.
 
     `upgrading`: llhttp stops after the head of a request that asks to upgrade, as it must.
     """
     owner = Owner()
     reader = RequestReader(
-        settings or Settings(),
+        settings or listener(),
         RequestHead,
         owner.heads.append,
         owner.on_body,
@@ -73,7 +75,7 @@ def read(data: bytes, settings: Settings | None = None, upgrading: bool = False)
     return owner
 
 
-def refusal(data: bytes, settings: Settings | None = None) -> BadRequest:
+def refusal(data: bytes, settings: HttpListener | None = None) -> BadRequest:
     with pytest.raises(httptools.HttpParserCallbackError) as raised:
         read(data, settings)
     cause = raised.value.__context__
