@@ -42,7 +42,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy.http")
 
 # Upper bounds of the handshake-time histogram, in seconds: from the accept to the handshake's end.
-HANDSHAKE_BOUNDS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HANDSHAKE_BOUNDS: Final[tuple[float, ...]] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 # The results a handshake ends with, as the metric's label says them. OpenSSL's reason (the
 # `reason` of an ssl.SSLError) decides which; one it does not name here is `other`.

@@ -60,8 +60,26 @@ CLOSING: Final = 6  # closed by lbproxy, its last bytes still going out: aborted
 QUEUE: Final = 7  # waiting in the pool's queue for a server's slot: 503 at the queue's timeout
 
 
-# Upper bounds of the request-duration histogram, in seconds (Prometheus' defaults, plus 30 and 60).
-DURATION_BOUNDS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
+# Upper bounds of the request-duration histogram, in seconds (Prometheus' defaults, plus 30 and 60). Typed
+# as a tuple of any length: mypyc would keep a fixed one unboxed and box it again for every bisect_left.
+DURATION_BOUNDS: Final[tuple[float, ...]] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    30.0,
+    60.0,
+)
 
 _STATUS_LINES: Final = {status: b"HTTP/1.1 %d " % status for status in range(100, 600)}
 _STATUS_CLASS: Final = [framing.status_class(status) for status in range(1000)]  # llhttp: 3 digits

@@ -120,8 +120,9 @@ class UpstreamConnection(asyncio.Protocol, Reusable):
 
     llhttp is fed a response's head and, when the body is chunked, its body: it checks both and
     calls back. A Content-Length body, or one the server's close delimits, is counted and relayed as
-    it comes, the bytes uvloop read passed on untouched, as the L4 proxy does; the parser is then
-    spent, and the next response on the connection gets a new one.
+    it comes, the bytes uvloop read passed on untouched, as the L4 proxy does. When such a body came
+    whole in the read that ended its head (a small response), llhttp is fed it too and is ready for
+    the next response; otherwise the parser is spent, and the next response gets a new one.
     """
 
     __slots__ = (
@@ -294,7 +295,8 @@ class UpstreamConnection(asyncio.Protocol, Reusable):
         self.response_started = True
         out = self.out
         try:
-            if self.in_head:
+            headed = self.in_head  # llhttp gets this read up to the head's end
+            if headed:
                 data = self._read_head(data)
             if data:
                 body = self.framing
@@ -305,6 +307,11 @@ class UpstreamConnection(asyncio.Protocol, Reusable):
                             self.reusable = False
                             data = data[:left]
                         self.complete = True
+                        if headed and self.spent:
+                            # The whole body came with its head: fed it as well, llhttp reaches the
+                            # response's end and is ready for the next one (a new parser costs more).
+                            self.parser.feed_data(data)
+                            self.spent = False
                     self.left = left - len(data)
                     out.append(data)
                     exchange.response_bytes += len(data)
@@ -398,10 +405,11 @@ class UpstreamConnection(asyncio.Protocol, Reusable):
         keep_client = exchange.keep_alive and not proxy.client_eof and not self.listener.draining
         self.chunked_out = False
         if body == framing.LENGTH:
-            self.spent = True  # llhttp waits for the body we relay ourselves
             self.left = head.content_length  # type: ignore[assignment]
-            if not self.left:
-                self.complete = True
+            if self.left:
+                self.spent = True  # llhttp waits for the body we relay ourselves
+            else:
+                self.complete = True  # and llhttp has seen the response end
         elif body == framing.CHUNKED:
             if exchange.client_11:
                 self.chunked_out = True

@@ -36,7 +36,7 @@ from typing import Any, Final, Generic, TypeVar
 S = TypeVar("S")  # a server (pool.Server); generic so that this module imports nothing of lbproxy's
 
 # Upper bounds of the queue-wait histogram, in seconds.
-WAIT_BOUNDS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BOUNDS: Final[tuple[float, ...]] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 FULL: Final = "full"
 TIMEOUT: Final = "timeout"

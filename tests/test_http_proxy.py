@@ -814,6 +814,40 @@ async def test_bytes_past_the_content_length_are_not_relayed_and_the_connection_
         assert a.accepted == 2
 
 
+async def test_one_server_connection_reads_responses_framed_every_way_in_turn(tmp_path: Path) -> None:
+    """llhttp reads a small Content-Length body with its head, and a new parser takes over after a
+    body that came later (issue #19): either way the next response on the connection is read right."""
+
+    def respond(request: Request, transport: asyncio.Transport) -> None:
+        target = request.target
+        if target == b"/split":  # the body after the head, in a later segment
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            asyncio.get_running_loop().call_later(0.05, transport.write, b"split")
+        elif target == b"/empty":
+            transport.write(answer(body=b""))
+        elif target == b"/chunked":
+            transport.write(CHUNKED_RESPONSE)
+        elif request.method == b"HEAD":
+            transport.write(answer(body=target)[: -len(target)])  # the head of what GET would get
+        else:
+            transport.write(answer(body=target))
+
+    sequence = [b"/small", b"/split", b"/small2", b"/empty", b"/small3", b"/chunked", b"/split", b"/small4"]
+    expected = {b"/split": b"split", b"/empty": b"", b"/chunked": b"hello chunked response"}
+    async with Backend("a", respond) as a, running(farm(a), tmp_path) as lb:
+        async with await Client.connect(port_of(lb)) as client:
+            for target in sequence:
+                await client.send(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+                response = await client.response()
+                assert (target, response.status, response.body) == (target, 200, expected.get(target, target))
+            await client.send(b"HEAD /small HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert (await read_head(client)).startswith(b"HTTP/1.1 200 ")
+            await client.send(b"GET /last HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert (await client.response()).body == b"/last"
+        assert a.accepted == 1
+        assert lb.listeners["web"].responses[2] == len(sequence) + 2
+
+
 async def test_response_head_over_the_limit_is_a_502(tmp_path: Path) -> None:
     def respond(request: Request, transport: asyncio.Transport) -> None:
         transport.write(b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"y" * 4096 + b"\r\n")  # and never ends
