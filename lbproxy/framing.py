@@ -59,8 +59,19 @@ class BadRequest(Exception):
         self.extra = extra  # header lines of the answer (a redirect's Location), each ending CRLF
 
 
-def connection_tokens(values: list[bytes]) -> set[bytes]:
+# Connection values as nearly every client and server writes them, with their tokens: no split needed
+_USUAL_CONNECTION: Final = {
+    value: frozenset({value.lower()})
+    for value in (b"close", b"Close", b"keep-alive", b"Keep-Alive", b"upgrade", b"Upgrade")
+}
+
+
+def connection_tokens(values: list[bytes]) -> frozenset[bytes] | set[bytes]:
     """The lower-cased tokens of every Connection header value."""
+    if len(values) == 1:
+        usual = _USUAL_CONNECTION.get(values[0])
+        if usual is not None:
+            return usual
     tokens: set[bytes] = set()
     for value in values:
         for token in value.split(b","):
@@ -154,7 +165,7 @@ class ResponseHead:
         # strict llhttp has checked the head: every line ends in CRLF, none is folded or empty
         lines = head.split(b"\r\n")  # the status line, the fields, and b"" after the last CRLF
         cuts: list[int] | None = None  # where the lines cut start and end in `head`, in pairs
-        named: set[bytes] | None = None  # the fields that Connection names
+        named: frozenset[bytes] | set[bytes] | None = None  # the fields that Connection names
         at = len(lines[0])  # where the CRLF before the line in hand stands in `head`
         for index in range(1, len(lines) - 1):
             line = lines[index]
