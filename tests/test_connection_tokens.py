@@ -12,7 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from lbproxy import framing
 from tests.support import Backend, Client, Request, parse_responses, port_of, running
 from tests.test_http_hardening import barrier, lb_config, read_until_close
 
@@ -142,3 +145,19 @@ async def test_server_naming_its_framing_in_connection_does_not_change_the_relay
     assert first.body == b"hello"
     assert first.header(b"Content-Length") == b"5" or first.header(b"Transfer-Encoding") == b"chunked"
     assert [(response.status, response.body) for response in rest] == [(200, b"second")]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([b"close", b"Close", b"keep-alive", b"Keep-Alive", b"upgrade", b"Upgrade", b"CLOSE"]),
+            st.binary(max_size=24).map(lambda value: bytes(b for b in value if 32 <= b < 127)),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_connection_tokens_as_written_by_most_read_as_any_other(values: list[bytes]) -> None:
+    """The usual values (`close`, `keep-alive`, `upgrade`) skip the split (issue #19): same tokens."""
+    general = {token.strip().lower() for value in values for token in value.split(b",")} - {b""}
+    assert framing.connection_tokens(values) == general
