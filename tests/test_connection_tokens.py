@@ -147,6 +147,30 @@ async def test_server_naming_its_framing_in_connection_does_not_change_the_relay
     assert [(response.status, response.body) for response in rest] == [(200, b"second")]
 
 
+@pytest.mark.parametrize(
+    ("value", "keeps_open"),
+    [(b"close", False), (b"Close", False), (b"keep-alive", True), (b"Keep-Alive", True), (b"Upgrade", True)],
+)
+async def test_usual_connection_values_frame_one_request_and_decide_the_connection(
+    tmp_path: Path, value: bytes, keeps_open: bool
+) -> None:
+    """`close`, `keep-alive` and `upgrade` as most clients write them skip the split (issue #19): the
+    server still gets exactly one well-framed request, without the client's Connection field."""
+    async with Backend("a") as backend, running(lb_config(backend.address), tmp_path) as lb:
+        port = port_of(lb)
+        async with await Client.connect(port) as client:
+            await client.send(attempt(b"Content-Length", b"Connection: " + value + b"\r\n"))
+            assert (await client.response()).status == 200
+            if keeps_open:
+                await client.send(b"GET /next HTTP/1.1\r\nHost: app.example\r\n\r\n")
+                assert (await client.response()).status == 200
+            else:
+                assert await client.reader.read() == b""  # lbproxy closed the connection
+        await barrier(port, backend, 0)
+        request = assert_one_well_framed_request(backend, 3 if keeps_open else 2)
+    assert request.header(b"Connection") is None
+
+
 @given(
     st.lists(
         st.one_of(
