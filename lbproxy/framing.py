@@ -187,8 +187,6 @@ class ResponseHead:
                 continue  # a 101's Upgrade names the protocol switched to
             if cuts is None:
                 cuts = [start, at]
-            elif cuts[-1] == start:
-                cuts[-1] = at  # the line before was cut too
             else:
                 cuts += (start, at)
             if name == b"connection":
